@@ -3,6 +3,15 @@
 
 use std::time::{Duration, Instant};
 
+/// What to do with a keyframe request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyframeDecision {
+    SendNow,
+    /// Folded into a request already due; `due` is set the first time, when the caller should
+    /// arrange to call [`KeyframeCoalescer::handle_timeout`] then.
+    Deferred { due: Option<Instant> },
+}
+
 #[derive(Debug, Clone)]
 pub struct KeyframeCoalescer {
     min_interval: Duration,
@@ -19,18 +28,21 @@ impl KeyframeCoalescer {
         }
     }
 
-    /// A receiver asked for a keyframe. True when a request should go upstream now; otherwise
-    /// it is remembered and [`KeyframeCoalescer::poll_timeout`] says when to send it.
-    pub fn request(&mut self, now: Instant) -> bool {
+    /// A receiver asked for a keyframe: send one upstream now, or remember it for when the
+    /// interval has passed.
+    pub fn request(&mut self, now: Instant) -> KeyframeDecision {
         match self.last_sent {
             Some(t) if now.saturating_duration_since(t) < self.min_interval => {
+                let first = !self.pending;
                 self.pending = true;
-                false
+                KeyframeDecision::Deferred {
+                    due: first.then(|| t + self.min_interval),
+                }
             }
             _ => {
                 self.last_sent = Some(now);
                 self.pending = false;
-                true
+                KeyframeDecision::SendNow
             }
         }
     }
@@ -70,9 +82,9 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut k = KeyframeCoalescer::new(ms(500));
-        assert!(k.request(t0));
-        assert!(!k.request(t0 + ms(10)));
-        assert!(!k.request(t0 + ms(20)));
+        assert_eq!(k.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(k.request(t0 + ms(10)), KeyframeDecision::Deferred { due: Some(t0 + ms(500)) });
+        assert_eq!(k.request(t0 + ms(20)), KeyframeDecision::Deferred { due: None });
         assert_eq!(k.poll_timeout(), Some(t0 + ms(500)));
         assert!(!k.handle_timeout(t0 + ms(499)));
         assert!(k.handle_timeout(t0 + ms(500)));
@@ -84,10 +96,11 @@ mod tests {
     fn a_keyframe_arriving_answers_the_pending_request() {
         let t0 = Instant::now();
         let mut k = KeyframeCoalescer::new(Duration::from_millis(500));
-        assert!(k.request(t0));
-        assert!(!k.request(t0 + Duration::from_millis(100)));
+        assert_eq!(k.request(t0), KeyframeDecision::SendNow);
+        assert!(matches!(k.request(t0 + Duration::from_millis(100)), KeyframeDecision::Deferred { .. }));
         k.on_keyframe();
         assert_eq!(k.poll_timeout(), None);
-        assert!(k.request(t0 + Duration::from_millis(600)));
+        assert!(!k.handle_timeout(t0 + Duration::from_millis(600)));
+        assert_eq!(k.request(t0 + Duration::from_millis(600)), KeyframeDecision::SendNow);
     }
 }

@@ -12,6 +12,6 @@ pub mod stats;
 pub mod track;
 
 pub use frame::Frame;
-pub use keyframe::KeyframeCoalescer;
+pub use keyframe::{KeyframeCoalescer, KeyframeDecision};
 pub use stats::{RelayStats, SubscriberStats};
 pub use track::{GroupWriter, Subscription, Track, TrackConfig};

@@ -1,6 +1,6 @@
 //! The hot path allocates nothing per frame: pushing a frame to every subscriber and draining
-#![allow(unsafe_code)] // a counting global allocator needs unsafe impl GlobalAlloc
 //! it, inside a group, touches no allocator. Counted with a global allocator, not timed.
+#![allow(unsafe_code)] // a counting global allocator needs unsafe impl GlobalAlloc
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

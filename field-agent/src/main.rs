@@ -1,0 +1,258 @@
+//! The `field-agent` command: run one unit, or simulate many.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use field_agent::broadcast::{LocalBroadcast, audio_info, video_info};
+use field_agent::capture::{Audio, Capture, EncodeSettings, Source, pipeline_description, track_kinds};
+use field_agent::simulate;
+use field_agent::uplink::{self, UplinkConfig, UplinkStats};
+use tianwang_transport::Trust;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "field-agent", version, about = "Tianwang field agent: capture, encode and stream a unit to its hub over QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture, encode and stream one unit.
+    Run(RunArgs),
+    /// Stream N virtual units from one clip encoded once (demos, load).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+struct Link {
+    /// The hub's QUIC address, host:port.
+    #[arg(long, env = "TIANWANG_HUB")]
+    hub: String,
+    /// Certificate (or CA) to trust for the hub; a dev hub's is DATA/tls/hub.crt.
+    #[arg(long, env = "TIANWANG_CA")]
+    ca: Option<PathBuf>,
+    /// Trust any certificate (development only).
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
+}
+
+impl Link {
+    fn trust(&self) -> anyhow::Result<Trust> {
+        match (&self.ca, self.insecure) {
+            (_, true) => Ok(Trust::Insecure),
+            (Some(p), false) => Ok(Trust::from_ca_file(p)?),
+            (None, false) => bail!("no certificate to trust the hub with: pass --ca FILE or --insecure"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct Encode {
+    #[arg(long, default_value_t = 640)]
+    width: u32,
+    #[arg(long, default_value_t = 360)]
+    height: u32,
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// Video bitrate, kbit/s.
+    #[arg(long, default_value_t = 1500)]
+    bitrate: u32,
+    /// Seconds between keyframes (the group length).
+    #[arg(long, default_value_t = 2.0)]
+    keyframe_interval: f64,
+}
+
+impl Encode {
+    fn settings(&self) -> anyhow::Result<EncodeSettings> {
+        if !(1..=120).contains(&self.fps) || self.width < 16 || self.height < 16 {
+            bail!("unreasonable picture: {}x{} at {} fps", self.width, self.height, self.fps);
+        }
+        if !(0.1..=60.0).contains(&self.keyframe_interval) {
+            bail!("--keyframe-interval must be within 0.1 ..= 60 seconds");
+        }
+        Ok(EncodeSettings {
+            width: self.width,
+            height: self.height,
+            framerate: self.fps,
+            bitrate: self.bitrate,
+            keyframe_interval: ((self.keyframe_interval * f64::from(self.fps)).round() as u32).max(1),
+        })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    link: Link,
+    /// This unit's id.
+    #[arg(long, env = "TIANWANG_UNIT")]
+    unit: String,
+    /// Device token from the hub (`hub token issue --role device --subject UNIT`).
+    #[arg(long, env = "TIANWANG_DEVICE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// test | v4l2:/dev/videoN | file:PATH
+    #[arg(long, default_value = "test")]
+    source: Source,
+    /// Sound: test tone, the default microphone, the file's own, or none.
+    /// Default: test for the test source, file for files, none for cameras.
+    #[arg(long, value_enum)]
+    audio: Option<Audio>,
+    /// Frames the uplink may trail the encoder before it skips to the newest group.
+    #[arg(long, default_value_t = 256)]
+    queue_frames: usize,
+    #[command(flatten)]
+    encode: Encode,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    #[command(flatten)]
+    link: Link,
+    /// Number of virtual units: PREFIX1 .. PREFIXN.
+    #[arg(long, default_value_t = 4)]
+    units: usize,
+    #[arg(long, default_value = "sim-")]
+    prefix: String,
+    /// `unit token` lines (`hub token fleet`).
+    #[arg(long, env = "TIANWANG_DEVICE_TOKENS")]
+    tokens: PathBuf,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<u64>,
+    #[command(flatten)]
+    encode: Encode,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn stop_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        info!("stopping");
+        token.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Simulate(args) => simulate(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = args.encode.settings()?;
+    let audio = args.audio.unwrap_or(match args.source {
+        Source::Test => Audio::Test,
+        Source::File(_) => Audio::File,
+        Source::V4l2(_) => Audio::None,
+    });
+    let (_, has_audio) = track_kinds(&args.source, audio);
+    let mut infos = vec![video_info(0, settings.width, settings.height, settings.framerate, settings.bitrate * 1000)];
+    if has_audio {
+        infos.push(audio_info(1));
+    }
+    let broadcast = LocalBroadcast::new(&args.unit, infos, args.queue_frames);
+    let description = pipeline_description(&args.unit, &args.source, audio, &settings);
+    let capture = Capture::start(&description, &broadcast)?;
+    info!(unit = %args.unit, source = ?args.source, "capturing");
+
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone());
+    let config = UplinkConfig::new(args.link.hub.clone(), args.token.clone(), args.link.trust()?);
+    let stats = Arc::new(UplinkStats::default());
+    let uplink = tokio::spawn(uplink::run(config, Arc::clone(&broadcast), Arc::clone(&stats), shutdown.clone()));
+    tokio::select! {
+        r = capture.wait() => {
+            shutdown.cancel();
+            r?;
+            info!("end of input");
+        }
+        _ = shutdown.cancelled() => {}
+    }
+    uplink.await.context("uplink task")??;
+    Ok(())
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    if args.units == 0 {
+        bail!("--units must be at least 1");
+    }
+    let settings = args.encode.settings()?;
+    let tokens = simulate::read_tokens(&args.tokens)?;
+    let trust = args.link.trust()?;
+    let units: Vec<(String, String)> = (1..=args.units)
+        .map(|i| {
+            let unit = format!("{}{i}", args.prefix);
+            match tokens.get(&unit) {
+                Some(t) => Ok((unit, t.clone())),
+                None => bail!("no token for {unit} in {}", args.tokens.display()),
+            }
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let clip = tokio::task::spawn_blocking(move || simulate::encode_clip(&settings, 2))
+        .await
+        .context("clip encoder")??;
+    info!(
+        frames = clip.video.len(),
+        kbps = clip.video_bitrate_kbps() as u64,
+        units = units.len(),
+        "clip encoded once; starting units"
+    );
+    let clip = Arc::new(clip);
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone());
+    if let Some(secs) = args.duration {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            s.cancel();
+        });
+    }
+    // Spread the units' keyframes over one group so they do not all burst at once.
+    let group = Duration::from_micros(clip.duration_us / 2);
+    let mut tasks = tokio::task::JoinSet::new();
+    let n = units.len() as u32;
+    for (i, (unit, token)) in units.into_iter().enumerate() {
+        let infos = vec![
+            video_info(0, clip.settings.width, clip.settings.height, clip.settings.framerate, clip.settings.bitrate * 1000),
+            audio_info(1),
+        ];
+        let broadcast = LocalBroadcast::new(&unit, infos, 256);
+        let offset = group * i as u32 / n;
+        tasks.spawn(simulate::play(Arc::clone(&clip), Arc::clone(&broadcast), offset, shutdown.clone()));
+        let config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());
+        let stats = Arc::new(UplinkStats::default());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = uplink::run(config, broadcast, stats, stop.clone()).await {
+                tracing::error!(unit = %unit, error = %e, "unit gave up");
+                stop.cancel();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}

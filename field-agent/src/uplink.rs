@@ -1,0 +1,310 @@
+//! The QUIC uplink of one unit: hello, announce, one sender per track, the control loop
+//! (keyframe requests, directives, telemetry), and reconnection with backoff when the hub
+//! goes away. Capture never waits for the uplink: while it is down, the local tracks keep
+//! only their newest group, and a reconnect starts from that group's keyframe.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use tianwang_proto::v1::{self, Ack, Announce, DeviceInfo, DirectiveKind, Hello, Telemetry};
+use tianwang_proto::{ControlMessage, ErrorCode, Kind};
+use tianwang_transport::client;
+use tianwang_transport::control::{self, ControlError};
+use tianwang_transport::{Limits, Trust, send_track};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::broadcast::LocalBroadcast;
+
+#[derive(Clone)]
+pub struct UplinkConfig {
+    /// host:port of the hub's QUIC listener.
+    pub hub: String,
+    pub token: String,
+    pub trust: Trust,
+    pub device: DeviceInfo,
+    /// Backoff between reconnects.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub limits: Limits,
+}
+
+impl UplinkConfig {
+    pub fn new(hub: String, token: String, trust: Trust) -> Self {
+        Self {
+            hub,
+            token,
+            trust,
+            device: DeviceInfo {
+                model: "tianwang-field-agent".into(),
+                software: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            },
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            limits: Limits {
+                // Notice a dead link within a few seconds.
+                idle_timeout: Duration::from_secs(6),
+                ..Limits::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// The hub refused who we are: retrying cannot help.
+    #[error("the hub refused this unit: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Counters of an uplink, for logs and tests.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    pub connects: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub telemetry_sent: AtomicU64,
+}
+
+/// Keeps the unit connected until `shutdown`. Returns early only when the hub refuses the
+/// unit's identity (bad token, wrong unit), which reconnecting would not fix.
+pub async fn run(
+    config: UplinkConfig,
+    broadcast: Arc<LocalBroadcast>,
+    stats: Arc<UplinkStats>,
+    shutdown: CancellationToken,
+) -> Result<(), UplinkError> {
+    let span = tracing::info_span!("uplink", unit = %broadcast.unit);
+    async move {
+        let mut backoff = new_backoff(&config);
+        let mut endpoint: Option<(bool, quinn::Endpoint)> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                r = session(&config, &broadcast, &stats, &mut endpoint, &shutdown) => r,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(SessionEnd::Fatal(reason)) => return Err(UplinkError::Refused(reason)),
+                Err(SessionEnd::Retry(reason)) => {
+                    // A connection that lived a while earns a fresh backoff.
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = new_backoff(&config);
+                    }
+                    let delay = backoff.next().unwrap_or(config.max_backoff);
+                    warn!(%reason, retry_in = ?delay, "uplink down");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn new_backoff(config: &UplinkConfig) -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(config.min_backoff)
+        .with_max_delay(config.max_backoff)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+enum SessionEnd {
+    Retry(String),
+    Fatal(String),
+}
+
+fn classify(e: ControlError) -> SessionEnd {
+    match e {
+        ControlError::Refused { code, reason }
+            if matches!(code, ErrorCode::Unauthorized | ErrorCode::Forbidden) =>
+        {
+            SessionEnd::Fatal(format!("{code:?}: {reason}"))
+        }
+        ControlError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+            let code = ErrorCode::try_from(close.error_code.into_inner() as i32).unwrap_or(ErrorCode::Unspecified);
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            if matches!(code, ErrorCode::Unauthorized | ErrorCode::Forbidden) {
+                SessionEnd::Fatal(format!("{code:?}: {reason}"))
+            } else {
+                SessionEnd::Retry(format!("{code:?}: {reason}"))
+            }
+        }
+        other => SessionEnd::Retry(other.to_string()),
+    }
+}
+
+async fn session(
+    config: &UplinkConfig,
+    broadcast: &Arc<LocalBroadcast>,
+    stats: &Arc<UplinkStats>,
+    endpoint: &mut Option<(bool, quinn::Endpoint)>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    let target = tianwang_transport::endpoint::resolve(&config.hub)
+        .await
+        .map_err(|e| SessionEnd::Retry(e.to_string()))?;
+    let ep = match endpoint {
+        Some((v6, ep)) if *v6 == target.is_ipv6() => ep.clone(),
+        _ => {
+            let ep = tianwang_transport::client_endpoint(&config.trust, &config.limits, target.is_ipv6())
+                .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
+            *endpoint = Some((target.is_ipv6(), ep.clone()));
+            ep
+        }
+    };
+    let conn = tianwang_transport::connect(&ep, &config.hub)
+        .await
+        .map_err(|e| SessionEnd::Retry(e.to_string()))?;
+    let hello = Hello {
+        role: v1::Role::Publisher as i32,
+        unit_id: broadcast.unit.clone(),
+        token: config.token.clone(),
+        device: Some(config.device.clone()),
+        ..Default::default()
+    };
+    let (mut control, _welcome) = client::hello(&conn, hello, Duration::from_secs(10))
+        .await
+        .map_err(classify)?;
+    control
+        .send(ControlMessage::new(Kind::Announce(Announce {
+            tracks: broadcast.infos(),
+        })))
+        .await
+        .map_err(classify)?;
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    info!(hub = %config.hub, "connected");
+
+    let mut senders = JoinSet::new();
+    for t in &broadcast.tracks {
+        let conn = conn.clone();
+        let sub = t.track.subscribe();
+        let id = t.info.id;
+        let base = if t.info.kind() == v1::TrackKind::Audio { 1 << 24 } else { 0 };
+        let stats = Arc::clone(stats);
+        senders.spawn(async move {
+            let sent = |_: &tianwang_core::Frame, _| {
+                stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+            };
+            send_track(&conn, id, base, sub, sent).await
+        });
+    }
+
+    let (mut tx, mut rx) = control.split();
+    let mut telemetry = tokio::time::interval(Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                use futures::SinkExt;
+                let _ = tx.send(control::close_message(ErrorCode::Unspecified, "agent stopping")).await;
+                conn.close(tianwang_transport::close_code(ErrorCode::Unspecified), b"agent stopping");
+                break Ok(());
+            }
+            msg = control::recv(&mut rx) => match msg {
+                Ok(m) => {
+                    if let Some(reply) = handle_control(broadcast, m) {
+                        use futures::SinkExt;
+                        if let Err(e) = tx.send(reply).await {
+                            break Err(classify(e));
+                        }
+                    }
+                }
+                Err(e) => break Err(classify(e)),
+            },
+            _ = telemetry.tick() => {
+                use futures::SinkExt;
+                let t = ControlMessage::new(Kind::Telemetry(current_telemetry()));
+                if let Err(e) = tx.send(t).await {
+                    break Err(classify(e));
+                }
+                stats.telemetry_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(done) = senders.join_next() => {
+                match done {
+                    Ok(Ok(summary)) => debug!(?summary, "track sender ended"),
+                    Ok(Err(e)) => break Err(SessionEnd::Retry(e.to_string())),
+                    Err(e) => break Err(SessionEnd::Retry(format!("track sender failed: {e}"))),
+                }
+            }
+        }
+    };
+    senders.shutdown().await;
+    if result.is_err() {
+        conn.close(tianwang_transport::close_code(ErrorCode::Unspecified), b"reconnecting");
+    }
+    result
+}
+
+fn handle_control(broadcast: &LocalBroadcast, msg: ControlMessage) -> Option<ControlMessage> {
+    match msg.kind {
+        Some(Kind::KeyframeRequest(k)) => {
+            debug!(track = k.track_id, "keyframe requested");
+            broadcast.request_keyframe(k.track_id);
+            None
+        }
+        Some(Kind::Directive(d)) => {
+            let (ok, message) = match d.kind() {
+                DirectiveKind::Keyframe => {
+                    for t in &broadcast.tracks {
+                        broadcast.request_keyframe(t.info.id);
+                    }
+                    (true, "keyframe requested".to_string())
+                }
+                DirectiveKind::Message => {
+                    info!(directive = %d.id, text = %d.text, "instruction from the command centre");
+                    (true, "shown".to_string())
+                }
+                other => (false, format!("{other:?} is not supported by this agent yet")),
+            };
+            Some(ControlMessage::new(Kind::Ack(Ack {
+                directive_id: d.id,
+                ok,
+                message,
+            })))
+        }
+        other => {
+            debug!(kind = ControlMessage { kind: other }.kind_name(), "ignoring control message");
+            None
+        }
+    }
+}
+
+/// What the device knows of itself right now.
+fn current_telemetry() -> Telemetry {
+    let storage_free_bytes = nix::sys::statvfs::statvfs(".")
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0);
+    Telemetry {
+        timestamp_us: crate::unix_now_us(),
+        storage_free_bytes,
+        recording: true,
+        battery_percent: battery_percent().unwrap_or(0.0),
+        ..Default::default()
+    }
+}
+
+/// The first battery the kernel reports, if any.
+fn battery_percent() -> Option<f32> {
+    let dir = std::fs::read_dir("/sys/class/power_supply").ok()?;
+    dir.flatten().find_map(|e| {
+        std::fs::read_to_string(e.path().join("capacity"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

@@ -1,0 +1,251 @@
+//! The hub's configuration: one typed struct, read from TOML (unknown keys rejected), then
+//! overridden by environment variables and flags (see `main.rs`), validated before start.
+//! Every key and its default is in `deploy/hub.example.toml`; a test keeps the two equal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This hub's name: the issuer of its tokens and its name in logs.
+    pub hub_id: String,
+    /// Where the hub keeps its keys, certificates and (later) recordings and index.
+    pub data_dir: PathBuf,
+    pub quic: QuicConfig,
+    pub http: HttpConfig,
+    pub relay: RelayConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key. Empty: a self-signed pair in `data_dir/tls`, made on
+    /// first start (development only: clients must be given it with `--ca`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Names the self-signed certificate is valid for.
+    pub self_signed_names: Vec<String>,
+    /// Largest frame payload accepted from a publisher.
+    pub max_frame_bytes: usize,
+    /// A peer silent this long is gone.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A new connection must say hello (and announce, for a publisher) within this.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Metrics, health and (later) the console.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Bound of each subscriber's queue per track, in frames.
+    pub subscriber_queue_frames: usize,
+    /// Frames of each track's current group kept for late joiners.
+    pub group_cache_frames: usize,
+    /// Groups a subscriber may trail the newest before it skips ahead.
+    pub max_group_lag: u64,
+    /// At most one keyframe request per track goes to a device in this interval.
+    #[serde(with = "humantime_serde")]
+    pub keyframe_request_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Token signing key (Ed25519, PKCS#8 PEM). Empty: `data_dir/keys/token-signing.pem`,
+    /// made on first start.
+    pub signing_key: Option<PathBuf>,
+    /// Tolerated clock difference when checking token times.
+    #[serde(with = "humantime_serde")]
+    pub clock_leeway: Duration,
+    /// Longest lifetime `hub token issue` grants.
+    #[serde(with = "humantime_serde")]
+    pub max_token_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            hub_id: "local".into(),
+            data_dir: PathBuf::from("data"),
+            quic: QuicConfig::default(),
+            http: HttpConfig::default(),
+            relay: RelayConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            cert: None,
+            key: None,
+            self_signed_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            max_frame_bytes: tianwang_proto::wire::DEFAULT_MAX_FRAME,
+            idle_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let core = tianwang_core::TrackConfig::default();
+        Self {
+            subscriber_queue_frames: core.queue_frames,
+            group_cache_frames: core.group_cache_frames,
+            max_group_lag: core.max_group_lag,
+            keyframe_request_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            signing_key: None,
+            clock_leeway: Duration::from_secs(30),
+            max_token_ttl: Duration::from_secs(366 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.hub_id.trim().is_empty() {
+            return bad("hub_id is empty".into());
+        }
+        if self.quic.cert.is_some() != self.quic.key.is_some() {
+            return bad("quic.cert and quic.key go together: set both or neither".into());
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.quic.max_frame_bytes) {
+            return bad(format!(
+                "quic.max_frame_bytes = {} is outside 1 KiB ..= 64 MiB",
+                self.quic.max_frame_bytes
+            ));
+        }
+        if self.quic.idle_timeout < Duration::from_secs(1) {
+            return bad("quic.idle_timeout must be at least 1s".into());
+        }
+        if self.relay.subscriber_queue_frames == 0 || self.relay.subscriber_queue_frames > 65_536 {
+            return bad("relay.subscriber_queue_frames must be within 1 ..= 65536".into());
+        }
+        if self.relay.group_cache_frames > 65_536 {
+            return bad("relay.group_cache_frames must be at most 65536".into());
+        }
+        Ok(())
+    }
+
+    pub fn track_config(&self) -> tianwang_core::TrackConfig {
+        tianwang_core::TrackConfig {
+            queue_frames: self.relay.subscriber_queue_frames,
+            group_cache_frames: self.relay.group_cache_frames,
+            max_group_lag: self.relay.max_group_lag,
+        }
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+
+    /// The certificate and key files the QUIC listener uses.
+    pub fn cert_paths(&self) -> (PathBuf, PathBuf) {
+        match (&self.quic.cert, &self.quic.key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (self.tls_dir().join("hub.crt"), self.tls_dir().join("hub.key")),
+        }
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.auth
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("token-signing.pem"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_exactly_the_defaults() {
+        let text = include_str!("../../deploy/hub.example.toml");
+        let example = Config::parse(text).expect("deploy/hub.example.toml parses");
+        assert_eq!(example, Config::default());
+        example.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse("[quic]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_a_reason() {
+        let mut c = Config::default();
+        c.quic.cert = Some("a.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("quic.key"));
+        let c = Config::parse("[quic]\nmax_frame_bytes = 10\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("max_frame_bytes"));
+    }
+}

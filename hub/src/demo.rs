@@ -1,0 +1,149 @@
+//! `hub demo`: a hub with embedded defaults and N simulated units (`field-agent simulate`
+//! as a child process), with tokens and addresses written to `demo.env`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tracing::{info, warn};
+
+use crate::auth::Role;
+use crate::config::Config;
+use crate::server::{RunningHub, termination};
+
+pub struct DemoOptions {
+    pub units: usize,
+    pub duration: Option<Duration>,
+    pub data_dir: PathBuf,
+    pub quic_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+}
+
+/// The `field-agent` binary: beside this one (a cargo build puts them together) or on PATH.
+pub fn find_field_agent() -> anyhow::Result<PathBuf> {
+    let name = format!("field-agent{}", std::env::consts::EXE_SUFFIX);
+    if let Ok(exe) = std::env::current_exe() {
+        let beside = exe.with_file_name(&name);
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(&name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("the field-agent binary is neither beside hub nor on PATH: build it (cargo build --bins)")
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    if opts.units == 0 || opts.units > 1000 {
+        bail!("--units must be within 1 ..= 1000");
+    }
+    let agent = find_field_agent()?;
+    let config = Config {
+        hub_id: "demo".into(),
+        data_dir: opts.data_dir.clone(),
+        quic: crate::config::QuicConfig {
+            listen: opts.quic_listen,
+            ..Default::default()
+        },
+        http: crate::config::HttpConfig {
+            listen: opts.http_listen,
+        },
+        ..Config::default()
+    };
+    let hub = RunningHub::start(config.clone()).await?;
+    let authority = &hub.context.authority;
+    let day = Duration::from_secs(24 * 3600);
+    let console_token = authority.issue(Role::Commander, "demo-console", None, day)?;
+    let mut tokens = String::new();
+    for i in 1..=opts.units {
+        let unit = format!("sim-{i}");
+        let token = authority.issue(Role::Device, &unit, None, day)?;
+        let _ = writeln!(tokens, "{unit} {token}");
+    }
+    let tokens_path = absolute(&config.data_dir.join("devices.tokens"));
+    crate::files::write_private(&tokens_path, tokens.as_bytes())
+        .with_context(|| format!("writing {}", tokens_path.display()))?;
+    let ca = absolute(&config.cert_paths().0);
+    let env_path = absolute(&config.data_dir.join("demo.env"));
+    let env = format!(
+        "TIANWANG_HUB={}\nTIANWANG_HTTP=http://{}\nTIANWANG_TOKEN={}\nTIANWANG_CA={}\n",
+        hub.quic_addr,
+        hub.http_addr,
+        console_token,
+        ca.display()
+    );
+    crate::files::write_private(&env_path, env.as_bytes())
+        .with_context(|| format!("writing {}", env_path.display()))?;
+
+    let mut child = tokio::process::Command::new(&agent)
+        .arg("simulate")
+        .arg("--hub")
+        .arg(hub.quic_addr.to_string())
+        .arg("--units")
+        .arg(opts.units.to_string())
+        .arg("--tokens")
+        .arg(&tokens_path)
+        .arg("--ca")
+        .arg(&ca)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", agent.display()))?;
+
+    println!(
+        "\nTianwang demo: a hub with {n} simulated units (sim-1 .. sim-{n}).\n\
+         \n  metrics   http://{http}/metrics\n  health    http://{http}/healthz\n  QUIC      {quic}\n\
+         \n  Watch a unit and save its video:\n    source {env}\n    \
+         hub watch --hub $TIANWANG_HUB --token $TIANWANG_TOKEN --ca $TIANWANG_CA --unit sim-1 --duration 10 --out sim-1.h264\n\
+         \n  Console token (commander, 24 h) and addresses are in {env}\n",
+        n = opts.units,
+        http = hub.http_addr,
+        quic = hub.quic_addr,
+        env = env_path.display(),
+    );
+
+    let sleep = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        _ = sleep => Ok(()),
+        _ = termination() => Ok(()),
+        status = child.wait() => match status {
+            Ok(s) => Err(anyhow::anyhow!("the simulated units stopped ({s})")),
+            Err(e) => Err(anyhow::anyhow!("waiting for the simulated units: {e}")),
+        },
+    };
+    info!("demo ending");
+    stop_child(&mut child).await;
+    hub.shutdown().await;
+    outcome
+}
+
+/// Asks the child to stop (SIGTERM), then kills it if it has not after a few seconds.
+async fn stop_child(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok()
+            && tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_ok()
+        {
+            return;
+        }
+    }
+    if let Err(e) = child.kill().await {
+        warn!(error = %e, "stopping the simulated units");
+    }
+}

@@ -1,0 +1,17 @@
+//! The Tianwang hub: one per court. It takes QUIC streams from field units, relays them to
+//! subscribers through the sans-IO relay core (`tianwang-core`), and serves metrics.
+//! `docs/ARCHITECTURE.md` maps the modules.
+
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod files;
+pub mod http;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod watch;
+
+pub use config::Config;
+pub use server::RunningHub;

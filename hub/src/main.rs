@@ -1,0 +1,296 @@
+//! The `hub` command: serve, demo, watch, token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use hub::auth::Role;
+use hub::config::Config;
+use hub::server::{RunningHub, termination};
+use tianwang_transport::Trust;
+
+#[derive(Parser)]
+#[command(name = "hub", version, about = "Tianwang hub: real-time video and telemetry relay for a court's command centre")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a hub.
+    Serve(ServeArgs),
+    /// A hub with embedded defaults and simulated units, for a first look.
+    Demo(DemoArgs),
+    /// Subscribe to a unit over QUIC, write its video as H.264 Annex-B, report what arrived.
+    Watch(WatchArgs),
+    /// Issue tokens signed by this hub's key.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Args)]
+struct HubOverrides {
+    /// TOML configuration file (every key: deploy/hub.example.toml).
+    #[arg(long, env = "TIANWANG_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (keys, certificates, recordings).
+    #[arg(long, env = "TIANWANG_DATA")]
+    data: Option<PathBuf>,
+    /// This hub's name.
+    #[arg(long, env = "TIANWANG_HUB_ID")]
+    hub_id: Option<String>,
+}
+
+impl HubOverrides {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &self.data {
+            config.data_dir = d.clone();
+        }
+        if let Some(id) = &self.hub_id {
+            config.hub_id = id.clone();
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    hub: HubOverrides,
+    /// QUIC listen address (UDP).
+    #[arg(long, env = "TIANWANG_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// HTTP listen address (metrics, health).
+    #[arg(long, env = "TIANWANG_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Simulated units, named sim-1 .. sim-N.
+    #[arg(long, default_value_t = 4)]
+    units: usize,
+    /// Seconds to run; without it, until Ctrl-C.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Data directory of the demo hub.
+    #[arg(long, default_value = "data/demo")]
+    data: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    quic_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+}
+
+#[derive(Args)]
+struct TrustArgs {
+    /// Certificate (or CA) to trust for the hub; a dev hub's is DATA/tls/hub.crt.
+    #[arg(long, env = "TIANWANG_CA")]
+    ca: Option<PathBuf>,
+    /// Trust any certificate (development only).
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
+}
+
+impl TrustArgs {
+    fn trust(&self) -> anyhow::Result<Trust> {
+        match (&self.ca, self.insecure) {
+            (_, true) => {
+                tracing::warn!("--insecure: the hub's certificate is not checked");
+                Ok(Trust::Insecure)
+            }
+            (Some(p), false) => Ok(Trust::from_ca_file(p)?),
+            (None, false) => bail!(
+                "no certificate to trust the hub with: pass --ca FILE (a dev hub's DATA/tls/hub.crt) or --insecure"
+            ),
+        }
+    }
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    /// The hub's QUIC address, host:port.
+    #[arg(long, env = "TIANWANG_HUB")]
+    hub: String,
+    /// A viewer/commander/official token (`hub token issue`).
+    #[arg(long, env = "TIANWANG_TOKEN", hide_env_values = true)]
+    token: String,
+    #[arg(long)]
+    unit: String,
+    /// Seconds to watch; without it, until the stream ends or Ctrl-C.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Write the video here (H.264 Annex-B, plays with ffplay/mpv/VLC).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print one token.
+    Issue {
+        #[command(flatten)]
+        hub: HubOverrides,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The unit (for a device) or the user.
+        #[arg(long)]
+        subject: String,
+        /// The court the token belongs to.
+        #[arg(long)]
+        court: Option<String>,
+        /// Lifetime, e.g. 12h, 30days.
+        #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Write device tokens for PREFIX1 .. PREFIXN, one "unit token" line each (for
+    /// `field-agent simulate --tokens`).
+    Fleet {
+        #[command(flatten)]
+        hub: HubOverrides,
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let mut config = args.hub.load()?;
+            if let Some(a) = args.quic_listen {
+                config.quic.listen = a;
+            }
+            if let Some(a) = args.http_listen {
+                config.http.listen = a;
+            }
+            let hub = RunningHub::start(config).await?;
+            termination().await;
+            tracing::info!("shutting down");
+            hub.shutdown().await;
+            Ok(())
+        }
+        Command::Demo(args) => {
+            hub::demo::run(hub::demo::DemoOptions {
+                units: args.units,
+                duration: args.duration.map(Duration::from_secs),
+                data_dir: args.data,
+                quic_listen: args.quic_listen,
+                http_listen: args.http_listen,
+            })
+            .await
+        }
+        Command::Watch(args) => {
+            let report = hub::watch::watch(hub::watch::WatchOptions {
+                hub: args.hub,
+                token: args.token,
+                unit: args.unit,
+                duration: args.duration.map(Duration::from_secs_f64),
+                out: args.out,
+                trust: args.trust.trust()?,
+            })
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+                println!(
+                    "unit {}: {} video frames ({} keyframes), {} audio frames, {} bytes\n\
+                     first frame after {}, delay p50 {} p99 {}, late frames {}, groups reset {}",
+                    report.unit,
+                    report.video_frames,
+                    report.keyframes,
+                    report.audio_frames,
+                    report.bytes,
+                    ms(report.first_frame_ms),
+                    ms(report.delay_p50_ms),
+                    ms(report.delay_p99_ms),
+                    report.late_frames,
+                    report.groups_reset,
+                );
+            }
+            if report.video_frames == 0 {
+                bail!("no video frames arrived from {}", report.unit);
+            }
+            Ok(())
+        }
+        Command::Token { command } => match command {
+            TokenCommand::Issue {
+                hub,
+                role,
+                subject,
+                court,
+                ttl,
+            } => {
+                let config = hub.load()?;
+                check_ttl(&config, ttl)?;
+                let authority = hub::server::load_authority(&config)?;
+                println!("{}", authority.issue(role, &subject, court.as_deref(), ttl)?);
+                Ok(())
+            }
+            TokenCommand::Fleet {
+                hub,
+                prefix,
+                count,
+                ttl,
+                out,
+            } => {
+                let config = hub.load()?;
+                check_ttl(&config, ttl)?;
+                let authority = hub::server::load_authority(&config)?;
+                let mut lines = String::new();
+                for i in 1..=count {
+                    let unit = format!("{prefix}{i}");
+                    let token = authority.issue(Role::Device, &unit, None, ttl)?;
+                    lines.push_str(&format!("{unit} {token}\n"));
+                }
+                hub::files::write_private(&out, lines.as_bytes())
+                    .with_context(|| format!("writing {}", out.display()))?;
+                Ok(())
+            }
+        },
+    }
+}
+
+fn check_ttl(config: &Config, ttl: Duration) -> anyhow::Result<()> {
+    if ttl > config.auth.max_token_ttl {
+        bail!(
+            "--ttl {} exceeds auth.max_token_ttl ({})",
+            humantime::format_duration(ttl),
+            humantime::format_duration(config.auth.max_token_ttl)
+        );
+    }
+    Ok(())
+}

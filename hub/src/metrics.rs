@@ -1,0 +1,190 @@
+//! Prometheus metrics. Hot-path counts live in the relay core's atomics and are read at
+//! scrape time; the rest are prometheus counters and a lock-free histogram.
+
+use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::registry::Units;
+
+pub struct Metrics {
+    registry: Registry,
+    pub frames_out: IntCounter,
+    pub bytes_out: IntCounter,
+    pub forward_latency: Histogram,
+    pub sessions: IntCounterVec,
+    pub sessions_closed: IntCounterVec,
+    pub telemetry: IntCounter,
+}
+
+/// Reads the units registry and the relay core's counters when scraped.
+struct Live {
+    units: Arc<Units>,
+    scrape: Mutex<()>,
+    units_online: IntGauge,
+    tracks: IntGauge,
+    subscribers: IntGauge,
+    frames_in: IntCounter,
+    groups_in: IntCounter,
+    frames_stale_in: IntCounter,
+    dropped: IntCounterVec,
+    descs: Vec<Desc>,
+}
+
+fn advance(counter: &IntCounter, to: u64) {
+    let now = counter.get();
+    if to > now {
+        counter.inc_by(to - now);
+    }
+}
+
+impl Collector for Live {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        // Scrapes one at a time, so counters only move forward.
+        let _guard = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let list = self.units.list();
+        self.units_online
+            .set(list.iter().filter(|b| b.is_online()).count() as i64);
+        let tracks: Vec<_> = list.iter().flat_map(|b| b.tracks()).collect();
+        self.tracks.set(tracks.len() as i64);
+        self.subscribers
+            .set(tracks.iter().map(|t| t.track.subscriber_count() as i64).sum());
+        let relay = self.units.relay_stats();
+        advance(&self.frames_in, relay.frames_in.load(Relaxed));
+        advance(&self.groups_in, relay.groups_in.load(Relaxed));
+        advance(&self.frames_stale_in, relay.frames_stale_in.load(Relaxed));
+        advance(
+            &self.dropped.with_label_values(&["queue_full"]),
+            relay.dropped_queue_full.load(Relaxed),
+        );
+        advance(
+            &self.dropped.with_label_values(&["skipped"]),
+            relay.dropped_skipped.load(Relaxed),
+        );
+        let mut out = Vec::new();
+        out.extend(self.units_online.collect());
+        out.extend(self.tracks.collect());
+        out.extend(self.subscribers.collect());
+        out.extend(self.frames_in.collect());
+        out.extend(self.groups_in.collect());
+        out.extend(self.frames_stale_in.collect());
+        out.extend(self.dropped.collect());
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    pub fn new(units: Arc<Units>) -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let live = Live {
+            units,
+            scrape: Mutex::new(()),
+            units_online: IntGauge::new("tianwang_units_online", "Units with a live publisher")?,
+            tracks: IntGauge::new("tianwang_tracks", "Tracks of all known broadcasts")?,
+            subscribers: IntGauge::new(
+                "tianwang_subscribers",
+                "Subscriptions to tracks (one per subscriber and track)",
+            )?,
+            frames_in: IntCounter::new("tianwang_frames_in_total", "Frames received from publishers")?,
+            groups_in: IntCounter::new("tianwang_groups_in_total", "Groups (GOPs) begun by publishers")?,
+            frames_stale_in: IntCounter::new(
+                "tianwang_frames_stale_in_total",
+                "Frames of a group that a newer group had superseded on arrival",
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "tianwang_frames_dropped_total",
+                    "Frames not delivered to a subscriber, by reason",
+                ),
+                &["reason"],
+            )?,
+            descs: Vec::new(),
+        };
+        let descs = [
+            live.units_online.desc(),
+            live.tracks.desc(),
+            live.subscribers.desc(),
+            live.frames_in.desc(),
+            live.groups_in.desc(),
+            live.frames_stale_in.desc(),
+            live.dropped.desc(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        registry.register(Box::new(Live { descs, ..live }))?;
+
+        let frames_out = IntCounter::new(
+            "tianwang_frames_out_total",
+            "Frames handed to subscribers' transports",
+        )?;
+        let bytes_out = IntCounter::new(
+            "tianwang_bytes_out_total",
+            "Bytes of frames handed to subscribers' transports",
+        )?;
+        let forward_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "tianwang_forward_latency_seconds",
+                "From a frame fully received to handed to a subscriber's transport",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.25, 0.5, 1.0,
+            ]),
+        )?;
+        let sessions = IntCounterVec::new(
+            Opts::new("tianwang_sessions_total", "Sessions accepted, by role"),
+            &["role"],
+        )?;
+        let sessions_closed = IntCounterVec::new(
+            Opts::new(
+                "tianwang_sessions_closed_total",
+                "Sessions the hub closed, by reason (bad input, auth, replaced, shutdown)",
+            ),
+            &["reason"],
+        )?;
+        let telemetry = IntCounter::new(
+            "tianwang_telemetry_total",
+            "Telemetry messages received from units",
+        )?;
+        registry.register(Box::new(frames_out.clone()))?;
+        registry.register(Box::new(bytes_out.clone()))?;
+        registry.register(Box::new(forward_latency.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(sessions_closed.clone()))?;
+        registry.register(Box::new(telemetry.clone()))?;
+        Ok(Self {
+            registry,
+            frames_out,
+            bytes_out,
+            forward_latency,
+            sessions,
+            sessions_closed,
+            telemetry,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,376 @@
+//! Who is online and what they publish: unit → broadcast → tracks.
+//!
+//! A broadcast outlives its publisher's connection while anyone watches it: when a unit's
+//! link drops and comes back, its tracks are the same objects, so subscribers carry on from
+//! the next keyframe without subscribing again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tianwang_core::{KeyframeCoalescer, KeyframeDecision, RelayStats, Track, TrackConfig};
+use tianwang_proto::v1::{KeyframeRequest, TrackInfo, TrackKind};
+use tianwang_proto::{ControlMessage, Kind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One track of a broadcast, with what subscribers need to know of it.
+pub struct TrackEntry {
+    /// As announced, except `id`: the track's position in the broadcast.
+    pub info: TrackInfo,
+    pub track: Arc<Track>,
+    keyframes: Mutex<KeyframeCoalescer>,
+}
+
+/// The live publisher of a broadcast.
+pub struct PublisherLink {
+    pub session: u64,
+    /// Control messages to the device (keyframe requests, directives).
+    pub control: mpsc::Sender<ControlMessage>,
+    /// Track name → the id the device announced it with.
+    pub track_ids: HashMap<String, u32>,
+    /// Cancelled when another connection of the same unit takes over.
+    pub replaced: CancellationToken,
+}
+
+pub struct Broadcast {
+    pub unit_id: String,
+    tracks: RwLock<Vec<Arc<TrackEntry>>>,
+    publisher: Mutex<Option<PublisherLink>>,
+    online: AtomicBool,
+    keyframe_interval: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these leaves plain data behind; carry on with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Broadcast {
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    pub fn tracks(&self) -> Vec<Arc<TrackEntry>> {
+        self.tracks.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.tracks().iter().map(|t| t.track.subscriber_count()).sum()
+    }
+
+    /// A subscriber wants a keyframe on a track: ask the device, at most once per interval.
+    pub fn request_keyframe(self: &Arc<Self>, track_name: &str) {
+        let Some(entry) = self.tracks().into_iter().find(|t| t.info.name == track_name) else {
+            return;
+        };
+        let decision = lock(&entry.keyframes).request(Instant::now());
+        match decision {
+            KeyframeDecision::SendNow => self.send_keyframe_request(track_name),
+            KeyframeDecision::Deferred { due: Some(due) } => {
+                let this = Arc::clone(self);
+                let name = track_name.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(due.into()).await;
+                    if lock(&entry.keyframes).handle_timeout(Instant::now()) {
+                        this.send_keyframe_request(&name);
+                    }
+                });
+            }
+            KeyframeDecision::Deferred { due: None } => {}
+        }
+    }
+
+    fn send_keyframe_request(&self, track_name: &str) {
+        let publisher = lock(&self.publisher);
+        if let Some(link) = publisher.as_ref()
+            && let Some(&track_id) = link.track_ids.get(track_name)
+        {
+            // Never wait on a device's control stream: a full queue drops the request.
+            let _ = link
+                .control
+                .try_send(ControlMessage::new(Kind::KeyframeRequest(KeyframeRequest {
+                    track_id,
+                })));
+        }
+    }
+
+    /// A keyframe arrived on a track: pending requests for it are answered.
+    pub fn keyframe_arrived(&self, entry: &TrackEntry) {
+        lock(&entry.keyframes).on_keyframe();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    #[error("announce has no tracks")]
+    Empty,
+    #[error("announce has {0} tracks; at most 8 are allowed")]
+    TooMany(usize),
+    #[error("track name {0:?} is empty, too long or repeated")]
+    BadName(String),
+    #[error("track id {0} is repeated")]
+    DuplicateId(u32),
+    #[error("track {name:?}: codec {codec:?} is not supported for {kind} (h264 video, opus audio)")]
+    Codec {
+        name: String,
+        codec: String,
+        kind: &'static str,
+    },
+}
+
+/// Checks a publisher's announced tracks.
+pub fn validate_announce(tracks: &[TrackInfo]) -> Result<(), AnnounceError> {
+    if tracks.is_empty() {
+        return Err(AnnounceError::Empty);
+    }
+    if tracks.len() > 8 {
+        return Err(AnnounceError::TooMany(tracks.len()));
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for t in tracks {
+        let name_ok = !t.name.is_empty()
+            && t.name.len() <= 32
+            && t.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok || !names.insert(t.name.as_str()) {
+            return Err(AnnounceError::BadName(t.name.clone()));
+        }
+        if !ids.insert(t.id) {
+            return Err(AnnounceError::DuplicateId(t.id));
+        }
+        let (kind, ok) = match t.kind() {
+            TrackKind::Video => ("video", t.codec == "h264"),
+            TrackKind::Audio => ("audio", t.codec == "opus"),
+            TrackKind::Unspecified => ("an unspecified kind", false),
+        };
+        if !ok {
+            return Err(AnnounceError::Codec {
+                name: t.name.clone(),
+                codec: t.codec.clone(),
+                kind,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What [`Units::attach`] hands the publisher's session.
+pub struct Attached {
+    pub broadcast: Arc<Broadcast>,
+    /// The device's track id → the track and its entry.
+    pub tracks: HashMap<u32, Arc<TrackEntry>>,
+    /// The connection this one replaces, if the unit was still connected.
+    pub replaced: Option<PublisherLink>,
+}
+
+/// Every unit this hub knows right now.
+pub struct Units {
+    map: DashMap<String, Arc<Broadcast>>,
+    relay: Arc<RelayStats>,
+    track_config: TrackConfig,
+    keyframe_interval: Duration,
+}
+
+impl Units {
+    pub fn new(relay: Arc<RelayStats>, track_config: TrackConfig, keyframe_interval: Duration) -> Self {
+        Self {
+            map: DashMap::new(),
+            relay,
+            track_config,
+            keyframe_interval,
+        }
+    }
+
+    pub fn relay_stats(&self) -> &Arc<RelayStats> {
+        &self.relay
+    }
+
+    pub fn get(&self, unit: &str) -> Option<Arc<Broadcast>> {
+        // Clone the Arc and let the shard guard go at once.
+        self.map.get(unit).map(|b| Arc::clone(&b))
+    }
+
+    /// A publisher announced its tracks: make it the unit's live publisher. Tracks keep
+    /// their identity across reconnects when name, kind and codec stay the same.
+    pub fn attach(&self, unit: &str, announced: &[TrackInfo], link: PublisherLink) -> Attached {
+        let broadcast = Arc::clone(
+            self.map
+                .entry(unit.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Broadcast {
+                        unit_id: unit.to_string(),
+                        tracks: RwLock::new(Vec::new()),
+                        publisher: Mutex::new(None),
+                        online: AtomicBool::new(false),
+                        keyframe_interval: self.keyframe_interval,
+                    })
+                })
+                .value(),
+        );
+        let mut by_device_id = HashMap::new();
+        {
+            let mut tracks = broadcast.tracks.write().unwrap_or_else(|e| e.into_inner());
+            let old = std::mem::take(&mut *tracks);
+            for (position, info) in announced.iter().enumerate() {
+                let reuse = old.iter().find(|e| {
+                    e.info.name == info.name && e.info.kind == info.kind && e.info.codec == info.codec
+                });
+                let entry = match reuse {
+                    Some(e) => Arc::new(TrackEntry {
+                        info: TrackInfo {
+                            id: position as u32,
+                            ..info.clone()
+                        },
+                        track: Arc::clone(&e.track),
+                        keyframes: Mutex::new(KeyframeCoalescer::new(broadcast.keyframe_interval)),
+                    }),
+                    None => Arc::new(TrackEntry {
+                        info: TrackInfo {
+                            id: position as u32,
+                            ..info.clone()
+                        },
+                        track: Track::new(info.name.clone(), self.track_config, Arc::clone(&self.relay)),
+                        keyframes: Mutex::new(KeyframeCoalescer::new(broadcast.keyframe_interval)),
+                    }),
+                };
+                by_device_id.insert(info.id, Arc::clone(&entry));
+                tracks.push(entry);
+            }
+            // Tracks the device no longer announces end for their subscribers.
+            for e in &old {
+                if !tracks.iter().any(|t| Arc::ptr_eq(&t.track, &e.track)) {
+                    e.track.close();
+                }
+            }
+        }
+        let replaced = lock(&broadcast.publisher).replace(link);
+        broadcast.online.store(true, Ordering::Release);
+        Attached {
+            broadcast,
+            tracks: by_device_id,
+            replaced,
+        }
+    }
+
+    /// The publisher's session `session` ended. Unless a newer one took over, the unit is
+    /// offline; its broadcast stays while anyone still watches.
+    pub fn detach(&self, unit: &str, session: u64) {
+        let Some(b) = self.get(unit) else { return };
+        {
+            let mut publisher = lock(&b.publisher);
+            if publisher.as_ref().is_some_and(|l| l.session == session) {
+                *publisher = None;
+                b.online.store(false, Ordering::Release);
+            }
+        }
+        self.release_if_idle(unit);
+    }
+
+    /// Forgets a unit that is offline and unwatched.
+    pub fn release_if_idle(&self, unit: &str) {
+        let removed = self
+            .map
+            .remove_if(unit, |_, b| !b.is_online() && b.subscriber_count() == 0);
+        if let Some((_, b)) = removed {
+            for t in b.tracks() {
+                t.track.close();
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<Arc<Broadcast>> {
+        self.map.iter().map(|e| Arc::clone(e.value())).collect()
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.map.iter().filter(|e| e.value().is_online()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u32, name: &str, kind: TrackKind, codec: &str) -> TrackInfo {
+        TrackInfo {
+            id,
+            name: name.into(),
+            kind: kind as i32,
+            codec: codec.into(),
+            ..Default::default()
+        }
+    }
+
+    fn link(session: u64) -> (PublisherLink, mpsc::Receiver<ControlMessage>) {
+        let (tx, rx) = mpsc::channel(4);
+        (
+            PublisherLink {
+                session,
+                control: tx,
+                track_ids: HashMap::new(),
+                replaced: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    fn units() -> Units {
+        Units::new(Arc::default(), TrackConfig::default(), Duration::from_millis(500))
+    }
+
+    #[test]
+    fn announces_are_checked() {
+        let v = info(1, "video", TrackKind::Video, "h264");
+        assert!(validate_announce(&[v.clone()]).is_ok());
+        assert!(matches!(validate_announce(&[]), Err(AnnounceError::Empty)));
+        assert!(matches!(
+            validate_announce(&[v.clone(), info(1, "audio", TrackKind::Audio, "opus")]),
+            Err(AnnounceError::DuplicateId(1))
+        ));
+        assert!(matches!(
+            validate_announce(&[info(1, "video", TrackKind::Video, "vp9")]),
+            Err(AnnounceError::Codec { .. })
+        ));
+        assert!(matches!(
+            validate_announce(&[info(1, "../x", TrackKind::Video, "h264")]),
+            Err(AnnounceError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn a_reconnecting_unit_keeps_its_tracks_and_watchers() {
+        let u = units();
+        let tracks = [info(7, "video", TrackKind::Video, "h264")];
+        let (l1, _r1) = link(1);
+        let first = u.attach("bwc-1", &tracks, l1);
+        let sub = first.tracks[&7].track.subscribe();
+        u.detach("bwc-1", 1);
+        let b = u.get("bwc-1").expect("kept while watched");
+        assert!(!b.is_online());
+
+        let (l2, _r2) = link(2);
+        let second = u.attach("bwc-1", &tracks, l2);
+        assert!(Arc::ptr_eq(&second.tracks[&7].track, sub.track()));
+        assert!(second.replaced.is_none());
+        drop(sub);
+        u.detach("bwc-1", 2);
+        assert!(u.get("bwc-1").is_none(), "offline and unwatched: forgotten");
+    }
+
+    #[test]
+    fn a_second_connection_of_a_unit_replaces_the_first() {
+        let u = units();
+        let tracks = [info(1, "video", TrackKind::Video, "h264")];
+        let (l1, _r1) = link(1);
+        u.attach("bwc-1", &tracks, l1);
+        let (l2, _r2) = link(2);
+        let second = u.attach("bwc-1", &tracks, l2);
+        assert_eq!(second.replaced.map(|l| l.session), Some(1));
+        // The old session ending later does not take the new one offline.
+        u.detach("bwc-1", 1);
+        assert!(u.get("bwc-1").is_some_and(|b| b.is_online()));
+    }
+}

@@ -1,0 +1,149 @@
+//! Starting and stopping a hub: data directory, keys and certificates, the QUIC listener
+//! and the HTTP listener, and a graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tianwang_core::RelayStats;
+use tianwang_transport::{Limits, tls};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::auth::Authority;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Units;
+use crate::session::{self, HubContext};
+
+/// A hub that is running; [`RunningHub::shutdown`] stops it.
+pub struct RunningHub {
+    pub quic_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub context: Arc<HubContext>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// Makes sure the QUIC certificate exists: a self-signed one in the data dir on first start
+/// unless the configuration names files.
+pub fn ensure_certificate(config: &Config) -> anyhow::Result<()> {
+    let (cert, key) = config.cert_paths();
+    if config.quic.cert.is_some() || (cert.exists() && key.exists()) {
+        return Ok(());
+    }
+    let pair = tls::self_signed(&config.quic.self_signed_names)?;
+    crate::files::write_private(&key, pair.key_pem.as_bytes())
+        .with_context(|| format!("writing {}", key.display()))?;
+    crate::files::write_public(&cert, pair.cert_pem.as_bytes())
+        .with_context(|| format!("writing {}", cert.display()))?;
+    info!(cert = %cert.display(), "created a self-signed certificate (development only)");
+    Ok(())
+}
+
+pub fn load_authority(config: &Config) -> anyhow::Result<Authority> {
+    Ok(Authority::load_or_create(
+        &config.signing_key_path(),
+        &config.hub_id,
+        config.auth.clock_leeway,
+    )?)
+}
+
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))
+}
+
+impl RunningHub {
+    /// Binds both listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        prepare_data_dir(&config.data_dir)?;
+        ensure_certificate(&config)?;
+        let authority = Arc::new(load_authority(&config)?);
+        let (cert_path, key_path) = config.cert_paths();
+        let certs = tls::load_certs(&cert_path)?;
+        let key = tls::load_key(&key_path)?;
+        let limits = Limits {
+            idle_timeout: config.quic.idle_timeout,
+            ..Limits::default()
+        };
+        let endpoint = tianwang_transport::server_endpoint(config.quic.listen, certs, key, &limits)?;
+        let quic_addr = endpoint.local_addr()?;
+        let http = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("binding HTTP {}", config.http.listen))?;
+        let http_addr = http.local_addr()?;
+
+        let units = Arc::new(Units::new(
+            Arc::new(RelayStats::default()),
+            config.track_config(),
+            config.relay.keyframe_request_interval,
+        ));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&units))?);
+        let shutdown = CancellationToken::new();
+        let context = Arc::new(HubContext::new(
+            Arc::new(config),
+            authority,
+            units,
+            metrics,
+            shutdown.clone(),
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(session::serve(Arc::clone(&context), endpoint));
+        let router = crate::http::router(Arc::clone(&context));
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(http, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        info!(%quic_addr, %http_addr, hub_id = %context.config.hub_id, "hub serving");
+        Ok(Self {
+            quic_addr,
+            http_addr,
+            context,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, closes sessions with a reason, and waits (bounded) for the tasks.
+    pub async fn shutdown(mut self) {
+        self.context.shutdown.cancel();
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown: tasks still running after 5 s; stopping them");
+            self.tasks.shutdown().await;
+        }
+        info!("hub stopped");
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

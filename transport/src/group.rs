@@ -1,0 +1,248 @@
+//! Group streams: one unidirectional QUIC stream per group (GOP), a header, then frames.
+//!
+//! Sending: [`send_track`] drains a relay-core [`Subscription`] onto the connection, a new
+//! stream per group with a higher priority than the last, so under congestion the newest
+//! group goes first; a group the subscriber falls behind on is reset, never queued behind.
+//!
+//! Receiving: [`GroupReader`] reads frames into a shared arena, so each frame is split off as
+//! a `Bytes` without a per-frame allocation.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tianwang_core::{Frame, Subscription};
+use tianwang_proto::v1::GroupHeader;
+use tianwang_proto::wire::{self, Progress, WireError, WireFrame};
+use tokio::io::AsyncReadExt;
+
+use crate::{STREAM_STALE, STREAM_SHUTDOWN};
+
+/// Frames are read into arenas of this size (or of the frame's size, if larger).
+const ARENA: usize = 256 * 1024;
+/// Do not issue reads smaller than this into the tail of an arena.
+const MIN_READ: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("group stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("group stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("group stream: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("group stream ended inside a {0}")]
+    Truncated(&'static str),
+    #[error("group stream reset by the sender (code {0})")]
+    Reset(u64),
+}
+
+impl GroupError {
+    /// Whether the sender gave this group up (superseded or shutting down): not an error of
+    /// the protocol.
+    pub fn is_reset(&self) -> bool {
+        match self {
+            GroupError::Reset(_) => true,
+            GroupError::Read(quinn::ReadError::Reset(_)) => true,
+            GroupError::Io(e) => e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+                .is_some_and(|r| matches!(r, quinn::ReadError::Reset(_))),
+            _ => false,
+        }
+    }
+}
+
+/// Reads one group stream.
+pub struct GroupReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    max_frame: usize,
+    frames: u32,
+}
+
+impl GroupReader {
+    /// Reads the group header of a freshly accepted stream.
+    pub async fn open(
+        mut recv: quinn::RecvStream,
+        max_frame: usize,
+    ) -> Result<(GroupHeader, GroupReader), GroupError> {
+        let mut buf = BytesMut::with_capacity(ARENA);
+        let header = loop {
+            match wire::decode_group_header(&mut buf)? {
+                Progress::Done(h) => break h,
+                Progress::Need(_) => {
+                    if read_more(&mut recv, &mut buf).await? == 0 {
+                        return Err(GroupError::Truncated("group header"));
+                    }
+                }
+            }
+        };
+        Ok((
+            header,
+            GroupReader {
+                recv,
+                buf,
+                max_frame,
+                frames: 0,
+            },
+        ))
+    }
+
+    /// The next frame, or `None` at the end of the group.
+    pub async fn next_frame(&mut self) -> Result<Option<WireFrame>, GroupError> {
+        loop {
+            match wire::decode_frame(&mut self.buf, self.max_frame)? {
+                Progress::Done(f) => {
+                    self.frames += 1;
+                    return Ok(Some(f));
+                }
+                Progress::Need(total) => {
+                    let spare = self.buf.capacity() - self.buf.len();
+                    let wanted = total.saturating_sub(self.buf.len()).max(MIN_READ);
+                    if spare < wanted {
+                        // A new arena; the partial frame moves over, earlier frames keep
+                        // the old one alive for as long as they live.
+                        let mut fresh = BytesMut::with_capacity(ARENA.max(total + MIN_READ));
+                        fresh.extend_from_slice(&self.buf);
+                        self.buf = fresh;
+                    }
+                    if read_more(&mut self.recv, &mut self.buf).await? == 0 {
+                        if self.buf.is_empty() {
+                            return Ok(None);
+                        }
+                        return Err(GroupError::Truncated("frame"));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn frames_read(&self) -> u32 {
+        self.frames
+    }
+
+    /// Tells the sender to stop sending this group.
+    pub fn stop(mut self, code: quinn::VarInt) {
+        let _ = self.recv.stop(code);
+    }
+}
+
+async fn read_more(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<usize, GroupError> {
+    match recv.read_buf(buf).await {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            let err = GroupError::Io(e);
+            if err.is_reset() {
+                Err(GroupError::Reset(0))
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("writing a group: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// What became of a track sent by [`send_track`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SendSummary {
+    pub frames: u64,
+    pub groups: u64,
+    /// Groups reset because the receiver fell behind.
+    pub groups_reset: u64,
+}
+
+/// Sends a track's frames from `sub` over `conn` until the track closes or the connection
+/// fails. `track_id` names the track in each group header; `priority_base` orders tracks
+/// against each other (audio above video), newer groups of a track above older ones.
+/// `on_sent(frame, now)` runs as each frame is handed to QUIC.
+pub async fn send_track(
+    conn: &quinn::Connection,
+    track_id: u32,
+    priority_base: i32,
+    mut sub: Subscription,
+    on_sent: impl Fn(&Frame, Instant),
+) -> Result<SendSummary, SendError> {
+    let mut summary = SendSummary::default();
+    // The group being written, and the one before it (finished, possibly still in flight).
+    let mut current: Option<(u64, quinn::SendStream)> = None;
+    let mut previous: Option<quinn::SendStream> = None;
+    let mut local_groups: i32 = 0;
+
+    while let Some(frame) = sub.next().await {
+        if let Some(g) = sub.take_abandoned() {
+            if let Some((cg, mut s)) = current.take() {
+                if cg == g {
+                    let _ = s.reset(STREAM_STALE);
+                    summary.groups_reset += 1;
+                } else {
+                    current = Some((cg, s));
+                }
+            }
+        }
+        if current.as_ref().map(|(g, _)| *g) != Some(frame.group) {
+            if let Some(mut old) = previous.take() {
+                // Two groups back and still not delivered: stale. (An error here means it
+                // was delivered already.)
+                if old.reset(STREAM_STALE).is_ok() {
+                    summary.groups_reset += 1;
+                }
+            }
+            if let Some((_, mut s)) = current.take() {
+                let _ = s.finish();
+                previous = Some(s);
+            }
+            let mut stream = tokio::select! {
+                biased;
+                s = conn.open_uni() => s?,
+                // The peer grants no new stream and the track moved on: skip ahead.
+                _ = sub.behind() => continue,
+            };
+            local_groups = local_groups.saturating_add(1);
+            let _ = stream.set_priority(priority_base.saturating_add(local_groups));
+            let mut header = BytesMut::with_capacity(16);
+            wire::encode_delimited(
+                &GroupHeader {
+                    track_id,
+                    sequence: frame.group,
+                },
+                &mut header,
+            );
+            stream.write_chunk(header.freeze()).await?;
+            summary.groups += 1;
+            current = Some((frame.group, stream));
+        }
+        let Some((_, stream)) = current.as_mut() else {
+            continue;
+        };
+        let data: Bytes = frame.data.clone();
+        tokio::select! {
+            biased;
+            r = stream.write_chunk(data) => r?,
+            // The receiver is so slow that a newer group is waiting: give this one up.
+            _ = sub.behind() => {
+                let _ = stream.reset(STREAM_STALE);
+                summary.groups_reset += 1;
+                current = None;
+                continue;
+            }
+        }
+        summary.frames += 1;
+        on_sent(&frame, Instant::now());
+    }
+    if let Some((_, mut s)) = current.take() {
+        let _ = s.finish();
+    }
+    Ok(summary)
+}
+
+/// Resets a stream because we are going away.
+pub fn abandon(mut stream: quinn::SendStream) {
+    let _ = stream.reset(STREAM_SHUTDOWN);
+}
