@@ -93,7 +93,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<WatchReport> {
         None => None,
     };
 
-    let mut receiver = TrackReceiver::spawn(conn.clone(), tianwang_proto::wire::DEFAULT_MAX_FRAME, 256);
+    let mut receiver = TrackReceiver::spawn(conn.clone(), tianwang_proto::wire::DEFAULT_MAX_FRAME, 256, Some(0));
     let mut order = LiveOrder::default();
     let mut report = WatchReport {
         unit: opts.unit.clone(),

@@ -82,7 +82,10 @@ pub struct ReceivedFrame {
 
 /// Accepts a connection's group streams and yields their frames as they arrive, across
 /// groups and tracks. Reading is bounded: a caller that stops calling [`next`] stops the
-/// readers, and QUIC flow control pushes back on the sender.
+/// readers, and QUIC flow control pushes back on the sender. With a `max_group_lag`, a
+/// group more than that many behind the newest of its track is stopped (STOP_SENDING), so
+/// a live viewer that paused resumes at the newest group instead of working through a
+/// backlog; without one, every group is read to its end.
 ///
 /// [`next`]: TrackReceiver::next
 pub struct TrackReceiver {
@@ -94,15 +97,28 @@ pub struct TrackReceiver {
 #[derive(Debug, Default)]
 pub struct ReceiverStats {
     pub groups: AtomicU64,
+    /// Groups the sender reset (it gave them up).
     pub groups_reset: AtomicU64,
+    /// Groups this receiver stopped because newer ones had begun.
+    pub groups_stopped: AtomicU64,
     pub errors: AtomicU64,
 }
 
+/// Newest group sequence seen per track.
+type Newest = Arc<std::sync::Mutex<HashMap<u32, u64>>>;
+
 impl TrackReceiver {
-    pub fn spawn(conn: quinn::Connection, max_frame: usize, queue: usize) -> Self {
+    pub fn spawn(conn: quinn::Connection, max_frame: usize, queue: usize, max_group_lag: Option<u64>) -> Self {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(ReceiverStats::default());
-        let task = tokio::spawn(accept_groups(conn, max_frame, tx, Arc::clone(&stats)));
+        let reader = Reader {
+            max_frame,
+            max_group_lag,
+            tx,
+            stats: Arc::clone(&stats),
+            newest: Newest::default(),
+        };
+        let task = tokio::spawn(accept_groups(conn, reader));
         Self {
             rx,
             stats,
@@ -126,18 +142,33 @@ impl Drop for TrackReceiver {
     }
 }
 
-async fn accept_groups(
-    conn: quinn::Connection,
+#[derive(Clone)]
+struct Reader {
     max_frame: usize,
+    max_group_lag: Option<u64>,
     tx: mpsc::Sender<ReceivedFrame>,
     stats: Arc<ReceiverStats>,
-) {
+    newest: Newest,
+}
+
+impl Reader {
+    /// Records `group` as seen; whether it is too far behind the newest of its track.
+    fn is_stale(&self, track: u32, group: u64) -> bool {
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        let n = newest.entry(track).or_insert(group);
+        *n = (*n).max(group);
+        self.max_group_lag
+            .is_some_and(|lag| group.saturating_add(lag) < *n)
+    }
+}
+
+async fn accept_groups(conn: quinn::Connection, reader: Reader) {
     let mut readers = JoinSet::new();
     loop {
         tokio::select! {
             s = conn.accept_uni() => match s {
                 Ok(recv) => {
-                    readers.spawn(read_group(recv, max_frame, tx.clone(), Arc::clone(&stats)));
+                    readers.spawn(read_group(recv, reader.clone()));
                 }
                 Err(_) => break,
             },
@@ -148,29 +179,34 @@ async fn accept_groups(
     while readers.join_next().await.is_some() {}
 }
 
-async fn read_group(
-    recv: quinn::RecvStream,
-    max_frame: usize,
-    tx: mpsc::Sender<ReceivedFrame>,
-    stats: Arc<ReceiverStats>,
-) {
+async fn read_group(recv: quinn::RecvStream, r: Reader) {
+    let stats = Arc::clone(&r.stats);
     let result: Result<(), GroupError> = async {
-        let (header, mut reader) = GroupReader::open(recv, max_frame).await?;
+        let (header, mut reader) = GroupReader::open(recv, r.max_frame).await?;
         stats.groups.fetch_add(1, Ordering::Relaxed);
+        // Known as newest from its header on, before any of its frames can be delivered.
+        r.is_stale(header.track_id, header.sequence);
         let mut index = 0;
         while let Some(frame) = reader.next_frame().await? {
-            let received = ReceivedFrame {
+            // Wait for room first, then decide: a group that went stale while this reader
+            // waited is stopped rather than delivered late.
+            let Ok(permit) = r.tx.reserve().await else {
+                reader.stop(crate::STREAM_SHUTDOWN);
+                break;
+            };
+            if r.is_stale(header.track_id, header.sequence) {
+                stats.groups_stopped.fetch_add(1, Ordering::Relaxed);
+                reader.stop(crate::STREAM_STALE);
+                break;
+            }
+            permit.send(ReceivedFrame {
                 track_id: header.track_id,
                 group: header.sequence,
                 index,
                 frame,
                 received_at: Instant::now(),
-            };
+            });
             index += 1;
-            if tx.send(received).await.is_err() {
-                reader.stop(crate::STREAM_SHUTDOWN);
-                break;
-            }
         }
         Ok(())
     }
