@@ -99,7 +99,12 @@ impl LocalBroadcast {
         let Some(t) = self.tracks.iter().find(|t| t.info.id == track_id) else {
             return;
         };
-        if let Some(hook) = self.keyframe_hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(hook) = self
+            .keyframe_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             hook(&t.info.name);
         }
     }

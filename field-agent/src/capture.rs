@@ -37,7 +37,9 @@ impl FromStr for Source {
         if let Some(path) = s.strip_prefix("file:") {
             return Ok(Source::File(path.to_string()));
         }
-        Err(format!("unknown source {s:?}: use test, v4l2:/dev/videoN or file:PATH"))
+        Err(format!(
+            "unknown source {s:?}: use test, v4l2:/dev/videoN or file:PATH"
+        ))
     }
 }
 
@@ -96,7 +98,12 @@ pub const OPUS_ENCODER: &str = "audioconvert ! audioresample ! audio/x-raw,rate=
 
 /// The launch line for a source. Video ends in `appsink name=video`, audio (if any) in
 /// `appsink name=audio`.
-pub fn pipeline_description(unit: &str, source: &Source, audio: Audio, e: &EncodeSettings) -> String {
+pub fn pipeline_description(
+    unit: &str,
+    source: &Source,
+    audio: Audio,
+    e: &EncodeSettings,
+) -> String {
     let raw = format!(
         "video/x-raw,width={},height={},framerate={}/1",
         e.width, e.height, e.framerate
@@ -110,8 +117,7 @@ pub fn pipeline_description(unit: &str, source: &Source, audio: Audio, e: &Encod
     let video = match source {
         Source::Test => format!(
             "videotestsrc is-live=true pattern=ball ! {raw} \
-             ! textoverlay text={} halignment=left valignment=top font-desc=\"Sans 20\" ! {clock}"
-            ,
+             ! textoverlay text={} halignment=left valignment=top font-desc=\"Sans 20\" ! {clock}",
             quoted(unit)
         ),
         Source::V4l2(dev) => format!(
@@ -146,7 +152,12 @@ pub fn pipeline_description(unit: &str, source: &Source, audio: Audio, e: &Encod
 }
 
 /// Feeds an appsink's samples into a local track, stamping each with its capture time.
-fn connect_sink(pipeline: &gst::Pipeline, sink: &gst_app::AppSink, broadcast: &Arc<LocalBroadcast>, kind: TrackKind) {
+fn connect_sink(
+    pipeline: &gst::Pipeline,
+    sink: &gst_app::AppSink,
+    broadcast: &Arc<LocalBroadcast>,
+    kind: TrackKind,
+) {
     let broadcast = Arc::clone(broadcast);
     let pipeline = pipeline.downgrade();
     sink.set_callbacks(
@@ -234,7 +245,9 @@ impl Capture {
                 gst::MessageView::Error(err) => {
                     bail!(
                         "capture failed in {}: {} ({})",
-                        err.src().map(|s| s.path_string().to_string()).unwrap_or_default(),
+                        err.src()
+                            .map(|s| s.path_string().to_string())
+                            .unwrap_or_default(),
                         err.error(),
                         err.debug().map(|d| d.to_string()).unwrap_or_default()
                     );
@@ -270,17 +283,33 @@ mod tests {
     #[test]
     fn sources_parse_and_refuse_unknown_ones() {
         assert_eq!("test".parse::<Source>(), Ok(Source::Test));
-        assert_eq!("v4l2:/dev/video2".parse::<Source>(), Ok(Source::V4l2("/dev/video2".into())));
-        assert_eq!("file:/a b.mp4".parse::<Source>(), Ok(Source::File("/a b.mp4".into())));
+        assert_eq!(
+            "v4l2:/dev/video2".parse::<Source>(),
+            Ok(Source::V4l2("/dev/video2".into()))
+        );
+        assert_eq!(
+            "file:/a b.mp4".parse::<Source>(),
+            Ok(Source::File("/a b.mp4".into()))
+        );
         assert!("rtsp://x".parse::<Source>().is_err());
     }
 
     #[test]
     fn unit_ids_are_quoted_into_the_launch_line() {
-        let d = pipeline_description("a\"b", &Source::Test, Audio::Test, &EncodeSettings::default());
+        let d = pipeline_description(
+            "a\"b",
+            &Source::Test,
+            Audio::Test,
+            &EncodeSettings::default(),
+        );
         assert!(d.contains(r#"text="a\"b""#), "{d}");
         assert!(d.contains("appsink name=audio"));
-        let d = pipeline_description("u", &Source::V4l2("/dev/video0".into()), Audio::None, &EncodeSettings::default());
+        let d = pipeline_description(
+            "u",
+            &Source::V4l2("/dev/video0".into()),
+            Audio::None,
+            &EncodeSettings::default(),
+        );
         assert!(!d.contains("appsink name=audio"));
     }
 }

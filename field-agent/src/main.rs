@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use field_agent::broadcast::{LocalBroadcast, audio_info, video_info};
-use field_agent::capture::{Audio, Capture, EncodeSettings, Source, pipeline_description, track_kinds};
+use field_agent::capture::{
+    Audio, Capture, EncodeSettings, Source, pipeline_description, track_kinds,
+};
 use field_agent::simulate;
 use field_agent::uplink::{self, UplinkConfig, UplinkStats};
 use tianwang_transport::Trust;
@@ -15,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "field-agent", version, about = "Tianwang field agent: capture, encode and stream a unit to its hub over QUIC")]
+#[command(
+    name = "field-agent",
+    version,
+    about = "Tianwang field agent: capture, encode and stream a unit to its hub over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +53,9 @@ impl Link {
         match (&self.ca, self.insecure) {
             (_, true) => Ok(Trust::Insecure),
             (Some(p), false) => Ok(Trust::from_ca_file(p)?),
-            (None, false) => bail!("no certificate to trust the hub with: pass --ca FILE or --insecure"),
+            (None, false) => {
+                bail!("no certificate to trust the hub with: pass --ca FILE or --insecure")
+            }
         }
     }
 }
@@ -71,7 +79,12 @@ struct Encode {
 impl Encode {
     fn settings(&self) -> anyhow::Result<EncodeSettings> {
         if !(1..=120).contains(&self.fps) || self.width < 16 || self.height < 16 {
-            bail!("unreasonable picture: {}x{} at {} fps", self.width, self.height, self.fps);
+            bail!(
+                "unreasonable picture: {}x{} at {} fps",
+                self.width,
+                self.height,
+                self.fps
+            );
         }
         if !(0.1..=60.0).contains(&self.keyframe_interval) {
             bail!("--keyframe-interval must be within 0.1 ..= 60 seconds");
@@ -81,7 +94,8 @@ impl Encode {
             height: self.height,
             framerate: self.fps,
             bitrate: self.bitrate,
-            keyframe_interval: ((self.keyframe_interval * f64::from(self.fps)).round() as u32).max(1),
+            keyframe_interval: ((self.keyframe_interval * f64::from(self.fps)).round() as u32)
+                .max(1),
         })
     }
 }
@@ -142,7 +156,8 @@ fn init_logging() {
 /// Cancels `token` on SIGINT or SIGTERM.
 fn stop_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -169,7 +184,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Source::V4l2(_) => Audio::None,
     });
     let (_, has_audio) = track_kinds(&args.source, audio);
-    let mut infos = vec![video_info(0, settings.width, settings.height, settings.framerate, settings.bitrate * 1000)];
+    let mut infos = vec![video_info(
+        0,
+        settings.width,
+        settings.height,
+        settings.framerate,
+        settings.bitrate * 1000,
+    )];
     if has_audio {
         infos.push(audio_info(1));
     }
@@ -180,9 +201,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     stop_on_signal(shutdown.clone());
-    let config = UplinkConfig::new(args.link.hub.clone(), args.token.clone(), args.link.trust()?);
+    let config = UplinkConfig::new(
+        args.link.hub.clone(),
+        args.token.clone(),
+        args.link.trust()?,
+    );
     let stats = Arc::new(UplinkStats::default());
-    let uplink = tokio::spawn(uplink::run(config, Arc::clone(&broadcast), Arc::clone(&stats), shutdown.clone()));
+    let uplink = tokio::spawn(uplink::run(
+        config,
+        Arc::clone(&broadcast),
+        Arc::clone(&stats),
+        shutdown.clone(),
+    ));
     tokio::select! {
         r = capture.wait() => {
             shutdown.cancel();
@@ -237,12 +267,23 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let n = units.len() as u32;
     for (i, (unit, token)) in units.into_iter().enumerate() {
         let infos = vec![
-            video_info(0, clip.settings.width, clip.settings.height, clip.settings.framerate, clip.settings.bitrate * 1000),
+            video_info(
+                0,
+                clip.settings.width,
+                clip.settings.height,
+                clip.settings.framerate,
+                clip.settings.bitrate * 1000,
+            ),
             audio_info(1),
         ];
         let broadcast = LocalBroadcast::new(&unit, infos, 256);
         let offset = group * i as u32 / n;
-        tasks.spawn(simulate::play(Arc::clone(&clip), Arc::clone(&broadcast), offset, shutdown.clone()));
+        tasks.spawn(simulate::play(
+            Arc::clone(&clip),
+            Arc::clone(&broadcast),
+            offset,
+            shutdown.clone(),
+        ));
         let config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());
         let stats = Arc::new(UplinkStats::default());
         let stop = shutdown.clone();

@@ -45,8 +45,12 @@ impl Clip {
 fn pull_all(sink: &gst_app::AppSink) -> Vec<ClipFrame> {
     let mut frames = Vec::new();
     while let Ok(sample) = sink.pull_sample() {
-        let Some(buffer) = sample.buffer() else { continue };
-        let Ok(map) = buffer.map_readable() else { continue };
+        let Some(buffer) = sample.buffer() else {
+            continue;
+        };
+        let Ok(map) = buffer.map_readable() else {
+            continue;
+        };
         frames.push(ClipFrame {
             payload: Bytes::copy_from_slice(&map),
             pts_us: buffer.pts().map(|p| p.useconds()).unwrap_or(0),
@@ -98,14 +102,17 @@ pub fn encode_clip(settings: &EncodeSettings, groups: u32) -> anyhow::Result<Cli
             .ok_or_else(|| anyhow!("clip pipeline lacks appsink {name}"))
     };
     let (video_sink, audio_sink) = (sink("video")?, sink("audio")?);
-    pipeline.set_state(gst::State::Playing).context("encoding the clip")?;
+    pipeline
+        .set_state(gst::State::Playing)
+        .context("encoding the clip")?;
     let video = pull_all(&video_sink);
     let audio = pull_all(&audio_sink);
     let failed = pipeline.bus().and_then(|bus| {
-        bus.pop_filtered(&[gst::MessageType::Error]).map(|m| match m.view() {
-            gst::MessageView::Error(e) => e.error().to_string(),
-            _ => String::new(),
-        })
+        bus.pop_filtered(&[gst::MessageType::Error])
+            .map(|m| match m.view() {
+                gst::MessageView::Error(e) => e.error().to_string(),
+                _ => String::new(),
+            })
     });
     let _ = pipeline.set_state(gst::State::Null);
     if let Some(err) = failed {
@@ -132,7 +139,12 @@ pub fn encode_clip(settings: &EncodeSettings, groups: u32) -> anyhow::Result<Cli
 }
 
 /// Replays the clip into a unit's tracks in real time, looping, until `shutdown`.
-pub async fn play(clip: Arc<Clip>, broadcast: Arc<LocalBroadcast>, start_delay: Duration, shutdown: CancellationToken) {
+pub async fn play(
+    clip: Arc<Clip>,
+    broadcast: Arc<LocalBroadcast>,
+    start_delay: Duration,
+    shutdown: CancellationToken,
+) {
     // Both tracks on one timeline.
     let mut schedule: Vec<(u64, TrackKind, usize)> = clip
         .video
@@ -169,7 +181,8 @@ pub async fn play(clip: Arc<Clip>, broadcast: Arc<LocalBroadcast>, start_delay: 
 
 /// Reads a tokens file: one `unit token` pair per line; `#` starts a comment.
 pub fn read_tokens(path: &Path) -> anyhow::Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut tokens = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -12,7 +12,7 @@ use tianwang_proto::v1::{self, Ack, Announce, DeviceInfo, DirectiveKind, Hello, 
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_transport::client;
 use tianwang_transport::control::{self, ControlError};
-use tianwang_transport::{Limits, Trust, send_track};
+use tianwang_transport::{Limits, Priority, Trust, send_track};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
@@ -100,7 +100,11 @@ pub async fn run(
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = new_backoff(&config);
                     }
-                    let delay = backoff.next().unwrap_or(config.max_backoff);
+                    // Jitter may push a delay past the cap: hold it to the cap.
+                    let delay = backoff
+                        .next()
+                        .unwrap_or(config.max_backoff)
+                        .min(config.max_backoff);
                     warn!(%reason, retry_in = ?delay, "uplink down");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -136,7 +140,8 @@ fn classify(e: ControlError) -> SessionEnd {
             SessionEnd::Fatal(format!("{code:?}: {reason}"))
         }
         ControlError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
-            let code = ErrorCode::try_from(close.error_code.into_inner() as i32).unwrap_or(ErrorCode::Unspecified);
+            let code = ErrorCode::try_from(close.error_code.into_inner() as i32)
+                .unwrap_or(ErrorCode::Unspecified);
             let reason = String::from_utf8_lossy(&close.reason).into_owned();
             if matches!(code, ErrorCode::Unauthorized | ErrorCode::Forbidden) {
                 SessionEnd::Fatal(format!("{code:?}: {reason}"))
@@ -161,8 +166,12 @@ async fn session(
     let ep = match endpoint {
         Some((v6, ep)) if *v6 == target.is_ipv6() => ep.clone(),
         _ => {
-            let ep = tianwang_transport::client_endpoint(&config.trust, &config.limits, target.is_ipv6())
-                .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
+            let ep = tianwang_transport::client_endpoint(
+                &config.trust,
+                &config.limits,
+                target.is_ipv6(),
+            )
+            .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
             *endpoint = Some((target.is_ipv6(), ep.clone()));
             ep
         }
@@ -190,17 +199,23 @@ async fn session(
     info!(hub = %config.hub, "connected");
 
     let mut senders = JoinSet::new();
+    let priority = Priority::default();
     for t in &broadcast.tracks {
         let conn = conn.clone();
         let sub = t.track.subscribe();
         let id = t.info.id;
-        let base = if t.info.kind() == v1::TrackKind::Audio { 1 << 24 } else { 0 };
+        let base = if t.info.kind() == v1::TrackKind::Audio {
+            Priority::AUDIO
+        } else {
+            0
+        };
+        let priority = priority.clone();
         let stats = Arc::clone(stats);
         senders.spawn(async move {
             let sent = |_: &tianwang_core::Frame, _| {
                 stats.frames_sent.fetch_add(1, Ordering::Relaxed);
             };
-            send_track(&conn, id, base, sub, sent).await
+            send_track(&conn, id, &priority, base, sub, sent).await
         });
     }
 
@@ -244,7 +259,10 @@ async fn session(
     };
     senders.shutdown().await;
     if result.is_err() {
-        conn.close(tianwang_transport::close_code(ErrorCode::Unspecified), b"reconnecting");
+        conn.close(
+            tianwang_transport::close_code(ErrorCode::Unspecified),
+            b"reconnecting",
+        );
     }
     result
 }
@@ -268,7 +286,10 @@ fn handle_control(broadcast: &LocalBroadcast, msg: ControlMessage) -> Option<Con
                     info!(directive = %d.id, text = %d.text, "instruction from the command centre");
                     (true, "shown".to_string())
                 }
-                other => (false, format!("{other:?} is not supported by this agent yet")),
+                other => (
+                    false,
+                    format!("{other:?} is not supported by this agent yet"),
+                ),
             };
             Some(ControlMessage::new(Kind::Ack(Ack {
                 directive_id: d.id,
@@ -277,7 +298,10 @@ fn handle_control(broadcast: &LocalBroadcast, msg: ControlMessage) -> Option<Con
             })))
         }
         other => {
-            debug!(kind = ControlMessage { kind: other }.kind_name(), "ignoring control message");
+            debug!(
+                kind = ControlMessage { kind: other }.kind_name(),
+                "ignoring control message"
+            );
             None
         }
     }
@@ -286,7 +310,7 @@ fn handle_control(broadcast: &LocalBroadcast, msg: ControlMessage) -> Option<Con
 /// What the device knows of itself right now.
 fn current_telemetry() -> Telemetry {
     let storage_free_bytes = nix::sys::statvfs::statvfs(".")
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .unwrap_or(0);
     Telemetry {
         timestamp_us: crate::unix_now_us(),

@@ -87,7 +87,9 @@ pub struct Authority {
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authority").field("issuer", &self.issuer).finish_non_exhaustive()
+        f.debug_struct("Authority")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,7 +113,8 @@ impl Authority {
                 let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
                     .map_err(|e| key_err(e.to_string()))?;
                 let pem = kp.serialize_pem();
-                crate::files::write_private(path, pem.as_bytes()).map_err(|e| key_err(e.to_string()))?;
+                crate::files::write_private(path, pem.as_bytes())
+                    .map_err(|e| key_err(e.to_string()))?;
                 tracing::info!(path = %path.display(), "created a token signing key");
                 pem
             }
@@ -208,7 +211,11 @@ mod tests {
                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
             let mut out = String::new();
             for chunk in data.chunks(3) {
-                let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+                let b = [
+                    chunk[0],
+                    *chunk.get(1).unwrap_or(&0),
+                    *chunk.get(2).unwrap_or(&0),
+                ];
                 let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
                 for i in 0..=chunk.len() {
                     out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -226,9 +233,19 @@ mod tests {
     #[test]
     fn issued_tokens_verify_with_their_claims() {
         let a = authority();
-        let t = a.issue(Role::Device, "bwc-001", Some("0113"), Duration::from_secs(60)).unwrap();
+        let t = a
+            .issue(
+                Role::Device,
+                "bwc-001",
+                Some("0113"),
+                Duration::from_secs(60),
+            )
+            .unwrap();
         let c = a.verify(&t).unwrap();
-        assert_eq!((c.role, c.sub.as_str(), c.court.as_deref()), (Role::Device, "bwc-001", Some("0113")));
+        assert_eq!(
+            (c.role, c.sub.as_str(), c.court.as_deref()),
+            (Role::Device, "bwc-001", Some("0113"))
+        );
         assert_eq!(c.iss, "test-hub");
     }
 
@@ -236,22 +253,38 @@ mod tests {
     fn another_hubs_key_expired_and_unsigned_tokens_are_rejected() {
         let a = authority();
         let b = authority();
-        let t = b.issue(Role::Viewer, "x", None, Duration::from_secs(60)).unwrap();
-        assert_eq!(a.verify(&t).unwrap_err().to_string(), "token rejected: bad signature");
+        let t = b
+            .issue(Role::Viewer, "x", None, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            a.verify(&t).unwrap_err().to_string(),
+            "token rejected: bad signature"
+        );
 
-        let good = a.issue(Role::Viewer, "x", None, Duration::from_secs(60)).unwrap();
+        let good = a
+            .issue(Role::Viewer, "x", None, Duration::from_secs(60))
+            .unwrap();
         let mut claims = a.verify(&good).unwrap();
         claims.exp = unix_now() - 10;
         let expired = a.sign(&claims).unwrap();
-        assert_eq!(a.verify(&expired).unwrap_err().to_string(), "token rejected: expired");
+        assert_eq!(
+            a.verify(&expired).unwrap_err().to_string(),
+            "token rejected: expired"
+        );
         claims.exp = unix_now() + 600;
         claims.nbf = unix_now() + 300;
         let early = a.sign(&claims).unwrap();
-        assert_eq!(a.verify(&early).unwrap_err().to_string(), "token rejected: not yet valid");
+        assert_eq!(
+            a.verify(&early).unwrap_err().to_string(),
+            "token rejected: not yet valid"
+        );
         claims.nbf = unix_now();
         claims.aud = "someone-else".into();
         let wrong_aud = a.sign(&claims).unwrap();
-        assert_eq!(a.verify(&wrong_aud).unwrap_err().to_string(), "token rejected: wrong audience");
+        assert_eq!(
+            a.verify(&wrong_aud).unwrap_err().to_string(),
+            "token rejected: wrong audience"
+        );
 
         let header = encode_url(br#"{"alg":"none","typ":"JWT"}"#);
         let now = unix_now();

@@ -210,7 +210,10 @@ impl Config {
     pub fn cert_paths(&self) -> (PathBuf, PathBuf) {
         match (&self.quic.cert, &self.quic.key) {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => (self.tls_dir().join("hub.crt"), self.tls_dir().join("hub.key")),
+            _ => (
+                self.tls_dir().join("hub.crt"),
+                self.tls_dir().join("hub.key"),
+            ),
         }
     }
 
@@ -246,6 +249,11 @@ mod tests {
         c.quic.cert = Some("a.pem".into());
         assert!(c.validate().unwrap_err().to_string().contains("quic.key"));
         let c = Config::parse("[quic]\nmax_frame_bytes = 10\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("max_frame_bytes"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_frame_bytes")
+        );
     }
 }

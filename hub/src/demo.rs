@@ -138,7 +138,9 @@ async fn stop_child(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let pid = nix::unistd::Pid::from_raw(pid);
         if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok()
-            && tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_ok()
         {
             return;
         }

@@ -8,9 +8,11 @@ pub mod demo;
 pub mod files;
 pub mod http;
 pub mod metrics;
+pub mod publisher;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod subscriber;
 pub mod watch;
 
 pub use config::Config;

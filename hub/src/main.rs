@@ -12,7 +12,11 @@ use hub::server::{RunningHub, termination};
 use tianwang_transport::Trust;
 
 #[derive(Parser)]
-#[command(name = "hub", version, about = "Tianwang hub: real-time video and telemetry relay for a court's command centre")]
+#[command(
+    name = "hub",
+    version,
+    about = "Tianwang hub: real-time video and telemetry relay for a court's command centre"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -257,7 +261,10 @@ async fn main() -> anyhow::Result<()> {
                 let config = hub.load()?;
                 check_ttl(&config, ttl)?;
                 let authority = hub::server::load_authority(&config)?;
-                println!("{}", authority.issue(role, &subject, court.as_deref(), ttl)?);
+                println!(
+                    "{}",
+                    authority.issue(role, &subject, court.as_deref(), ttl)?
+                );
                 Ok(())
             }
             TokenCommand::Fleet {

@@ -1,8 +1,8 @@
 //! Prometheus metrics. Hot-path counts live in the relay core's atomics and are read at
 //! scrape time; the rest are prometheus counters and a lock-free histogram.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -57,8 +57,12 @@ impl Collector for Live {
             .set(list.iter().filter(|b| b.is_online()).count() as i64);
         let tracks: Vec<_> = list.iter().flat_map(|b| b.tracks()).collect();
         self.tracks.set(tracks.len() as i64);
-        self.subscribers
-            .set(tracks.iter().map(|t| t.track.subscriber_count() as i64).sum());
+        self.subscribers.set(
+            tracks
+                .iter()
+                .map(|t| t.track.subscriber_count() as i64)
+                .sum(),
+        );
         let relay = self.units.relay_stats();
         advance(&self.frames_in, relay.frames_in.load(Relaxed));
         advance(&self.groups_in, relay.groups_in.load(Relaxed));
@@ -99,8 +103,14 @@ impl Metrics {
                 "tianwang_subscribers",
                 "Subscriptions to tracks (one per subscriber and track)",
             )?,
-            frames_in: IntCounter::new("tianwang_frames_in_total", "Frames received from publishers")?,
-            groups_in: IntCounter::new("tianwang_groups_in_total", "Groups (GOPs) begun by publishers")?,
+            frames_in: IntCounter::new(
+                "tianwang_frames_in_total",
+                "Frames received from publishers",
+            )?,
+            groups_in: IntCounter::new(
+                "tianwang_groups_in_total",
+                "Groups (GOPs) begun by publishers",
+            )?,
             frames_stale_in: IntCounter::new(
                 "tianwang_frames_stale_in_total",
                 "Frames of a group that a newer group had superseded on arrival",

@@ -54,16 +54,26 @@ impl Broadcast {
     }
 
     pub fn tracks(&self) -> Vec<Arc<TrackEntry>> {
-        self.tracks.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tracks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.tracks().iter().map(|t| t.track.subscriber_count()).sum()
+        self.tracks()
+            .iter()
+            .map(|t| t.track.subscriber_count())
+            .sum()
     }
 
     /// A subscriber wants a keyframe on a track: ask the device, at most once per interval.
     pub fn request_keyframe(self: &Arc<Self>, track_name: &str) {
-        let Some(entry) = self.tracks().into_iter().find(|t| t.info.name == track_name) else {
+        let Some(entry) = self
+            .tracks()
+            .into_iter()
+            .find(|t| t.info.name == track_name)
+        else {
             return;
         };
         let decision = lock(&entry.keyframes).request(Instant::now());
@@ -91,9 +101,9 @@ impl Broadcast {
             // Never wait on a device's control stream: a full queue drops the request.
             let _ = link
                 .control
-                .try_send(ControlMessage::new(Kind::KeyframeRequest(KeyframeRequest {
-                    track_id,
-                })));
+                .try_send(ControlMessage::new(Kind::KeyframeRequest(
+                    KeyframeRequest { track_id },
+                )));
         }
     }
 
@@ -134,7 +144,9 @@ pub fn validate_announce(tracks: &[TrackInfo]) -> Result<(), AnnounceError> {
     for t in tracks {
         let name_ok = !t.name.is_empty()
             && t.name.len() <= 32
-            && t.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && t.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !name_ok || !names.insert(t.name.as_str()) {
             return Err(AnnounceError::BadName(t.name.clone()));
         }
@@ -175,7 +187,11 @@ pub struct Units {
 }
 
 impl Units {
-    pub fn new(relay: Arc<RelayStats>, track_config: TrackConfig, keyframe_interval: Duration) -> Self {
+    pub fn new(
+        relay: Arc<RelayStats>,
+        track_config: TrackConfig,
+        keyframe_interval: Duration,
+    ) -> Self {
         Self {
             map: DashMap::new(),
             relay,
@@ -216,7 +232,9 @@ impl Units {
             let old = std::mem::take(&mut *tracks);
             for (position, info) in announced.iter().enumerate() {
                 let reuse = old.iter().find(|e| {
-                    e.info.name == info.name && e.info.kind == info.kind && e.info.codec == info.codec
+                    e.info.name == info.name
+                        && e.info.kind == info.kind
+                        && e.info.codec == info.codec
                 });
                 let entry = match reuse {
                     Some(e) => Arc::new(TrackEntry {
@@ -232,7 +250,11 @@ impl Units {
                             id: position as u32,
                             ..info.clone()
                         },
-                        track: Track::new(info.name.clone(), self.track_config, Arc::clone(&self.relay)),
+                        track: Track::new(
+                            info.name.clone(),
+                            self.track_config,
+                            Arc::clone(&self.relay),
+                        ),
                         keyframes: Mutex::new(KeyframeCoalescer::new(broadcast.keyframe_interval)),
                     }),
                 };
@@ -318,13 +340,17 @@ mod tests {
     }
 
     fn units() -> Units {
-        Units::new(Arc::default(), TrackConfig::default(), Duration::from_millis(500))
+        Units::new(
+            Arc::default(),
+            TrackConfig::default(),
+            Duration::from_millis(500),
+        )
     }
 
     #[test]
     fn announces_are_checked() {
         let v = info(1, "video", TrackKind::Video, "h264");
-        assert!(validate_announce(&[v.clone()]).is_ok());
+        assert!(validate_announce(std::slice::from_ref(&v)).is_ok());
         assert!(matches!(validate_announce(&[]), Err(AnnounceError::Empty)));
         assert!(matches!(
             validate_announce(&[v.clone(), info(1, "audio", TrackKind::Audio, "opus")]),

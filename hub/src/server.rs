@@ -68,7 +68,8 @@ impl RunningHub {
             idle_timeout: config.quic.idle_timeout,
             ..Limits::default()
         };
-        let endpoint = tianwang_transport::server_endpoint(config.quic.listen, certs, key, &limits)?;
+        let endpoint =
+            tianwang_transport::server_endpoint(config.quic.listen, certs, key, &limits)?;
         let quic_addr = endpoint.local_addr()?;
         let http = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -130,13 +131,14 @@ pub async fn termination() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

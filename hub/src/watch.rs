@@ -56,7 +56,8 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 
 pub async fn watch(opts: WatchOptions) -> anyhow::Result<WatchReport> {
     let target = tianwang_transport::endpoint::resolve(&opts.hub).await?;
-    let endpoint = tianwang_transport::client_endpoint(&opts.trust, &Limits::default(), target.is_ipv6())?;
+    let endpoint =
+        tianwang_transport::client_endpoint(&opts.trust, &Limits::default(), target.is_ipv6())?;
     let conn = tianwang_transport::connect(&endpoint, &opts.hub).await?;
     let hello = Hello {
         role: WireRole::Subscriber as i32,
@@ -93,7 +94,12 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<WatchReport> {
         None => None,
     };
 
-    let mut receiver = TrackReceiver::spawn(conn.clone(), tianwang_proto::wire::DEFAULT_MAX_FRAME, 256, Some(0));
+    let mut receiver = TrackReceiver::spawn(
+        conn.clone(),
+        tianwang_proto::wire::DEFAULT_MAX_FRAME,
+        256,
+        Some(0),
+    );
     let mut order = LiveOrder::default();
     let mut report = WatchReport {
         unit: opts.unit.clone(),
@@ -133,7 +139,9 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<WatchReport> {
             let payload = frame.frame.payload();
             report.bytes += payload.len() as u64;
             if let Some(f) = file.as_mut() {
-                f.write_all(payload).await.context("writing the output file")?;
+                f.write_all(payload)
+                    .await
+                    .context("writing the output file")?;
             }
             let delay_us = unix_us() - frame.frame.header.timestamp_us as i64;
             delays.push(delay_us as f64 / 1000.0);

@@ -124,7 +124,10 @@ impl WireFrame {
 }
 
 /// Decodes one frame from the front of `buf`, splitting its bytes off without copying.
-pub fn decode_frame(buf: &mut BytesMut, max_payload: usize) -> Result<Progress<WireFrame>, WireError> {
+pub fn decode_frame(
+    buf: &mut BytesMut,
+    max_payload: usize,
+) -> Result<Progress<WireFrame>, WireError> {
     let Some((hlen, n1)) = peek_varint(buf)? else {
         return Ok(Progress::Need(buf.len() + 1));
     };
@@ -172,7 +175,10 @@ pub fn decode_frame(buf: &mut BytesMut, max_payload: usize) -> Result<Progress<W
 /// The encoded size of a frame, for reserving buffers.
 pub fn encoded_frame_len(header: &FrameHeader, payload_len: usize) -> usize {
     let hlen = header.encoded_len();
-    prost::length_delimiter_len(hlen) + hlen + prost::length_delimiter_len(payload_len) + payload_len
+    prost::length_delimiter_len(hlen)
+        + hlen
+        + prost::length_delimiter_len(payload_len)
+        + payload_len
 }
 
 /// Appends one frame: header and payload with their length prefixes.
@@ -207,8 +213,12 @@ mod tests {
     fn frames_round_trip_and_keep_their_encoding() {
         let mut buf = frame(7, b"abc");
         buf.extend_from_slice(&frame(8, b"defg"));
-        let Progress::Done(a) = decode_frame(&mut buf, 100).unwrap() else { panic!() };
-        let Progress::Done(b) = decode_frame(&mut buf, 100).unwrap() else { panic!() };
+        let Progress::Done(a) = decode_frame(&mut buf, 100).unwrap() else {
+            panic!()
+        };
+        let Progress::Done(b) = decode_frame(&mut buf, 100).unwrap() else {
+            panic!()
+        };
         assert_eq!((a.header.timestamp_us, a.payload()), (7, &b"abc"[..]));
         assert_eq!((b.header.timestamp_us, b.payload()), (8, &b"defg"[..]));
         assert_eq!(a.encoded, frame(7, b"abc").freeze());
@@ -233,17 +243,36 @@ mod tests {
         let mut buf = frame(1, &[0u8; 2000]);
         buf.truncate(buf.len() - 2000);
         let err = decode_frame(&mut buf, 1000).unwrap_err();
-        assert!(matches!(err, WireError::TooLarge { what: "frame", len: 2000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WireError::TooLarge {
+                    what: "frame",
+                    len: 2000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn empty_frame_and_bad_varints_are_errors() {
         let mut buf = frame(1, b"");
-        assert!(matches!(decode_frame(&mut buf, 10), Err(WireError::EmptyFrame)));
+        assert!(matches!(
+            decode_frame(&mut buf, 10),
+            Err(WireError::EmptyFrame)
+        ));
         let mut buf = BytesMut::from(&[0xffu8; 11][..]);
-        assert!(matches!(decode_frame(&mut buf, 10), Err(WireError::BadVarint)));
+        assert!(matches!(
+            decode_frame(&mut buf, 10),
+            Err(WireError::BadVarint)
+        ));
         assert!(matches!(peek_varint(&[0x80; 9]), Ok(None)));
-        assert!(matches!(peek_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]), Err(WireError::BadVarint)));
+        assert!(matches!(
+            peek_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]),
+            Err(WireError::BadVarint)
+        ));
         assert_eq!(peek_varint(&[0xac, 0x02]).unwrap(), Some((300, 2)));
     }
 
@@ -257,7 +286,8 @@ mod tests {
         let mut buf = BytesMut::new();
         encode_delimited(&msg, &mut buf);
         let Progress::Done(back) =
-            decode_delimited::<ControlMessage>(&mut buf, "control message", MAX_CONTROL_MESSAGE).unwrap()
+            decode_delimited::<ControlMessage>(&mut buf, "control message", MAX_CONTROL_MESSAGE)
+                .unwrap()
         else {
             panic!()
         };
@@ -265,8 +295,9 @@ mod tests {
 
         let mut big = BytesMut::new();
         let _ = prost::encode_length_delimiter(MAX_CONTROL_MESSAGE + 1, &mut big);
-        let err = decode_delimited::<ControlMessage>(&mut big, "control message", MAX_CONTROL_MESSAGE)
-            .unwrap_err();
+        let err =
+            decode_delimited::<ControlMessage>(&mut big, "control message", MAX_CONTROL_MESSAGE)
+                .unwrap_err();
         assert!(err.to_string().contains("control message"), "{err}");
     }
 
@@ -285,7 +316,9 @@ mod tests {
             let mut a = BytesMut::from(&bytes[..]);
             while let Ok(Progress::Done(_)) = decode_frame(&mut a, 1 << 20) {}
             let mut b = BytesMut::from(&bytes[..]);
-            while let Ok(Progress::Done(_)) = decode_delimited::<ControlMessage>(&mut b, "c", 4096) {}
+            while let Ok(Progress::Done(_)) = decode_delimited::<ControlMessage>(&mut b, "c", 4096)
+            {
+            }
             let mut c = BytesMut::from(&bytes[..]);
             let _ = decode_group_header(&mut c);
         }

@@ -56,7 +56,10 @@ fn log_file(path: &Path) -> anyhow::Result<Stdio> {
 /// Sends SIGTERM, then waits (bounded) and kills if needed.
 pub fn terminate(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     for _ in 0..100 {
         if let Ok(Some(_)) = child.try_wait() {
@@ -170,11 +173,25 @@ impl Hub {
     /// Issues a token with `hub token issue`.
     pub fn token(&self, role: &str, subject: &str) -> String {
         let out = Command::new(bin("hub"))
-            .args(["token", "issue", "--role", role, "--subject", subject, "--ttl", "1h", "--data"])
+            .args([
+                "token",
+                "issue",
+                "--role",
+                role,
+                "--subject",
+                subject,
+                "--ttl",
+                "1h",
+                "--data",
+            ])
             .arg(self.dir.join("data"))
             .output()
             .expect("hub token issue");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -252,10 +269,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(hub: &str, ca: &Path, unit: &str, token: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        hub: &str,
+        ca: &Path,
+        unit: &str,
+        token: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = dir.join(format!("agent-{unit}.log"));
         let child = Command::new(bin("field-agent"))
-            .args(["run", "--source", "test", "--hub", hub, "--unit", unit, "--token", token, "--ca"])
+            .args([
+                "run", "--source", "test", "--hub", hub, "--unit", unit, "--token", token, "--ca",
+            ])
             .arg(ca)
             .args(extra)
             .env("RUST_LOG", "info,field_agent=debug,quinn=warn")
@@ -289,7 +315,12 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub async fn connect(hub: SocketAddr, trust: &Trust, token: &str, limits: &Limits) -> anyhow::Result<Self> {
+    pub async fn connect(
+        hub: SocketAddr,
+        trust: &Trust,
+        token: &str,
+        limits: &Limits,
+    ) -> anyhow::Result<Self> {
         let endpoint = tianwang_transport::client_endpoint(trust, limits, false)?;
         let conn = tianwang_transport::connect(&endpoint, &hub.to_string()).await?;
         let hello = Hello {
@@ -306,8 +337,17 @@ impl Subscriber {
     }
 
     /// Subscribes to all of a unit's tracks; frames arrive on the returned receiver.
-    pub async fn subscribe(&mut self, unit: &str, queue: usize) -> anyhow::Result<(Subscribed, TrackReceiver)> {
-        let receiver = TrackReceiver::spawn(self.conn.clone(), tianwang_proto::wire::DEFAULT_MAX_FRAME, queue, Some(0));
+    pub async fn subscribe(
+        &mut self,
+        unit: &str,
+        queue: usize,
+    ) -> anyhow::Result<(Subscribed, TrackReceiver)> {
+        let receiver = TrackReceiver::spawn(
+            self.conn.clone(),
+            tianwang_proto::wire::DEFAULT_MAX_FRAME,
+            queue,
+            Some(0),
+        );
         let s = client::subscribe(&mut self.control, 1, unit, &[], Duration::from_secs(10)).await?;
         Ok((s, receiver))
     }
@@ -322,7 +362,12 @@ pub fn track_id(s: &Subscribed, kind: TrackKind) -> u32 {
 }
 
 /// Receives frames of one track until `n` have arrived (bounded by `timeout`).
-pub async fn collect(rx: &mut TrackReceiver, track: u32, n: usize, timeout: Duration) -> anyhow::Result<Vec<ReceivedFrame>> {
+pub async fn collect(
+    rx: &mut TrackReceiver,
+    track: u32,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<ReceivedFrame>> {
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while out.len() < n {

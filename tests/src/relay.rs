@@ -22,7 +22,12 @@ impl UdpRelay {
         let addr = front.local_addr()?;
         let blackout = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run(front, server, Arc::clone(&blackout), Arc::clone(&dropped)));
+        let task = tokio::spawn(run(
+            front,
+            server,
+            Arc::clone(&blackout),
+            Arc::clone(&dropped),
+        ));
         Ok(Self {
             addr,
             blackout,
@@ -42,12 +47,19 @@ impl Drop for UdpRelay {
     }
 }
 
-async fn run(front: Arc<UdpSocket>, server: SocketAddr, blackout: Arc<AtomicBool>, dropped: Arc<AtomicU64>) {
+async fn run(
+    front: Arc<UdpSocket>,
+    server: SocketAddr,
+    blackout: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+) {
     // One upstream socket per client address, so the server sees distinct peers.
     let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
     let mut buf = vec![0u8; 65_536];
     loop {
-        let Ok((n, client)) = front.recv_from(&mut buf).await else { return };
+        let Ok((n, client)) = front.recv_from(&mut buf).await else {
+            return;
+        };
         if blackout.load(Ordering::SeqCst) {
             dropped.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -57,12 +69,18 @@ async fn run(front: Arc<UdpSocket>, server: SocketAddr, blackout: Arc<AtomicBool
             match map.get(&client) {
                 Some(s) => Arc::clone(s),
                 None => {
-                    let Ok(s) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                    let Ok(s) = UdpSocket::bind("127.0.0.1:0").await else {
+                        continue;
+                    };
                     let s = Arc::new(s);
                     map.insert(client, Arc::clone(&s));
                     // Server → client direction for this client.
-                    let (s2, front2, blackout2, dropped2) =
-                        (Arc::clone(&s), Arc::clone(&front), Arc::clone(&blackout), Arc::clone(&dropped));
+                    let (s2, front2, blackout2, dropped2) = (
+                        Arc::clone(&s),
+                        Arc::clone(&front),
+                        Arc::clone(&blackout),
+                        Arc::clone(&dropped),
+                    );
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65_536];
                         while let Ok((n, _)) = s2.recv_from(&mut buf).await {

@@ -22,7 +22,9 @@ pub async fn hello(
 ) -> Result<(Control, Welcome), ControlError> {
     hello.protocol_version = PROTOCOL_VERSION;
     let mut control = Control::open(conn).await?;
-    control.send(ControlMessage::new(Kind::Hello(hello))).await?;
+    control
+        .send(ControlMessage::new(Kind::Hello(hello)))
+        .await?;
     let answer = tokio::time::timeout(timeout, control.recv())
         .await
         .map_err(|_| ControlError::Timeout("welcome"))??;
@@ -108,7 +110,12 @@ pub struct ReceiverStats {
 type Newest = Arc<std::sync::Mutex<HashMap<u32, u64>>>;
 
 impl TrackReceiver {
-    pub fn spawn(conn: quinn::Connection, max_frame: usize, queue: usize, max_group_lag: Option<u64>) -> Self {
+    pub fn spawn(
+        conn: quinn::Connection,
+        max_frame: usize,
+        queue: usize,
+        max_group_lag: Option<u64>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(ReceiverStats::default());
         let reader = Reader {
@@ -199,6 +206,11 @@ async fn read_group(recv: quinn::RecvStream, r: Reader) {
                 reader.stop(crate::STREAM_STALE);
                 break;
             }
+            if r.max_group_lag.is_some() && reader.was_reset() {
+                // Given up by the sender while this reader waited: do not deliver the rest.
+                stats.groups_reset.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             permit.send(ReceivedFrame {
                 track_id: header.track_id,
                 group: header.sequence,
@@ -259,7 +271,10 @@ impl LiveOrder {
 pub async fn close(conn: &quinn::Connection, control: Option<&mut Control>, reason: &str) {
     if let Some(c) = control {
         let _ = c
-            .send(crate::control::close_message(ErrorCode::Unspecified, reason))
+            .send(crate::control::close_message(
+                ErrorCode::Unspecified,
+                reason,
+            ))
             .await;
     }
     conn.close(crate::close_code(ErrorCode::Unspecified), reason.as_bytes());

@@ -7,6 +7,8 @@
 //! Receiving: [`GroupReader`] reads frames into a shared arena, so each frame is split off as
 //! a `Bytes` without a per-frame allocation.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -15,7 +17,7 @@ use tianwang_proto::v1::GroupHeader;
 use tianwang_proto::wire::{self, Progress, WireError, WireFrame};
 use tokio::io::AsyncReadExt;
 
-use crate::{STREAM_STALE, STREAM_SHUTDOWN};
+use crate::STREAM_STALE;
 
 /// Frames are read into arenas of this size (or of the frame's size, if larger).
 const ARENA: usize = 256 * 1024;
@@ -117,6 +119,13 @@ impl GroupReader {
         }
     }
 
+    /// Whether the sender has reset this group (it gave it up). Frames already read ahead
+    /// are then better left undelivered.
+    pub fn was_reset(&mut self) -> bool {
+        use futures::FutureExt;
+        matches!(self.recv.received_reset().now_or_never(), Some(Ok(Some(_))))
+    }
+
     pub fn frames_read(&self) -> u32 {
         self.frames
     }
@@ -154,18 +163,43 @@ pub enum SendError {
 pub struct SendSummary {
     pub frames: u64,
     pub groups: u64,
-    /// Groups reset because the receiver fell behind.
-    pub groups_reset: u64,
+    /// Groups given up because the receiver fell behind or stopped them.
+    pub groups_abandoned: u64,
+    /// Frames not sent because their group was given up.
+    pub frames_skipped: u64,
+}
+
+/// Stream priorities of one connection. Every new group stream, of any track, ranks above
+/// all earlier ones (a connection-wide counter), so under congestion the newest media goes
+/// first; `base` lifts a whole track (audio) above the others.
+#[derive(Clone, Debug, Default)]
+pub struct Priority {
+    clock: Arc<AtomicI32>,
+}
+
+impl Priority {
+    /// Audio rides this far above video.
+    pub const AUDIO: i32 = 1 << 24;
+
+    fn next(&self, base: i32) -> i32 {
+        // Wraps after 2^24 groups per connection; within a session that is years.
+        let n = self.clock.fetch_add(1, Ordering::Relaxed) & (Self::AUDIO - 1);
+        base.saturating_add(n)
+    }
 }
 
 /// Sends a track's frames from `sub` over `conn` until the track closes or the connection
-/// fails. `track_id` names the track in each group header; `priority_base` orders tracks
-/// against each other (audio above video), newer groups of a track above older ones.
-/// `on_sent(frame, now)` runs as each frame is handed to QUIC.
+/// fails. `track_id` names the track in each group header; `priority` orders this
+/// connection's group streams, `base` lifts this track. `on_sent(frame, now)` runs as each
+/// frame is handed to QUIC.
+///
+/// A group is given up (its stream reset, the rest of its frames skipped) when the
+/// subscription falls behind while writing it, or the receiver stops the stream.
 pub async fn send_track(
     conn: &quinn::Connection,
     track_id: u32,
-    priority_base: i32,
+    priority: &Priority,
+    base: i32,
     mut sub: Subscription,
     on_sent: impl Fn(&Frame, Instant),
 ) -> Result<SendSummary, SendError> {
@@ -173,76 +207,96 @@ pub async fn send_track(
     // The group being written, and the one before it (finished, possibly still in flight).
     let mut current: Option<(u64, quinn::SendStream)> = None;
     let mut previous: Option<quinn::SendStream> = None;
-    let mut local_groups: i32 = 0;
+    // A group given up: its remaining frames are not sent.
+    let mut skipping: Option<u64> = None;
 
     while let Some(frame) = sub.next().await {
-        if let Some(g) = sub.take_abandoned() {
-            if let Some((cg, mut s)) = current.take() {
-                if cg == g {
-                    let _ = s.reset(STREAM_STALE);
-                    summary.groups_reset += 1;
-                } else {
-                    current = Some((cg, s));
-                }
-            }
+        // The subscription gave up the group being written: reset its stream.
+        if let Some(g) = sub.take_abandoned()
+            && current.as_ref().is_some_and(|(cg, _)| *cg == g)
+            && let Some((_, mut s)) = current.take()
+        {
+            let _ = s.reset(STREAM_STALE);
+            summary.groups_abandoned += 1;
         }
+        if skipping == Some(frame.group) {
+            summary.frames_skipped += 1;
+            continue;
+        }
+        let mut header = None;
         if current.as_ref().map(|(g, _)| *g) != Some(frame.group) {
+            if !frame.is_keyframe() {
+                // Never start a stream mid-group: receivers enter groups at index 0.
+                skipping = Some(frame.group);
+                summary.frames_skipped += 1;
+                continue;
+            }
             if let Some(mut old) = previous.take() {
                 // Two groups back and still not delivered: stale. (An error here means it
                 // was delivered already.)
-                if old.reset(STREAM_STALE).is_ok() {
-                    summary.groups_reset += 1;
-                }
+                let _ = old.reset(STREAM_STALE);
             }
             if let Some((_, mut s)) = current.take() {
                 let _ = s.finish();
                 previous = Some(s);
             }
-            let mut stream = tokio::select! {
+            let stream = tokio::select! {
                 biased;
                 s = conn.open_uni() => s?,
                 // The peer grants no new stream and the track moved on: skip ahead.
-                _ = sub.behind() => continue,
+                _ = sub.behind() => {
+                    skipping = Some(frame.group);
+                    summary.groups_abandoned += 1;
+                    continue;
+                }
             };
-            local_groups = local_groups.saturating_add(1);
-            let _ = stream.set_priority(priority_base.saturating_add(local_groups));
-            let mut header = BytesMut::with_capacity(16);
+            let _ = stream.set_priority(priority.next(base));
+            let mut h = BytesMut::with_capacity(16);
             wire::encode_delimited(
                 &GroupHeader {
                     track_id,
                     sequence: frame.group,
                 },
-                &mut header,
+                &mut h,
             );
-            stream.write_chunk(header.freeze()).await?;
+            header = Some(h.freeze());
             summary.groups += 1;
             current = Some((frame.group, stream));
         }
-        let Some((_, stream)) = current.as_mut() else {
+        let Some((group, stream)) = current.as_mut() else {
             continue;
         };
         let data: Bytes = frame.data.clone();
-        tokio::select! {
+        let written = tokio::select! {
             biased;
-            r = stream.write_chunk(data) => r?,
+            r = async {
+                match header.take() {
+                    Some(h) => stream.write_all_chunks(&mut [h, data]).await,
+                    None => stream.write_chunk(data).await,
+                }
+            } => r,
             // The receiver is so slow that a newer group is waiting: give this one up.
-            _ = sub.behind() => {
-                let _ = stream.reset(STREAM_STALE);
-                summary.groups_reset += 1;
-                current = None;
-                continue;
+            _ = sub.behind() => Err(quinn::WriteError::Stopped(STREAM_STALE)),
+        };
+        match written {
+            Ok(()) => {
+                summary.frames += 1;
+                on_sent(&frame, Instant::now());
             }
+            // We fell behind, or the receiver stopped the stream (it has a newer group):
+            // give this group up, not the track.
+            Err(quinn::WriteError::Stopped(_)) => {
+                let _ = stream.reset(STREAM_STALE);
+                skipping = Some(*group);
+                summary.groups_abandoned += 1;
+                summary.frames_skipped += 1;
+                current = None;
+            }
+            Err(e) => return Err(e.into()),
         }
-        summary.frames += 1;
-        on_sent(&frame, Instant::now());
     }
     if let Some((_, mut s)) = current.take() {
         let _ = s.finish();
     }
     Ok(summary)
-}
-
-/// Resets a stream because we are going away.
-pub fn abandon(mut stream: quinn::SendStream) {
-    let _ = stream.reset(STREAM_SHUTDOWN);
 }

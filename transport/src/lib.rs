@@ -15,8 +15,8 @@ use tianwang_proto::ErrorCode;
 pub use client::{LiveOrder, ReceivedFrame, TrackReceiver};
 pub use control::{Control, ControlError};
 pub use endpoint::{Limits, client_endpoint, connect, server_endpoint};
-pub use group::{GroupError, GroupReader, SendError, send_track};
-pub use tls::{Trust, TlsError};
+pub use group::{GroupError, GroupReader, Priority, SendError, send_track};
+pub use tls::{TlsError, Trust};
 
 /// The connection's application close code for an [`ErrorCode`] (the same number).
 pub fn close_code(code: ErrorCode) -> VarInt {

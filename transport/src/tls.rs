@@ -82,7 +82,8 @@ pub fn server_crypto(
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.max_early_data_size = 0;
-    quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    quinn::crypto::rustls::QuicServerConfig::try_from(config)
+        .map_err(|e| TlsError::Quic(e.to_string()))
 }
 
 /// Whom a client trusts.
@@ -117,7 +118,8 @@ pub fn client_crypto(trust: &Trust) -> Result<quinn::crypto::rustls::QuicClientC
             .with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    quinn::crypto::rustls::QuicClientConfig::try_from(config)
+        .map_err(|e| TlsError::Quic(e.to_string()))
 }
 
 /// Checks the handshake signature (so the peer holds its key) but not who the peer is.

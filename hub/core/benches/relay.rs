@@ -19,7 +19,11 @@ fn fan_out(c: &mut Criterion) {
             BenchmarkId::from_parameter(subscribers),
             &subscribers,
             |b, &n| {
-                let track = Track::new("video", TrackConfig::default(), Arc::new(RelayStats::default()));
+                let track = Track::new(
+                    "video",
+                    TrackConfig::default(),
+                    Arc::new(RelayStats::default()),
+                );
                 let mut subs: Vec<_> = (0..n).map(|_| track.subscribe()).collect();
                 let mut g = track.begin_group();
                 let mut i = 0u64;

@@ -29,7 +29,9 @@ impl Frame {
     }
 
     pub fn payload(&self) -> &[u8] {
-        self.data.get(self.payload_offset as usize..).unwrap_or_default()
+        self.data
+            .get(self.payload_offset as usize..)
+            .unwrap_or_default()
     }
 
     pub fn payload_len(&self) -> usize {

@@ -9,7 +9,9 @@ pub enum KeyframeDecision {
     SendNow,
     /// Folded into a request already due; `due` is set the first time, when the caller should
     /// arrange to call [`KeyframeCoalescer::handle_timeout`] then.
-    Deferred { due: Option<Instant> },
+    Deferred {
+        due: Option<Instant>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -83,8 +85,16 @@ mod tests {
         let ms = Duration::from_millis;
         let mut k = KeyframeCoalescer::new(ms(500));
         assert_eq!(k.request(t0), KeyframeDecision::SendNow);
-        assert_eq!(k.request(t0 + ms(10)), KeyframeDecision::Deferred { due: Some(t0 + ms(500)) });
-        assert_eq!(k.request(t0 + ms(20)), KeyframeDecision::Deferred { due: None });
+        assert_eq!(
+            k.request(t0 + ms(10)),
+            KeyframeDecision::Deferred {
+                due: Some(t0 + ms(500))
+            }
+        );
+        assert_eq!(
+            k.request(t0 + ms(20)),
+            KeyframeDecision::Deferred { due: None }
+        );
         assert_eq!(k.poll_timeout(), Some(t0 + ms(500)));
         assert!(!k.handle_timeout(t0 + ms(499)));
         assert!(k.handle_timeout(t0 + ms(500)));
@@ -97,10 +107,16 @@ mod tests {
         let t0 = Instant::now();
         let mut k = KeyframeCoalescer::new(Duration::from_millis(500));
         assert_eq!(k.request(t0), KeyframeDecision::SendNow);
-        assert!(matches!(k.request(t0 + Duration::from_millis(100)), KeyframeDecision::Deferred { .. }));
+        assert!(matches!(
+            k.request(t0 + Duration::from_millis(100)),
+            KeyframeDecision::Deferred { .. }
+        ));
         k.on_keyframe();
         assert_eq!(k.poll_timeout(), None);
         assert!(!k.handle_timeout(t0 + Duration::from_millis(600)));
-        assert_eq!(k.request(t0 + Duration::from_millis(600)), KeyframeDecision::SendNow);
+        assert_eq!(
+            k.request(t0 + Duration::from_millis(600)),
+            KeyframeDecision::SendNow
+        );
     }
 }

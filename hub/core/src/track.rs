@@ -278,14 +278,20 @@ enum Cursor {
     Joining,
     /// Inside `group`; `next` is the index expected next. While `skipping`, the rest of the
     /// group is dropped because part of it is missing or it is too old.
-    In { group: u64, next: u32, skipping: bool },
+    In {
+        group: u64,
+        next: u32,
+        skipping: bool,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Deliver,
     /// Dropped: counted against the subscriber.
-    Drop { new_skip: bool },
+    Drop {
+        new_skip: bool,
+    },
     /// Not for this subscriber at all (a duplicate of the prefill, or a late frame of a
     /// group it already left): not a drop.
     Ignore,
@@ -297,7 +303,11 @@ impl Cursor {
         match *self {
             Cursor::Joining => {
                 if index == 0 && fresh {
-                    *self = Cursor::In { group, next: 1, skipping: false };
+                    *self = Cursor::In {
+                        group,
+                        next: 1,
+                        skipping: false,
+                    };
                     Verdict::Deliver
                 } else {
                     *self = Cursor::In {
@@ -308,16 +318,28 @@ impl Cursor {
                     Verdict::Drop { new_skip: true }
                 }
             }
-            Cursor::In { group: g, next, skipping } => {
+            Cursor::In {
+                group: g,
+                next,
+                skipping,
+            } => {
                 if group < g || (group == g && index < next) {
                     return Verdict::Ignore;
                 }
                 if group == g && index == next && !skipping && fresh {
-                    *self = Cursor::In { group, next: next + 1, skipping: false };
+                    *self = Cursor::In {
+                        group,
+                        next: next + 1,
+                        skipping: false,
+                    };
                     return Verdict::Deliver;
                 }
                 if group > g && index == 0 && fresh {
-                    *self = Cursor::In { group, next: 1, skipping: false };
+                    *self = Cursor::In {
+                        group,
+                        next: 1,
+                        skipping: false,
+                    };
                     return Verdict::Deliver;
                 }
                 // A hole in the group (evicted frames), a group without its keyframe, or a
@@ -389,7 +411,10 @@ impl Subscription {
         let lag = self.track.config.max_group_lag;
         while let Some(f) = self.slot.queue.pop() {
             let before = self.cursor;
-            match self.cursor.accept(f.group, f.index, self.track.latest_group(), lag) {
+            match self
+                .cursor
+                .accept(f.group, f.index, self.track.latest_group(), lag)
+            {
                 Verdict::Deliver => {
                     self.slot.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     return Some(f);
@@ -404,7 +429,11 @@ impl Subscription {
                     if new_skip {
                         stats.groups_skipped.fetch_add(1, Ordering::Relaxed);
                         // Giving up the group being delivered, rather than one not begun.
-                        if let Cursor::In { group, skipping: false, .. } = before
+                        if let Cursor::In {
+                            group,
+                            skipping: false,
+                            ..
+                        } = before
                             && group == f.group
                         {
                             self.abandoned = Some(group);

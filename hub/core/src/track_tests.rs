@@ -154,7 +154,10 @@ fn slow_subscriber_never_holds_back_the_publisher_or_a_fast_one() {
     assert_eq!(slow_seen, (0..10).map(|i| (4, i)).collect::<Vec<_>>());
     let stats = slow.stats();
     assert_eq!(stats.dropped_queue_full, 24);
-    assert_eq!(stats.dropped_skipped, 6, "the tail of group 3 is useless without its start");
+    assert_eq!(
+        stats.dropped_skipped, 6,
+        "the tail of group 3 is useless without its start"
+    );
     assert_eq!(stats.delivered + stats.dropped(), 40, "{stats:?}");
 
     // It keeps up from there on.
@@ -173,7 +176,19 @@ fn a_subscriber_too_far_behind_skips_to_the_newest_group() {
     publish(&t, 5, 4, 0);
     let seen = drain(&mut sub);
     // Groups 1..=3 are more than one behind the newest (5): skipped whole.
-    assert_eq!(seen, vec![(4, 0), (4, 1), (4, 2), (4, 3), (5, 0), (5, 1), (5, 2), (5, 3)]);
+    assert_eq!(
+        seen,
+        vec![
+            (4, 0),
+            (4, 1),
+            (4, 2),
+            (4, 3),
+            (5, 0),
+            (5, 1),
+            (5, 2),
+            (5, 3)
+        ]
+    );
     let stats = sub.stats();
     assert_eq!(stats.dropped_skipped, 12);
     assert_eq!(stats.groups_skipped, 3);
@@ -258,7 +273,10 @@ fn a_waiting_subscriber_is_woken_by_the_next_frame_and_by_falling_behind() {
 
     assert!(sub.poll_behind(&mut cx).is_pending());
     publish(&t, 1, 1, 10);
-    assert!(sub.poll_behind(&mut cx).is_pending(), "one group ahead is within the lag");
+    assert!(
+        sub.poll_behind(&mut cx).is_pending(),
+        "one group ahead is within the lag"
+    );
     publish(&t, 1, 1, 20);
     assert!(sub.poll_behind(&mut cx).is_ready());
 }

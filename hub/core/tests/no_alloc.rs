@@ -33,7 +33,11 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn pushing_and_draining_frames_allocates_nothing() {
-    let track = Track::new("video", TrackConfig::default(), Arc::new(RelayStats::default()));
+    let track = Track::new(
+        "video",
+        TrackConfig::default(),
+        Arc::new(RelayStats::default()),
+    );
     let mut fast: Vec<_> = (0..10).map(|_| track.subscribe()).collect();
     // One subscriber never reads: its full queue evicts on every push.
     let _stalled = track.subscribe();

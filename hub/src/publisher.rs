@@ -1,0 +1,183 @@
+//! A publisher's session: a field unit announces its tracks and sends one group stream per
+//! group; the hub reads each into the unit's relay track.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tianwang_core::frame::FrameIn;
+use tianwang_core::track::PushOutcome;
+use tianwang_proto::{ControlMessage, ErrorCode, Kind};
+use tianwang_transport::STREAM_STALE;
+use tianwang_transport::control::{self, Control, ControlError};
+use tianwang_transport::group::{GroupError, GroupReader};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::registry::{Attached, Broadcast, PublisherLink, TrackEntry, Units, validate_announce};
+use crate::session::{HubContext, SessionError, connection_end};
+
+/// Removes the publisher from the registry however its session ends.
+struct DetachOnDrop<'a> {
+    units: &'a Units,
+    unit: &'a str,
+    session: u64,
+}
+
+impl Drop for DetachOnDrop<'_> {
+    fn drop(&mut self) {
+        self.units.detach(self.unit, self.session);
+    }
+}
+
+pub(crate) async fn run(
+    hub: &HubContext,
+    conn: &quinn::Connection,
+    session: u64,
+    unit: &str,
+    mut control: Control,
+) -> Result<(), SessionError> {
+    let announce = tokio::time::timeout(hub.config.quic.hello_timeout, control.recv())
+        .await
+        .map_err(|_| SessionError::new(ErrorCode::Protocol, "timeout", "no announce in time"))??;
+    let Some(Kind::Announce(announce)) = announce.kind else {
+        return Err(SessionError::protocol(format!(
+            "expected announce, got {}",
+            announce.kind_name()
+        )));
+    };
+    validate_announce(&announce.tracks).map_err(|e| SessionError::protocol(e.to_string()))?;
+
+    let (to_device, mut outgoing) = mpsc::channel(64);
+    let replaced = CancellationToken::new();
+    let Attached {
+        broadcast,
+        tracks,
+        replaced: previous,
+    } = hub.units.attach(
+        unit,
+        &announce.tracks,
+        PublisherLink {
+            session,
+            control: to_device,
+            track_ids: announce
+                .tracks
+                .iter()
+                .map(|t| (t.name.clone(), t.id))
+                .collect(),
+            replaced: replaced.clone(),
+        },
+    );
+    let _detach = DetachOnDrop {
+        units: &hub.units,
+        unit,
+        session,
+    };
+    if let Some(old) = previous {
+        info!(
+            old_session = old.session,
+            "a new connection of this unit replaces the old one"
+        );
+        old.replaced.cancel();
+    }
+    info!(tracks = announce.tracks.len(), "unit online");
+
+    let tracks = Arc::new(tracks);
+    let (mut tx, mut rx) = control.split();
+    let mut groups: JoinSet<Result<(), SessionError>> = JoinSet::new();
+    let max_frame = hub.config.quic.max_frame_bytes;
+    loop {
+        tokio::select! {
+            _ = replaced.cancelled() => {
+                return Err(SessionError::new(ErrorCode::Replaced, "replaced", "a newer connection of this unit took over"));
+            }
+            _ = hub.shutdown.cancelled() => {
+                return Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
+            }
+            msg = control::recv(&mut rx) => match msg {
+                Ok(m) => publisher_message(hub, m)?,
+                Err(ControlError::Closed) | Err(ControlError::Refused { .. }) => return Ok(()),
+                Err(ControlError::Connection(e)) => return connection_end(e),
+                Err(e) => return Err(e.into()),
+            },
+            Some(out) = outgoing.recv() => {
+                use futures::SinkExt;
+                tx.send(out).await?;
+            }
+            stream = conn.accept_uni() => match stream {
+                Ok(recv) => {
+                    groups.spawn(ingest_group(recv, Arc::clone(&tracks), Arc::clone(&broadcast), max_frame));
+                }
+                Err(e) => return connection_end(e),
+            },
+            Some(done) = groups.join_next(), if !groups.is_empty() => {
+                if let Ok(Err(e)) = done {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn publisher_message(hub: &HubContext, msg: ControlMessage) -> Result<(), SessionError> {
+    match msg.kind {
+        Some(Kind::Telemetry(_)) => {
+            hub.metrics.telemetry.inc();
+            Ok(())
+        }
+        Some(Kind::Ack(ack)) => {
+            info!(directive = %ack.directive_id, ok = ack.ok, message = %ack.message, "directive acknowledged");
+            Ok(())
+        }
+        other => Err(SessionError::protocol(format!(
+            "unexpected {} from a publisher",
+            ControlMessage { kind: other }.kind_name()
+        ))),
+    }
+}
+
+/// Reads one group stream of a publisher into its track.
+async fn ingest_group(
+    recv: quinn::RecvStream,
+    tracks: Arc<HashMap<u32, Arc<TrackEntry>>>,
+    broadcast: Arc<Broadcast>,
+    max_frame: usize,
+) -> Result<(), SessionError> {
+    let (header, mut reader) = match GroupReader::open(recv, max_frame).await {
+        Ok(r) => r,
+        Err(e) if e.is_reset() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(entry) = tracks.get(&header.track_id) else {
+        return Err(SessionError::new(
+            ErrorCode::UnknownTrack,
+            "unknown_track",
+            format!("group for unannounced track {}", header.track_id),
+        ));
+    };
+    let mut group = entry.track.begin_group();
+    broadcast.keyframe_arrived(entry);
+    loop {
+        let frame = match reader.next_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            // The device gave this group up (superseded), or the link is going: not bad input.
+            Err(e) if e.is_reset() => return Ok(()),
+            Err(GroupError::Read(_)) | Err(GroupError::Io(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let outcome = group.push(FrameIn {
+            payload_offset: frame.payload_offset as u32,
+            timestamp_us: frame.header.timestamp_us,
+            duration_us: frame.header.duration_us,
+            data: frame.encoded,
+            received_at: Instant::now(),
+        });
+        if outcome == PushOutcome::Stale {
+            reader.stop(STREAM_STALE);
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! A subscriber's session: Subscribe / Unsubscribe / KeyframeRequest on the control
+//! stream; each subscribed track goes out through its own sender task, drained from the
+//! relay core by `send_track`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::SinkExt;
+use tianwang_proto::v1::{self, SubscribeError, Subscribed};
+use tianwang_proto::{ControlMessage, ErrorCode, Kind};
+use tianwang_transport::control::{self, Control, ControlError};
+use tianwang_transport::{Priority, send_track};
+use tokio::task::{AbortHandle, JoinSet};
+use tracing::{debug, info};
+
+use crate::registry::Broadcast;
+use crate::session::{HubContext, SessionError, connection_end};
+
+/// At most this many subscriptions on one session.
+const MAX_SUBSCRIPTIONS: usize = 64;
+
+/// One Subscribe that was granted.
+struct Active {
+    broadcast: Arc<Broadcast>,
+    senders: Vec<AbortHandle>,
+    aliases: Vec<u32>,
+}
+
+/// What a subscriber session holds.
+struct Session<'a> {
+    hub: &'a HubContext,
+    conn: &'a quinn::Connection,
+    active: HashMap<u64, Active>,
+    /// Our track id → the broadcast and the track's name, for keyframe requests.
+    aliases: HashMap<u32, (Arc<Broadcast>, String)>,
+    next_alias: u32,
+    priority: Priority,
+    senders: JoinSet<()>,
+}
+
+pub(crate) async fn run(
+    hub: &HubContext,
+    conn: &quinn::Connection,
+    control: Control,
+) -> Result<(), SessionError> {
+    let (mut tx, mut rx) = control.split();
+    let mut session = Session {
+        hub,
+        conn,
+        active: HashMap::new(),
+        aliases: HashMap::new(),
+        next_alias: 0,
+        priority: Priority::default(),
+        senders: JoinSet::new(),
+    };
+    let result = loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => {
+                break Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
+            }
+            Some(_) = session.senders.join_next(), if !session.senders.is_empty() => {}
+            msg = control::recv(&mut rx) => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(ControlError::Closed) | Err(ControlError::Refused { .. }) => break Ok(()),
+                    Err(ControlError::Connection(e)) => break connection_end(e),
+                    Err(e) => break Err(e.into()),
+                };
+                match session.handle(msg) {
+                    Ok(Some(reply)) => {
+                        if let Err(e) = tx.send(reply).await {
+                            break Err(e.into());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+        }
+    };
+    session.senders.shutdown().await;
+    for (_, a) in session.active.drain() {
+        hub.units.release_if_idle(&a.broadcast.unit_id);
+    }
+    result
+}
+
+fn refuse(request_id: u64, code: ErrorCode, reason: &str) -> ControlMessage {
+    ControlMessage::new(Kind::SubscribeError(SubscribeError {
+        request_id,
+        code: code as i32,
+        reason: reason.to_string(),
+    }))
+}
+
+impl Session<'_> {
+    fn handle(&mut self, msg: ControlMessage) -> Result<Option<ControlMessage>, SessionError> {
+        match msg.kind {
+            Some(Kind::Subscribe(s)) => Ok(Some(self.subscribe(&s))),
+            Some(Kind::Unsubscribe(u)) => {
+                if let Some(a) = self.active.remove(&u.request_id) {
+                    a.senders.iter().for_each(AbortHandle::abort);
+                    for alias in &a.aliases {
+                        self.aliases.remove(alias);
+                    }
+                    let unit = a.broadcast.unit_id.clone();
+                    drop(a);
+                    self.hub.units.release_if_idle(&unit);
+                }
+                Ok(None)
+            }
+            Some(Kind::KeyframeRequest(k)) => {
+                if let Some((broadcast, name)) = self.aliases.get(&k.track_id) {
+                    broadcast.request_keyframe(name);
+                }
+                Ok(None)
+            }
+            other => Err(SessionError::protocol(format!(
+                "unexpected {} from a subscriber",
+                ControlMessage { kind: other }.kind_name()
+            ))),
+        }
+    }
+
+    fn subscribe(&mut self, s: &v1::Subscribe) -> ControlMessage {
+        if self.active.contains_key(&s.request_id) {
+            return refuse(
+                s.request_id,
+                ErrorCode::Protocol,
+                "request id already in use",
+            );
+        }
+        if self.active.len() >= MAX_SUBSCRIPTIONS {
+            return refuse(
+                s.request_id,
+                ErrorCode::Forbidden,
+                "too many subscriptions on one session",
+            );
+        }
+        match self.start(s) {
+            Ok(answer) => {
+                info!(unit = %s.unit_id, tracks = answer.tracks.len(), "watching");
+                ControlMessage::new(Kind::Subscribed(answer))
+            }
+            Err((code, reason)) => {
+                debug!(unit = %s.unit_id, %reason, "subscribe refused");
+                refuse(s.request_id, code, &reason)
+            }
+        }
+    }
+
+    fn start(&mut self, s: &v1::Subscribe) -> Result<Subscribed, (ErrorCode, String)> {
+        let broadcast = self.hub.units.get(&s.unit_id).ok_or_else(|| {
+            (
+                ErrorCode::UnknownUnit,
+                format!("unit {:?} is not online", s.unit_id),
+            )
+        })?;
+        let entries = broadcast.tracks();
+        let chosen: Vec<_> = if s.tracks.is_empty() {
+            entries
+        } else {
+            s.tracks
+                .iter()
+                .map(|name| {
+                    entries
+                        .iter()
+                        .find(|e| &e.info.name == name)
+                        .cloned()
+                        .ok_or_else(|| {
+                            (
+                                ErrorCode::UnknownTrack,
+                                format!("unit {:?} has no track {name:?}", s.unit_id),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let mut answer = Subscribed {
+            request_id: s.request_id,
+            unit_id: s.unit_id.clone(),
+            tracks: Vec::new(),
+        };
+        let mut active = Active {
+            broadcast: Arc::clone(&broadcast),
+            senders: Vec::new(),
+            aliases: Vec::new(),
+        };
+        for entry in chosen {
+            let alias = self.next_alias;
+            self.next_alias = self.next_alias.wrapping_add(1);
+            answer.tracks.push(v1::TrackInfo {
+                id: alias,
+                ..entry.info.clone()
+            });
+            self.aliases
+                .insert(alias, (Arc::clone(&broadcast), entry.info.name.clone()));
+            active.aliases.push(alias);
+            // Audio ahead of video: it is small and losing it costs more.
+            let base = if entry.info.kind() == v1::TrackKind::Audio {
+                Priority::AUDIO
+            } else {
+                0
+            };
+            let subscription = entry.track.subscribe();
+            let conn = self.conn.clone();
+            let metrics = Arc::clone(&self.hub.metrics);
+            let priority = self.priority.clone();
+            let subscribed_at = Instant::now();
+            let handle = self.senders.spawn(async move {
+                let on_sent = |frame: &tianwang_core::Frame, now: Instant| {
+                    metrics.frames_out.inc();
+                    metrics.bytes_out.inc_by(frame.payload_len() as u64);
+                    // Frames from the join cache waited for this subscriber, not in the relay.
+                    if frame.received_at >= subscribed_at {
+                        metrics.forward_latency.observe(
+                            now.saturating_duration_since(frame.received_at)
+                                .as_secs_f64(),
+                        );
+                    }
+                };
+                match send_track(&conn, alias, &priority, base, subscription, on_sent).await {
+                    Ok(summary) => debug!(?summary, "track ended"),
+                    Err(e) => debug!(error = %e, "sending a track ended"),
+                }
+            });
+            active.senders.push(handle);
+        }
+        self.active.insert(s.request_id, active);
+        Ok(answer)
+    }
+}

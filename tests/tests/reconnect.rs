@@ -1,0 +1,121 @@
+//! The link to a unit drops and comes back; the hub restarts under running agents. Units
+//! reconnect by themselves and viewers see them again, from a keyframe.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use tianwang_proto::v1::TrackKind;
+use tianwang_tests::relay::UdpRelay;
+use tianwang_tests::*;
+use tianwang_transport::Limits;
+
+const UNIT: &str = "bwc-007";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_link_drops_reconnects_and_its_viewer_carries_on() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // A short idle timeout so the hub notices the dead link quickly.
+    let hub = Hub::start(tmp.path(), Some("[quic]\nidle_timeout = \"3s\"\n")).await?;
+    let relay = UdpRelay::start(hub.quic).await?;
+    let token = hub.token("device", UNIT);
+    let agent = Agent::start(
+        &relay.addr.to_string(),
+        &hub.ca(),
+        UNIT,
+        &token,
+        tmp.path(),
+        &["--keyframe-interval", "1"],
+    )?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 1.0
+    })
+    .await?;
+
+    // The viewer is on the hub directly; only the unit's link goes dark.
+    let viewer = hub.token("viewer", "alice");
+    let mut s = Subscriber::connect(hub.quic, &hub.trust(), &viewer, &Limits::default()).await?;
+    let (sub, mut rx) = s.subscribe(UNIT, 1024).await?;
+    let video = track_id(&sub, TrackKind::Video);
+    collect(&mut rx, video, 30, Duration::from_secs(10)).await?;
+
+    relay.set_blackout(true);
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 0.0
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", hub.log()))?;
+    let restored_at = std::time::Instant::now();
+    relay.set_blackout(false);
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(30), |v| {
+        v == 1.0
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nagent:\n{}", agent.log()))?;
+    assert!(relay.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let m = hub.metrics().await?;
+    assert!(
+        m.get("tianwang_sessions_total{role=\"publisher\"}") >= 2.0,
+        "the unit came back on a new session"
+    );
+
+    // The same subscription carries on: the first frame to arrive after the link came back
+    // starts a group (the one the agent had cached), and the groups run whole from there.
+    let mut frames = collect(&mut rx, video, 200, Duration::from_secs(30)).await?;
+    frames.retain(|f| f.received_at > restored_at);
+    assert!(
+        frames.len() >= 30,
+        "only {} frames after the link returned",
+        frames.len()
+    );
+    assert_eq!(frames[0].index, 0, "resumes at a keyframe");
+    assert!(is_idr_with_parameter_sets(frames[0].frame.payload()));
+    assert_whole_groups(&frames);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_come_back_after_the_hub_restarts() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut hub = Hub::start(tmp.path(), None).await?;
+    let token = hub.token("device", UNIT);
+    let mut agent = Agent::start(
+        &hub.quic.to_string(),
+        &hub.ca(),
+        UNIT,
+        &token,
+        tmp.path(),
+        &[],
+    )?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 1.0
+    })
+    .await?;
+
+    hub.restart().await?;
+    assert!(hub.is_running());
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(30), |v| {
+        v == 1.0
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nagent:\n{}", agent.log()))?;
+    assert!(agent.is_running(), "the agent rode out the restart");
+
+    // The restarted hub (same data dir: same certificate and signing key) relays again.
+    let viewer = hub.token("viewer", "alice");
+    let mut s = Subscriber::connect(hub.quic, &hub.trust(), &viewer, &Limits::default()).await?;
+    let (sub, mut rx) = s.subscribe(UNIT, 1024).await?;
+    let frames = collect(
+        &mut rx,
+        track_id(&sub, TrackKind::Video),
+        30,
+        Duration::from_secs(15),
+    )
+    .await?;
+    assert!(is_idr_with_parameter_sets(frames[0].frame.payload()));
+    assert_whole_groups(&frames);
+    assert!(
+        agent.log().contains("uplink down"),
+        "the agent noticed the restart"
+    );
+    Ok(())
+}
