@@ -3,7 +3,8 @@
 //! Every unit on a stream is prefixed by its length as a protobuf varint: control messages,
 //! group headers, frame headers and frame payloads. Decoders take the bytes received so far
 //! and either return one item (consuming its bytes), ask for more, or fail with a reason that
-//! the caller sends back before closing the stream. docs/protocol.md is the prose version.
+//! the caller gives the peer when it closes the connection. docs/protocol.md is the prose
+//! version.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
