@@ -20,11 +20,11 @@ pub mod relay;
 /// A binary of this workspace, built by `cargo build --bins` (scripts/test does it first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/<test> -> target/debug/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // Tests live in target/<profile>/deps, binaries (loadrun) in target/<profile>.
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -427,4 +427,91 @@ pub fn assert_whole_groups(frames: &[ReceivedFrame]) {
         }
         last = Some((f.group, f.index));
     }
+}
+
+impl Hub {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Device tokens for PREFIX1..PREFIXN in a file (`hub token fleet`).
+    pub fn fleet(&self, prefix: &str, count: usize) -> PathBuf {
+        let out = self.dir.join("fleet.tokens");
+        let status = Command::new(bin("hub"))
+            .args([
+                "token",
+                "fleet",
+                "--prefix",
+                prefix,
+                "--count",
+                &count.to_string(),
+                "--data",
+            ])
+            .arg(self.dir.join("data"))
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .expect("hub token fleet");
+        assert!(status.success());
+        out
+    }
+}
+
+/// A `field-agent simulate` process.
+pub struct Simulator {
+    child: Child,
+}
+
+impl Simulator {
+    pub fn start(hub: &Hub, units: usize, tokens: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let log = hub.dir.join("simulate.log");
+        let child = Command::new(bin("field-agent"))
+            .args([
+                "simulate",
+                "--hub",
+                &hub.quic.to_string(),
+                "--units",
+                &units.to_string(),
+                "--tokens",
+            ])
+            .arg(tokens)
+            .arg("--ca")
+            .arg(hub.ca())
+            .args(extra)
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?)
+            .spawn()
+            .context("starting field-agent simulate")?;
+        Ok(Self { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some((utime + stime) / ticks as f64)
+}
+
+/// Peak resident memory of a process in MiB (VmHWM), from /proc.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
