@@ -262,7 +262,7 @@ impl Metrics {
     }
 }
 
-/// A `field-agent run --source test` process.
+/// A `field-agent run` process (the test pattern unless `extra` names a `--source`).
 pub struct Agent {
     child: Child,
     pub log: PathBuf,
@@ -278,11 +278,18 @@ impl Agent {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let log = dir.join(format!("agent-{unit}.log"));
+        // The test pattern unless the caller names a source.
+        let source: &[&str] = if extra.contains(&"--source") {
+            &[]
+        } else {
+            &["--source", "test"]
+        };
         let child = Command::new(bin("field-agent"))
             .args([
-                "run", "--source", "test", "--hub", hub, "--unit", unit, "--token", token, "--ca",
+                "run", "--hub", hub, "--unit", unit, "--token", token, "--ca",
             ])
             .arg(ca)
+            .args(source)
             .args(extra)
             .env("RUST_LOG", "info,field_agent=debug,quinn=warn")
             .stdout(log_file(&log)?)
