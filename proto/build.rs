@@ -1,12 +1,29 @@
-// Generates the tianwang.v1 types (and, later, gRPC services) from proto/*.proto.
-// protoc comes from the system (scripts/deps installs protobuf-compiler) or $PROTOC.
+// Generates the tianwang.v1 types and the gRPC services from proto/*.proto, the serde
+// (protobuf JSON mapping) impls through pbjson, and the file descriptor set for gRPC server
+// reflection. protoc comes from the system (scripts/deps installs protobuf-compiler) or
+// $PROTOC.
+use std::path::PathBuf;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/tianwang/v1/media.proto"];
+    let protos = [
+        "proto/tianwang/v1/media.proto",
+        "proto/tianwang/v1/console.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptors = out.join("tianwang_descriptor.bin");
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
+        .build_server(grpc)
+        .build_client(grpc)
         .bytes(".")
+        .file_descriptor_set_path(&descriptors)
         .compile_protos(&protos, &["proto"])?;
+    let set = std::fs::read(&descriptors)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&set)?
+        .build(&[".tianwang"])?;
     Ok(())
 }

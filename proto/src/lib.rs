@@ -3,11 +3,17 @@
 
 pub mod wire;
 
-/// Generated from `proto/tianwang/v1/*.proto`.
+/// Generated from `proto/tianwang/v1/*.proto`: messages, gRPC services, and serde impls
+/// in the protobuf JSON mapping (pbjson).
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("tianwang.v1");
+    include!(concat!(env!("OUT_DIR"), "/tianwang.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/tianwang.v1.serde.rs"));
 }
+
+/// The encoded file descriptor set of every Tianwang proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tianwang_descriptor.bin"));
 
 pub use v1::control_message::Kind;
 pub use v1::{ControlMessage, ErrorCode};
