@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tianwang_core::{KeyframeCoalescer, KeyframeDecision, RelayStats, Track, TrackConfig};
-use tianwang_proto::v1::{KeyframeRequest, TrackInfo, TrackKind};
+use tianwang_proto::v1::{KeyframeRequest, TrackInfo, TrackKind, UnitStats, UnitSummary};
 use tianwang_proto::{ControlMessage, Kind};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// One track of a broadcast, with what subscribers need to know of it.
@@ -41,6 +41,23 @@ pub struct Broadcast {
     publisher: Mutex<Option<PublisherLink>>,
     online: AtomicBool,
     keyframe_interval: Duration,
+    rates: Mutex<Rates>,
+}
+
+/// Rates over the last sampling period, and the totals they were computed from.
+#[derive(Debug, Default, Clone)]
+struct Rates {
+    stats: UnitStats,
+    /// (track name, frames, payload bytes) at the last sample.
+    totals: Vec<(String, u64, u64)>,
+}
+
+/// A change of a unit that watchers are told about.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnitChange {
+    pub unit_id: String,
+    pub online: bool,
+    pub tracks: Vec<TrackInfo>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,6 +82,56 @@ impl Broadcast {
             .iter()
             .map(|t| t.track.subscriber_count())
             .sum()
+    }
+
+    pub fn track_infos(&self) -> Vec<TrackInfo> {
+        self.tracks().iter().map(|t| t.info.clone()).collect()
+    }
+
+    pub fn summary(&self) -> UnitSummary {
+        UnitSummary {
+            unit_id: self.unit_id.clone(),
+            online: self.is_online(),
+            tracks: self.track_infos(),
+            subscribers: self.subscriber_count() as u32,
+            stats: Some(lock(&self.rates).stats),
+        }
+    }
+
+    /// Recomputes bitrate (all tracks) and frame rate (video) over `elapsed`.
+    fn sample(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        let tracks = self.tracks();
+        let mut rates = lock(&self.rates);
+        let mut bytes = 0u64;
+        let mut video_frames = 0u64;
+        let mut last_frame_us = rates.stats.last_frame_us;
+        let mut totals = Vec::with_capacity(tracks.len());
+        for t in &tracks {
+            let now = t.track.totals();
+            let (f, b) = (
+                now.frames.load(Ordering::Relaxed),
+                now.payload_bytes.load(Ordering::Relaxed),
+            );
+            let (pf, pb) = rates
+                .totals
+                .iter()
+                .find(|(n, _, _)| *n == t.info.name)
+                .map(|(_, f, b)| (*f, *b))
+                .unwrap_or((f, b));
+            bytes += b.saturating_sub(pb);
+            if t.info.kind() == TrackKind::Video {
+                video_frames += f.saturating_sub(pf);
+                last_frame_us = now.last_timestamp_us.load(Ordering::Relaxed);
+            }
+            totals.push((t.info.name.clone(), f, b));
+        }
+        rates.stats = UnitStats {
+            bitrate_bps: (bytes as f64 * 8.0 / secs) as u64,
+            framerate: (video_frames as f64 / secs) as f32,
+            last_frame_us,
+        };
+        rates.totals = totals;
     }
 
     /// A subscriber wants a keyframe on a track: ask the device, at most once per interval.
@@ -184,6 +251,7 @@ pub struct Units {
     relay: Arc<RelayStats>,
     track_config: TrackConfig,
     keyframe_interval: Duration,
+    changes: broadcast::Sender<UnitChange>,
 }
 
 impl Units {
@@ -197,6 +265,29 @@ impl Units {
             relay,
             track_config,
             keyframe_interval,
+            changes: broadcast::channel(256).0,
+        }
+    }
+
+    /// Units coming online, going offline or changing tracks. A receiver that lags behind
+    /// gets `Lagged` and should re-read [`Units::list`].
+    pub fn changes(&self) -> broadcast::Receiver<UnitChange> {
+        self.changes.subscribe()
+    }
+
+    fn tell(&self, b: &Broadcast) {
+        // No receivers is fine.
+        let _ = self.changes.send(UnitChange {
+            unit_id: b.unit_id.clone(),
+            online: b.is_online(),
+            tracks: b.track_infos(),
+        });
+    }
+
+    /// Recomputes every unit's rates; the hub calls this once a second.
+    pub fn sample_rates(&self, elapsed: Duration) {
+        for b in self.list() {
+            b.sample(elapsed);
         }
     }
 
@@ -222,6 +313,7 @@ impl Units {
                         publisher: Mutex::new(None),
                         online: AtomicBool::new(false),
                         keyframe_interval: self.keyframe_interval,
+                        rates: Mutex::new(Rates::default()),
                     })
                 })
                 .value(),
@@ -270,6 +362,7 @@ impl Units {
         }
         let replaced = lock(&broadcast.publisher).replace(link);
         broadcast.online.store(true, Ordering::Release);
+        self.tell(&broadcast);
         Attached {
             broadcast,
             tracks: by_device_id,
@@ -287,6 +380,9 @@ impl Units {
                 *publisher = None;
                 b.online.store(false, Ordering::Release);
             }
+        }
+        if !b.is_online() {
+            self.tell(&b);
         }
         self.release_if_idle(unit);
     }
@@ -384,6 +480,18 @@ mod tests {
         drop(sub);
         u.detach("bwc-1", 2);
         assert!(u.get("bwc-1").is_none(), "offline and unwatched: forgotten");
+    }
+
+    #[test]
+    fn watchers_are_told_when_units_come_and_go() {
+        let u = units();
+        let mut changes = u.changes();
+        let (l1, _r1) = link(1);
+        u.attach("bwc-1", &[info(1, "video", TrackKind::Video, "h264")], l1);
+        u.detach("bwc-1", 1);
+        let on = changes.try_recv().unwrap();
+        assert!(on.online && on.tracks.len() == 1 && on.unit_id == "bwc-1");
+        assert!(!changes.try_recv().unwrap().online);
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl RunningHub {
         ));
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(session::serve(Arc::clone(&context), endpoint));
+        tasks.spawn(sample_rates(Arc::clone(&context)));
         let router = crate::http::router(Arc::clone(&context));
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -123,6 +124,22 @@ impl RunningHub {
             self.tasks.shutdown().await;
         }
         info!("hub stopped");
+    }
+}
+
+/// Recomputes units' bitrates and frame rates once a second, until shutdown.
+async fn sample_rates(hub: Arc<HubContext>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            now = tick.tick() => {
+                hub.units.sample_rates(now - last);
+                last = now;
+            }
+            _ = hub.shutdown.cancelled() => return,
+        }
     }
 }
 

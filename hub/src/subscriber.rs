@@ -54,10 +54,30 @@ pub(crate) async fn run(
         priority: Priority::default(),
         senders: JoinSet::new(),
     };
+    let mut changes = hub.units.changes();
     let result = loop {
         tokio::select! {
             _ = hub.shutdown.cancelled() => {
                 break Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
+            }
+            change = changes.recv() => {
+                // Tell the subscriber when a unit it watches goes offline or comes back.
+                let change = match change {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        break Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
+                    }
+                };
+                if session.active.values().any(|a| a.broadcast.unit_id == change.unit_id) {
+                    let state = ControlMessage::new(Kind::UnitState(v1::UnitState {
+                        unit_id: change.unit_id,
+                        online: change.online,
+                    }));
+                    if let Err(e) = tx.send(state).await {
+                        break Err(e.into());
+                    }
+                }
             }
             Some(_) = session.senders.join_next(), if !session.senders.is_empty() => {}
             msg = control::recv(&mut rx) => {

@@ -52,6 +52,16 @@ async fn a_unit_whose_link_drops_reconnects_and_its_viewer_carries_on() -> anyho
     .await
     .map_err(|e| anyhow::anyhow!("{e}\nagent:\n{}", agent.log()))?;
     assert!(relay.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    // The viewer was told on its control stream: offline, then online again.
+    let mut states = Vec::new();
+    while states.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), s.control.recv()).await??;
+        if let Some(tianwang_proto::Kind::UnitState(u)) = msg.kind {
+            assert_eq!(u.unit_id, UNIT);
+            states.push(u.online);
+        }
+    }
+    assert_eq!(states, vec![false, true]);
     let m = hub.metrics().await?;
     assert!(
         m.get("tianwang_sessions_total{role=\"publisher\"}") >= 2.0,

@@ -67,6 +67,16 @@ pub struct Track {
     latest_group: AtomicU64,
     closed: AtomicBool,
     relay: Arc<RelayStats>,
+    totals: TrackTotals,
+}
+
+/// Running totals of a track, for rates (bitrate, frame rate) read by the shell.
+#[derive(Debug, Default)]
+pub struct TrackTotals {
+    pub frames: AtomicU64,
+    pub payload_bytes: AtomicU64,
+    /// Capture time of the newest frame, µs since the Unix epoch.
+    pub last_timestamp_us: AtomicU64,
 }
 
 impl std::fmt::Debug for Track {
@@ -92,7 +102,12 @@ impl Track {
             latest_group: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             relay,
+            totals: TrackTotals::default(),
         })
+    }
+
+    pub fn totals(&self) -> &TrackTotals {
+        &self.totals
     }
 
     pub fn name(&self) -> &str {
@@ -259,6 +274,14 @@ impl GroupWriter {
             slot.waker.wake();
         }
         track.relay.frames_in.fetch_add(1, Ordering::Relaxed);
+        let totals = &track.totals;
+        totals.frames.fetch_add(1, Ordering::Relaxed);
+        totals
+            .payload_bytes
+            .fetch_add(frame.payload_len() as u64, Ordering::Relaxed);
+        totals
+            .last_timestamp_us
+            .store(frame.timestamp_us, Ordering::Relaxed);
         if evicted > 0 {
             track
                 .relay
