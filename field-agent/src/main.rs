@@ -207,7 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.link.trust()?,
     );
     let stats = Arc::new(UplinkStats::default());
-    let uplink = tokio::spawn(uplink::run(
+    let mut uplink = tokio::spawn(uplink::run(
         config,
         Arc::clone(&broadcast),
         Arc::clone(&stats),
@@ -219,6 +219,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             r?;
             info!("end of input");
         }
+        // The uplink ends by itself only when the hub refuses this unit.
+        r = &mut uplink => return Ok(r.context("uplink task")??),
         _ = shutdown.cancelled() => {}
     }
     uplink.await.context("uplink task")??;
@@ -264,6 +266,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     // Spread the units' keyframes over one group so they do not all burst at once.
     let group = Duration::from_micros(clip.duration_us / 2);
     let mut tasks = tokio::task::JoinSet::new();
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let n = units.len() as u32;
     for (i, (unit, token)) in units.into_iter().enumerate() {
         let infos = vec![
@@ -287,13 +290,18 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         let config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());
         let stats = Arc::new(UplinkStats::default());
         let stop = shutdown.clone();
+        let refused = Arc::clone(&refused);
         tasks.spawn(async move {
             if let Err(e) = uplink::run(config, broadcast, stats, stop.clone()).await {
                 tracing::error!(unit = %unit, error = %e, "unit gave up");
+                refused.store(true, std::sync::atomic::Ordering::Relaxed);
                 stop.cancel();
             }
         });
     }
     while tasks.join_next().await.is_some() {}
+    if refused.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!("the hub refused a simulated unit (see the log above)");
+    }
     Ok(())
 }

@@ -132,24 +132,32 @@ enum SessionEnd {
     Fatal(String),
 }
 
-fn classify(e: ControlError) -> SessionEnd {
-    match e {
-        ControlError::Refused { code, reason }
-            if matches!(code, ErrorCode::Unauthorized | ErrorCode::Forbidden) =>
-        {
-            SessionEnd::Fatal(format!("{code:?}: {reason}"))
+/// Whether reconnecting could help. A refused identity will be refused again; being
+/// replaced means another device is using this unit's id (this agent never has two
+/// connections), and fighting it over the slot would cut both off in turn.
+fn classify(e: ControlError, conn: &quinn::Connection) -> SessionEnd {
+    // The hub ends a session by closing the connection with a code and a reason; the
+    // stream error that reports it may arrive wrapped in an I/O error, so ask the
+    // connection itself first.
+    let closed = match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => Some((
+            ErrorCode::try_from(close.error_code.into_inner() as i32)
+                .unwrap_or(ErrorCode::Unspecified),
+            String::from_utf8_lossy(&close.reason).into_owned(),
+        )),
+        _ => None,
+    };
+    let (code, reason) = match (closed, e) {
+        (Some(c), _) => c,
+        (None, ControlError::Refused { code, reason }) => (code, reason),
+        (None, other) => return SessionEnd::Retry(other.to_string()),
+    };
+    let message = format!("{code:?}: {reason}");
+    match code {
+        ErrorCode::Unauthorized | ErrorCode::Forbidden | ErrorCode::Replaced => {
+            SessionEnd::Fatal(message)
         }
-        ControlError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
-            let code = ErrorCode::try_from(close.error_code.into_inner() as i32)
-                .unwrap_or(ErrorCode::Unspecified);
-            let reason = String::from_utf8_lossy(&close.reason).into_owned();
-            if matches!(code, ErrorCode::Unauthorized | ErrorCode::Forbidden) {
-                SessionEnd::Fatal(format!("{code:?}: {reason}"))
-            } else {
-                SessionEnd::Retry(format!("{code:?}: {reason}"))
-            }
-        }
-        other => SessionEnd::Retry(other.to_string()),
+        _ => SessionEnd::Retry(message),
     }
 }
 
@@ -188,13 +196,13 @@ async fn session(
     };
     let (mut control, _welcome) = client::hello(&conn, hello, Duration::from_secs(10))
         .await
-        .map_err(classify)?;
+        .map_err(|e| classify(e, &conn))?;
     control
         .send(ControlMessage::new(Kind::Announce(Announce {
             tracks: broadcast.infos(),
         })))
         .await
-        .map_err(classify)?;
+        .map_err(|e| classify(e, &conn))?;
     stats.connects.fetch_add(1, Ordering::Relaxed);
     info!(hub = %config.hub, "connected");
 
@@ -234,17 +242,17 @@ async fn session(
                     if let Some(reply) = handle_control(broadcast, m) {
                         use futures::SinkExt;
                         if let Err(e) = tx.send(reply).await {
-                            break Err(classify(e));
+                            break Err(classify(e, &conn));
                         }
                     }
                 }
-                Err(e) => break Err(classify(e)),
+                Err(e) => break Err(classify(e, &conn)),
             },
             _ = telemetry.tick() => {
                 use futures::SinkExt;
                 let t = ControlMessage::new(Kind::Telemetry(current_telemetry()));
                 if let Err(e) = tx.send(t).await {
-                    break Err(classify(e));
+                    break Err(classify(e, &conn));
                 }
                 stats.telemetry_sent.fetch_add(1, Ordering::Relaxed);
             }

@@ -53,8 +53,10 @@ pub struct HttpConfig {
 pub struct RelayConfig {
     /// Bound of each subscriber's queue per track, in frames.
     pub subscriber_queue_frames: usize,
-    /// Frames of each track's current group kept for late joiners.
+    /// Frames of each track's current group kept for late joiners...
     pub group_cache_frames: usize,
+    /// ... and at most this many bytes of them.
+    pub group_cache_bytes: usize,
     /// Groups a subscriber may trail the newest before it skips ahead.
     pub max_group_lag: u64,
     /// At most one keyframe request per track goes to a device in this interval.
@@ -117,6 +119,7 @@ impl Default for RelayConfig {
         Self {
             subscriber_queue_frames: core.queue_frames,
             group_cache_frames: core.group_cache_frames,
+            group_cache_bytes: core.group_cache_bytes,
             max_group_lag: core.max_group_lag,
             keyframe_request_interval: Duration::from_millis(500),
         }
@@ -198,6 +201,7 @@ impl Config {
         tianwang_core::TrackConfig {
             queue_frames: self.relay.subscriber_queue_frames,
             group_cache_frames: self.relay.group_cache_frames,
+            group_cache_bytes: self.relay.group_cache_bytes,
             max_group_lag: self.relay.max_group_lag,
         }
     }

@@ -50,7 +50,7 @@ pub(crate) async fn run(
     };
     validate_announce(&announce.tracks).map_err(|e| SessionError::protocol(e.to_string()))?;
 
-    let (to_device, mut outgoing) = mpsc::channel(64);
+    let (to_device, outgoing) = mpsc::channel(64);
     let replaced = CancellationToken::new();
     let Attached {
         broadcast,
@@ -84,10 +84,19 @@ pub(crate) async fn run(
     }
     info!(tracks = announce.tracks.len(), "unit online");
 
-    let tracks = Arc::new(tracks);
-    let (mut tx, mut rx) = control.split();
+    let ingest = Arc::new(Ingest {
+        tracks,
+        broadcast: Arc::clone(&broadcast),
+        max_frame: hub.config.quic.max_frame_bytes,
+        header_timeout: hub.config.quic.hello_timeout,
+        newest: std::sync::Mutex::new(HashMap::new()),
+    });
+    let (tx, mut rx) = control.split();
+    // Messages to the device go out from their own task: a device that stops reading its
+    // control stream must not stall this loop (and with it, a takeover or a shutdown).
+    let mut writer = JoinSet::new();
+    writer.spawn(control::pump(tx, outgoing));
     let mut groups: JoinSet<Result<(), SessionError>> = JoinSet::new();
-    let max_frame = hub.config.quic.max_frame_bytes;
     loop {
         tokio::select! {
             _ = replaced.cancelled() => {
@@ -102,13 +111,16 @@ pub(crate) async fn run(
                 Err(ControlError::Connection(e)) => return connection_end(e),
                 Err(e) => return Err(e.into()),
             },
-            Some(out) = outgoing.recv() => {
-                use futures::SinkExt;
-                tx.send(out).await?;
+            Some(written) = writer.join_next(), if !writer.is_empty() => {
+                // The writer ends cleanly only when the registry dropped our link (a
+                // takeover, handled above); a write error ends the session.
+                if let Ok(Err(e)) = written {
+                    return Err(e.into());
+                }
             }
             stream = conn.accept_uni() => match stream {
                 Ok(recv) => {
-                    groups.spawn(ingest_group(recv, Arc::clone(&tracks), Arc::clone(&broadcast), max_frame));
+                    groups.spawn(ingest_group(recv, Arc::clone(&ingest)));
                 }
                 Err(e) => return connection_end(e),
             },
@@ -138,25 +150,66 @@ fn publisher_message(hub: &HubContext, msg: ControlMessage) -> Result<(), Sessio
     }
 }
 
-/// Reads one group stream of a publisher into its track.
-async fn ingest_group(
-    recv: quinn::RecvStream,
-    tracks: Arc<HashMap<u32, Arc<TrackEntry>>>,
+/// What the group readers of one publisher session share.
+struct Ingest {
+    /// The device's track id → the track.
+    tracks: HashMap<u32, Arc<TrackEntry>>,
     broadcast: Arc<Broadcast>,
     max_frame: usize,
-) -> Result<(), SessionError> {
-    let (header, mut reader) = match GroupReader::open(recv, max_frame).await {
-        Ok(r) => r,
-        Err(e) if e.is_reset() => return Ok(()),
-        Err(e) => return Err(e.into()),
+    header_timeout: std::time::Duration,
+    /// The newest group sequence the device sent per track, this session.
+    newest: std::sync::Mutex<HashMap<u32, u64>>,
+}
+
+impl Ingest {
+    /// Whether a group the device numbered `sequence` is newer than every one before it. A
+    /// group overtaken by a newer one (after loss, the newer stream's header can arrive
+    /// first) is not relayed: viewers must never go back in time.
+    fn is_newest(&self, track: u32, sequence: u64) -> bool {
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        match newest.get(&track) {
+            Some(&n) if sequence <= n => false,
+            _ => {
+                newest.insert(track, sequence);
+                true
+            }
+        }
+    }
+}
+
+/// Reads one group stream of a publisher into its track.
+async fn ingest_group(recv: quinn::RecvStream, ingest: Arc<Ingest>) -> Result<(), SessionError> {
+    let opened = tokio::time::timeout(
+        ingest.header_timeout,
+        GroupReader::open(recv, ingest.max_frame),
+    )
+    .await;
+    let (header, mut reader) = match opened {
+        Ok(Ok(r)) => r,
+        Err(_) => {
+            return Err(SessionError::new(
+                ErrorCode::Protocol,
+                "timeout",
+                "a group stream without its header in time",
+            ));
+        }
+        // Given up by the device, or the link is going: not bad input.
+        Ok(Err(e)) if e.is_reset() => return Ok(()),
+        Ok(Err(GroupError::Read(_) | GroupError::Io(_))) => return Ok(()),
+        Ok(Err(e)) => return Err(e.into()),
     };
-    let Some(entry) = tracks.get(&header.track_id) else {
+    let Some(entry) = ingest.tracks.get(&header.track_id) else {
         return Err(SessionError::new(
             ErrorCode::UnknownTrack,
             "unknown_track",
             format!("group for unannounced track {}", header.track_id),
         ));
     };
+    if !ingest.is_newest(header.track_id, header.sequence) {
+        reader.stop(STREAM_STALE);
+        return Ok(());
+    }
+    let broadcast = &ingest.broadcast;
     let mut group = entry.track.begin_group();
     broadcast.keyframe_arrived(entry);
     loop {

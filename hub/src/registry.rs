@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tianwang_core::{KeyframeCoalescer, KeyframeDecision, RelayStats, Track, TrackConfig};
+use tianwang_core::{
+    KeyframeCoalescer, KeyframeDecision, RelayStats, Subscription, Track, TrackConfig,
+};
 use tianwang_proto::v1::{KeyframeRequest, TrackInfo, TrackKind, UnitStats, UnitSummary};
 use tianwang_proto::{ControlMessage, Kind};
 use tokio::sync::{broadcast, mpsc};
@@ -180,6 +182,30 @@ impl Broadcast {
     }
 }
 
+/// A granted subscription: the broadcast, and each chosen track with its subscription.
+pub type Subscribed = (Arc<Broadcast>, Vec<(Arc<TrackEntry>, Subscription)>);
+
+/// Why a subscription was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeRefusal {
+    #[error("unit {0:?} is not online")]
+    UnknownUnit(String),
+    #[error("unit {unit:?} has no track {track:?}")]
+    UnknownTrack { unit: String, track: String },
+    #[error("track {0:?} is asked for twice")]
+    Repeated(String),
+}
+
+impl SubscribeRefusal {
+    pub fn code(&self) -> tianwang_proto::ErrorCode {
+        match self {
+            SubscribeRefusal::UnknownUnit(_) => tianwang_proto::ErrorCode::UnknownUnit,
+            SubscribeRefusal::UnknownTrack { .. } => tianwang_proto::ErrorCode::UnknownTrack,
+            SubscribeRefusal::Repeated(_) => tianwang_proto::ErrorCode::Protocol,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
     #[error("announce has no tracks")]
@@ -284,11 +310,58 @@ impl Units {
         });
     }
 
-    /// Recomputes every unit's rates; the hub calls this once a second.
+    /// Recomputes every unit's rates, and forgets units offline and unwatched (a viewer's
+    /// subscription may end a moment after its session let go); the hub calls this once a
+    /// second.
     pub fn sample_rates(&self, elapsed: Duration) {
         for b in self.list() {
             b.sample(elapsed);
+            if !b.is_online() {
+                self.release_if_idle(&b.unit_id);
+            }
         }
+    }
+
+    /// Subscribes to tracks of a unit (all of them when `names` is empty). Done under the
+    /// registry's lock for the unit, so a unit being forgotten cannot leave the subscriber
+    /// on tracks that will never carry anything again.
+    pub fn subscribe(&self, unit: &str, names: &[String]) -> Result<Subscribed, SubscribeRefusal> {
+        let guard = self
+            .map
+            .get(unit)
+            .ok_or_else(|| SubscribeRefusal::UnknownUnit(unit.to_string()))?;
+        let broadcast = Arc::clone(guard.value());
+        let entries = broadcast.tracks();
+        let chosen: Vec<Arc<TrackEntry>> = if names.is_empty() {
+            entries
+        } else {
+            let mut seen = std::collections::HashSet::new();
+            names
+                .iter()
+                .map(|name| {
+                    if !seen.insert(name.as_str()) {
+                        return Err(SubscribeRefusal::Repeated(name.clone()));
+                    }
+                    entries
+                        .iter()
+                        .find(|e| &e.info.name == name)
+                        .cloned()
+                        .ok_or_else(|| SubscribeRefusal::UnknownTrack {
+                            unit: unit.to_string(),
+                            track: name.clone(),
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let subscriptions = chosen
+            .into_iter()
+            .map(|e| {
+                let s = e.track.subscribe();
+                (e, s)
+            })
+            .collect();
+        drop(guard);
+        Ok((broadcast, subscriptions))
     }
 
     pub fn relay_stats(&self) -> &Arc<RelayStats> {
@@ -303,21 +376,19 @@ impl Units {
     /// A publisher announced its tracks: make it the unit's live publisher. Tracks keep
     /// their identity across reconnects when name, kind and codec stay the same.
     pub fn attach(&self, unit: &str, announced: &[TrackInfo], link: PublisherLink) -> Attached {
-        let broadcast = Arc::clone(
-            self.map
-                .entry(unit.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Broadcast {
-                        unit_id: unit.to_string(),
-                        tracks: RwLock::new(Vec::new()),
-                        publisher: Mutex::new(None),
-                        online: AtomicBool::new(false),
-                        keyframe_interval: self.keyframe_interval,
-                        rates: Mutex::new(Rates::default()),
-                    })
-                })
-                .value(),
-        );
+        // The entry stays locked until the broadcast is online: release_if_idle cannot
+        // forget it half way.
+        let entry = self.map.entry(unit.to_string()).or_insert_with(|| {
+            Arc::new(Broadcast {
+                unit_id: unit.to_string(),
+                tracks: RwLock::new(Vec::new()),
+                publisher: Mutex::new(None),
+                online: AtomicBool::new(false),
+                keyframe_interval: self.keyframe_interval,
+                rates: Mutex::new(Rates::default()),
+            })
+        });
+        let broadcast = Arc::clone(entry.value());
         let mut by_device_id = HashMap::new();
         {
             let mut tracks = broadcast.tracks.write().unwrap_or_else(|e| e.into_inner());
@@ -362,6 +433,7 @@ impl Units {
         }
         let replaced = lock(&broadcast.publisher).replace(link);
         broadcast.online.store(true, Ordering::Release);
+        drop(entry);
         self.tell(&broadcast);
         Attached {
             broadcast,
@@ -379,6 +451,11 @@ impl Units {
             if publisher.as_ref().is_some_and(|l| l.session == session) {
                 *publisher = None;
                 b.online.store(false, Ordering::Release);
+                // Whoever joins while the unit is away waits for its next keyframe
+                // instead of starting from stale pictures.
+                for t in b.tracks() {
+                    t.track.clear_cache();
+                }
             }
         }
         if !b.is_online() {

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::SinkExt;
 use tianwang_proto::v1::{self, SubscribeError, Subscribed};
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_transport::control::{self, Control, ControlError};
 use tianwang_transport::{Priority, send_track};
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info};
 
@@ -44,7 +44,12 @@ pub(crate) async fn run(
     conn: &quinn::Connection,
     control: Control,
 ) -> Result<(), SessionError> {
-    let (mut tx, mut rx) = control.split();
+    let (tx, mut rx) = control.split();
+    // Replies and notices go out from their own task through a bounded queue: a subscriber
+    // that stops reading its control stream is closed, not waited for.
+    let (out, outgoing) = mpsc::channel(64);
+    let mut writer = JoinSet::new();
+    writer.spawn(control::pump(tx, outgoing));
     let mut session = Session {
         hub,
         conn,
@@ -74,10 +79,16 @@ pub(crate) async fn run(
                         unit_id: change.unit_id,
                         online: change.online,
                     }));
-                    if let Err(e) = tx.send(state).await {
-                        break Err(e.into());
+                    if out.try_send(state).is_err() {
+                        break Err(not_reading());
                     }
                 }
+            }
+            Some(written) = writer.join_next() => {
+                break match written {
+                    Ok(Err(e)) => Err(e.into()),
+                    _ => Ok(()),
+                };
             }
             Some(_) = session.senders.join_next(), if !session.senders.is_empty() => {}
             msg = control::recv(&mut rx) => {
@@ -89,8 +100,8 @@ pub(crate) async fn run(
                 };
                 match session.handle(msg) {
                     Ok(Some(reply)) => {
-                        if let Err(e) = tx.send(reply).await {
-                            break Err(e.into());
+                        if out.try_send(reply).is_err() {
+                            break Err(not_reading());
                         }
                     }
                     Ok(None) => {}
@@ -104,6 +115,14 @@ pub(crate) async fn run(
         hub.units.release_if_idle(&a.broadcast.unit_id);
     }
     result
+}
+
+fn not_reading() -> SessionError {
+    SessionError::new(
+        ErrorCode::Protocol,
+        "not_reading",
+        "the subscriber does not read its control stream",
+    )
 }
 
 fn refuse(request_id: u64, code: ErrorCode, reason: &str) -> ControlMessage {
@@ -171,32 +190,11 @@ impl Session<'_> {
     }
 
     fn start(&mut self, s: &v1::Subscribe) -> Result<Subscribed, (ErrorCode, String)> {
-        let broadcast = self.hub.units.get(&s.unit_id).ok_or_else(|| {
-            (
-                ErrorCode::UnknownUnit,
-                format!("unit {:?} is not online", s.unit_id),
-            )
-        })?;
-        let entries = broadcast.tracks();
-        let chosen: Vec<_> = if s.tracks.is_empty() {
-            entries
-        } else {
-            s.tracks
-                .iter()
-                .map(|name| {
-                    entries
-                        .iter()
-                        .find(|e| &e.info.name == name)
-                        .cloned()
-                        .ok_or_else(|| {
-                            (
-                                ErrorCode::UnknownTrack,
-                                format!("unit {:?} has no track {name:?}", s.unit_id),
-                            )
-                        })
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let (broadcast, chosen) = self
+            .hub
+            .units
+            .subscribe(&s.unit_id, &s.tracks)
+            .map_err(|e| (e.code(), e.to_string()))?;
         let mut answer = Subscribed {
             request_id: s.request_id,
             unit_id: s.unit_id.clone(),
@@ -207,7 +205,7 @@ impl Session<'_> {
             senders: Vec::new(),
             aliases: Vec::new(),
         };
-        for entry in chosen {
+        for (entry, subscription) in chosen {
             let alias = self.next_alias;
             self.next_alias = self.next_alias.wrapping_add(1);
             answer.tracks.push(v1::TrackInfo {
@@ -223,7 +221,6 @@ impl Session<'_> {
             } else {
                 0
             };
-            let subscription = entry.track.subscribe();
             let conn = self.conn.clone();
             let metrics = Arc::clone(&self.hub.metrics);
             let priority = self.priority.clone();

@@ -333,6 +333,15 @@ async fn bad_input_closes_only_the_offender_with_a_reason() -> anyhow::Result<()
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // Asking for one track many times over would multiply the fan-out: refused.
+    let twice = vec!["video".to_string(); 2000];
+    match client::subscribe(&mut asker.control, 9, UNIT, &twice, Duration::from_secs(5)).await {
+        Err(ControlError::Refused { code, reason }) => {
+            assert_eq!(code, ErrorCode::Protocol);
+            assert!(reason.contains("asked for twice"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     assert!(
         client::subscribe(&mut asker.control, 8, UNIT, &[], Duration::from_secs(5))
             .await

@@ -129,3 +129,57 @@ async fn agents_come_back_after_the_hub_restarts() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_agent_gives_up_and_a_second_device_with_the_same_id_wins() -> anyhow::Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(tmp.path(), None).await?;
+
+    // A token for another unit will be refused every time: the agent stops, saying why.
+    let other = hub.token("device", "bwc-other");
+    let mut wrong = Agent::start(
+        &hub.quic.to_string(),
+        &hub.ca(),
+        UNIT,
+        &other,
+        tmp.path(),
+        &[],
+    )?;
+    let status = wrong
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("the refused agent exits");
+    assert!(!status.success());
+    let log = wrong.log();
+    assert!(
+        log.contains("refused") && log.contains("Forbidden"),
+        "{log}"
+    );
+
+    // Two devices claiming one unit id: the newer connection takes over and the older one
+    // stops instead of fighting back.
+    let token = hub.token("device", UNIT);
+    let dir_a = tmp.path().join("a");
+    let dir_b = tmp.path().join("b");
+    std::fs::create_dir_all(&dir_a)?;
+    std::fs::create_dir_all(&dir_b)?;
+    let mut first = Agent::start(&hub.quic.to_string(), &hub.ca(), UNIT, &token, &dir_a, &[])?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 1.0
+    })
+    .await?;
+    let mut second = Agent::start(&hub.quic.to_string(), &hub.ca(), UNIT, &token, &dir_b, &[])?;
+    let status = first
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("the replaced agent exits");
+    assert!(!status.success());
+    assert!(first.log().contains("Replaced"), "{}", first.log());
+    assert!(second.is_running());
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(5), |v| {
+        v == 1.0
+    })
+    .await?;
+    Ok(())
+}

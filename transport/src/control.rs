@@ -137,6 +137,19 @@ pub async fn recv(rx: &mut ControlReceiver) -> Result<ControlMessage, ControlErr
     }
 }
 
+/// Writes every message from `outgoing` to `tx` until the channel closes. Run it as its
+/// own task so that a peer that stops reading never stalls the session loop that queues
+/// the messages.
+pub async fn pump(
+    mut tx: ControlSender,
+    mut outgoing: tokio::sync::mpsc::Receiver<ControlMessage>,
+) -> Result<(), ControlError> {
+    while let Some(msg) = outgoing.recv().await {
+        tx.send(msg).await?;
+    }
+    Ok(())
+}
+
 /// A Close message.
 pub fn close_message(code: ErrorCode, reason: impl Into<String>) -> ControlMessage {
     ControlMessage::new(Kind::Close(v1::Close {

@@ -19,8 +19,10 @@ use tokio::io::AsyncReadExt;
 
 use crate::STREAM_STALE;
 
-/// Frames are read into arenas of this size (or of the frame's size, if larger).
-const ARENA: usize = 256 * 1024;
+/// Frames are read into shared arenas: eight frames' worth, within these bounds (or the
+/// frame's own size, if larger). Small frames (audio) so do not pin big buffers.
+const ARENA_MIN: usize = 16 * 1024;
+const ARENA_MAX: usize = 256 * 1024;
 /// Do not issue reads smaller than this into the tail of an arena.
 const MIN_READ: usize = 4096;
 
@@ -68,7 +70,8 @@ impl GroupReader {
         mut recv: quinn::RecvStream,
         max_frame: usize,
     ) -> Result<(GroupHeader, GroupReader), GroupError> {
-        let mut buf = BytesMut::with_capacity(ARENA);
+        // Small until the header is in: an idle stream holds little.
+        let mut buf = BytesMut::with_capacity(MIN_READ);
         let header = loop {
             match wire::decode_group_header(&mut buf)? {
                 Progress::Done(h) => break h,
@@ -104,7 +107,10 @@ impl GroupReader {
                     if spare < wanted {
                         // A new arena; the partial frame moves over, earlier frames keep
                         // the old one alive for as long as they live.
-                        let mut fresh = BytesMut::with_capacity(ARENA.max(total + MIN_READ));
+                        let size = (8 * total)
+                            .clamp(ARENA_MIN, ARENA_MAX)
+                            .max(total + MIN_READ);
+                        let mut fresh = BytesMut::with_capacity(size);
                         fresh.extend_from_slice(&self.buf);
                         self.buf = fresh;
                     }

@@ -32,6 +32,9 @@ pub struct TrackConfig {
     /// How many groups a subscriber may trail the newest one before it skips ahead. With 1,
     /// the previous group may finish while the next one starts.
     pub max_group_lag: u64,
+    /// Bytes of the current group kept for late joiners (with `group_cache_frames`, the
+    /// cache's bound).
+    pub group_cache_bytes: usize,
 }
 
 impl Default for TrackConfig {
@@ -40,6 +43,7 @@ impl Default for TrackConfig {
             queue_frames: 512,
             group_cache_frames: 1024,
             max_group_lag: 1,
+            group_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -48,6 +52,9 @@ struct GroupCache {
     sequence: u64,
     frames: Box<[OnceLock<Frame>]>,
     len: AtomicUsize,
+    bytes: AtomicUsize,
+    /// A frame did not fit (count or bytes): the cache is no longer the whole group.
+    overflowed: AtomicBool,
 }
 
 struct Slot {
@@ -132,6 +139,8 @@ impl Track {
                 .map(|_| OnceLock::new())
                 .collect(),
             len: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            overflowed: AtomicBool::new(false),
         });
         // Two groups begun at once: keep the newer in the cache.
         self.current.rcu(|cur| match cur {
@@ -161,14 +170,24 @@ impl Track {
             list.push(Arc::clone(&slot));
             list
         });
+        // A close() that walked the list before the slot was in it has set `closed` first.
+        if self.closed.load(Ordering::SeqCst) {
+            slot.closed.store(true, Ordering::Release);
+        }
         // Registered first, read the cache second: a frame pushed in between lands in both,
-        // and the cursor below discards the queue's copy as a duplicate.
+        // and the cursor below discards the queue's copy as a duplicate. The fence pairs
+        // with the one in push(): at least one of the two sees the other's write.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let mut prefill = VecDeque::new();
         let mut cursor = Cursor::Joining;
         if let Some(cache) = self.current.load_full() {
             let len = cache.len.load(Ordering::Acquire);
-            // A full cache may have overflowed: frames past it are gone, so it is no start.
-            let len = if len < cache.frames.len() { len } else { 0 };
+            // An overflowed cache is not the whole group: frames past it are gone.
+            let len = if cache.overflowed.load(Ordering::Acquire) {
+                0
+            } else {
+                len
+            };
             prefill.extend(cache.frames[..len].iter().filter_map(|f| f.get().cloned()));
             if prefill.len() == len && len > 0 {
                 cursor = Cursor::In {
@@ -189,9 +208,15 @@ impl Track {
         }
     }
 
+    /// Forgets the cached group (the publisher went away): a subscriber joining now waits
+    /// for the next keyframe rather than starting from stale pictures.
+    pub fn clear_cache(&self) {
+        self.current.store(None);
+    }
+
     /// Ends every subscription once it has drained its queue.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         for slot in self.subscribers.load().iter() {
             slot.closed.store(true, Ordering::Release);
             slot.waker.wake();
@@ -257,11 +282,24 @@ impl GroupWriter {
             index,
             received_at: frame.received_at,
         };
-        if let Some(slot) = self.cache.frames.get(index as usize) {
+        let cached_bytes = self
+            .cache
+            .bytes
+            .fetch_add(frame.data.len(), Ordering::Relaxed)
+            + frame.data.len();
+        if cached_bytes <= track.config.group_cache_bytes
+            && let Some(slot) = self.cache.frames.get(index as usize)
+        {
             // Only this writer sets slots of this group, each once, in order.
             let _ = slot.set(frame.clone());
             self.cache.len.store(index as usize + 1, Ordering::Release);
+        } else {
+            // Past the cache's bound: joiners wait for the next group.
+            self.cache.overflowed.store(true, Ordering::Release);
         }
+        // Pairs with the fence in subscribe(): a joiner either sees this frame in the cache
+        // or is in the list loaded below.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let subscribers = track.subscribers.load();
         let mut evicted = 0;
         for slot in subscribers.iter() {
@@ -451,13 +489,15 @@ impl Subscription {
                         .fetch_add(1, Ordering::Relaxed);
                     if new_skip {
                         stats.groups_skipped.fetch_add(1, Ordering::Relaxed);
-                        // Giving up the group being delivered, rather than one not begun.
+                        // Giving up the group being delivered (a hole in it), or entering a
+                        // newer group past its keyframe: the queue overflowed and the
+                        // delivered group's tail is likely gone too.
                         if let Cursor::In {
                             group,
                             skipping: false,
                             ..
                         } = before
-                            && group == f.group
+                            && (group == f.group || f.index > 0)
                         {
                             self.abandoned = Some(group);
                         }

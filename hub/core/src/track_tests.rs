@@ -13,6 +13,7 @@ fn track(queue: usize, lag: u64) -> Arc<Track> {
             queue_frames: queue,
             group_cache_frames: 64,
             max_group_lag: lag,
+            ..TrackConfig::default()
         },
         Arc::new(RelayStats::default()),
     )
@@ -112,6 +113,7 @@ fn joiner_without_a_cached_group_waits_for_the_next_keyframe() {
             queue_frames: 64,
             group_cache_frames: 2,
             max_group_lag: 1,
+            ..TrackConfig::default()
         },
         Arc::new(RelayStats::default()),
     );
@@ -343,4 +345,43 @@ mod props {
             }
         }
     }
+}
+
+#[test]
+fn subscribing_to_a_closed_track_ends_at_once() {
+    let t = track(8, 1);
+    t.close();
+    let mut sub = t.subscribe();
+    let waker = Waker::from(Arc::new(Counter::default()));
+    let mut cx = Context::from_waker(&waker);
+    assert!(matches!(sub.poll_next(&mut cx), Poll::Ready(None)));
+}
+
+#[test]
+fn the_join_cache_is_bounded_in_bytes_and_cleared_when_the_publisher_leaves() {
+    let t = Track::new(
+        "video",
+        TrackConfig {
+            group_cache_bytes: 20,
+            ..TrackConfig::default()
+        },
+        Arc::new(RelayStats::default()),
+    );
+    let mut g = t.begin_group();
+    g.push(frame(0)); // 8 bytes
+    g.push(frame(1)); // 16
+    assert_eq!(drain(&mut t.subscribe()), vec![(1, 0), (1, 1)]);
+    g.push(frame(2)); // 24: past the bound
+    assert!(
+        drain(&mut t.subscribe()).is_empty(),
+        "an overflowed cache is no start"
+    );
+
+    let mut g = t.begin_group();
+    g.push(frame(3));
+    t.clear_cache();
+    assert!(
+        drain(&mut t.subscribe()).is_empty(),
+        "no stale pictures after the publisher left"
+    );
 }
