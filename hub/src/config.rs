@@ -19,6 +19,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub relay: RelayConfig,
     pub auth: AuthConfig,
+    pub console: ConsoleConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +67,39 @@ pub struct RelayConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Addresses WebRTC binds its UDP sockets on (one per PeerConnection): its host
+    /// candidates. Loopback by default, like every listener; a hub serving consoles on a
+    /// network lists that network's address here.
+    pub webrtc_ips: Vec<std::net::IpAddr>,
+    /// Tiles one console may show at once.
+    pub max_tiles: usize,
+    /// A console must authenticate within this...
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// ... and answer each offer within this.
+    #[serde(with = "humantime_serde")]
+    pub answer_timeout: Duration,
+    /// Directory with the console's files to serve instead of the ones built into the
+    /// binary (for working on the console without rebuilding).
+    pub assets_dir: Option<PathBuf>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        let core = tianwang_core::console::ConsoleConfig::default();
+        Self {
+            webrtc_ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
+            max_tiles: core.max_tiles,
+            auth_timeout: core.auth_timeout,
+            answer_timeout: core.answer_timeout,
+            assets_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Token signing key (Ed25519, PKCS#8 PEM). Empty: `data_dir/keys/token-signing.pem`,
     /// made on first start.
@@ -87,6 +121,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             relay: RelayConfig::default(),
             auth: AuthConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -191,6 +226,12 @@ impl Config {
         if self.relay.subscriber_queue_frames == 0 || self.relay.subscriber_queue_frames > 65_536 {
             return bad("relay.subscriber_queue_frames must be within 1 ..= 65536".into());
         }
+        if self.console.webrtc_ips.is_empty() {
+            return bad("console.webrtc_ips is empty: WebRTC needs an address to bind".into());
+        }
+        if !(1..=64).contains(&self.console.max_tiles) {
+            return bad("console.max_tiles must be within 1 ..= 64".into());
+        }
         if self.relay.group_cache_frames > 65_536 {
             return bad("relay.group_cache_frames must be at most 65536".into());
         }
@@ -218,6 +259,14 @@ impl Config {
                 self.tls_dir().join("hub.crt"),
                 self.tls_dir().join("hub.key"),
             ),
+        }
+    }
+
+    pub fn console_session_config(&self) -> tianwang_core::console::ConsoleConfig {
+        tianwang_core::console::ConsoleConfig {
+            max_tiles: self.console.max_tiles,
+            auth_timeout: self.console.auth_timeout,
+            answer_timeout: self.console.answer_timeout,
         }
     }
 

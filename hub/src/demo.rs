@@ -103,14 +103,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     println!(
         "\nTianwang demo: a hub with {n} simulated units (sim-1 .. sim-{n}).\n\
+         \n  console   http://{http}/   (sign in with the commander token below)\n\
          \n  metrics   http://{http}/metrics\n  health    http://{http}/healthz\n  QUIC      {quic}\n\
          \n  Watch a unit and save its video:\n    source {env}\n    \
          {hub} watch --hub \"$TIANWANG_HUB\" --token \"$TIANWANG_TOKEN\" --ca \"$TIANWANG_CA\" --unit sim-1 --duration 10 --out sim-1.h264\n\
-         \n  Console token (commander, 24 h) and addresses are in {env}\n",
+         \n  Console token (commander, 24 h; also in {env}):\n\n{token}\n",
         n = opts.units,
         http = hub.http_addr,
         quic = hub.quic_addr,
         env = env_path.display(),
+        token = console_token,
         hub = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "hub".into()),

@@ -1,20 +1,70 @@
-//! The hub's HTTP side: Prometheus metrics and health (the console joins it later).
+//! The hub's HTTP side, one port: the browser console (`/`), its WebSocket API
+//! (`/api/session`), the console API over gRPC (HTTP/2, with reflection), WHEP, Prometheus
+//! metrics and health.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rust_embed::RustEmbed;
 
+use crate::console::{grpc, whep, ws};
 use crate::session::HubContext;
 
-pub fn router(hub: Arc<HubContext>) -> Router {
-    Router::new()
+/// The browser console, built into the binary.
+#[derive(RustEmbed)]
+#[folder = "../web-console/"]
+#[exclude = "README.md"]
+struct Console;
+
+pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
+    let grpc = grpc::routes(Arc::clone(&hub))?;
+    let http = Router::new()
+        .route("/", get(index))
+        .route("/{file}", get(asset))
+        .route("/api/session", get(ws::upgrade))
+        .route(
+            "/whep/{unit}",
+            post(whep::start).layer(DefaultBodyLimit::max(whep::MAX_OFFER)),
+        )
+        .route(
+            "/whep/{unit}/{id}",
+            axum::routing::delete(whep::stop).patch(whep::patch),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(hub)
+        .with_state(hub);
+    Ok(http.merge(grpc))
+}
+
+async fn index(state: State<Arc<HubContext>>) -> Response {
+    asset(state, Path("index.html".to_string())).await
+}
+
+async fn asset(State(hub): State<Arc<HubContext>>, Path(file): Path<String>) -> Response {
+    // Only plain file names: nothing can climb out of the console's directory.
+    if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let body = match &hub.config.console.assets_dir {
+        Some(dir) => tokio::fs::read(dir.join(&file)).await.ok(),
+        None => Console::get(&file).map(|f| f.data.into_owned()),
+    };
+    let Some(body) = body else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let mime = mime_guess::from_path(&file).first_or_octet_stream();
+    (
+        [
+            (header::CONTENT_TYPE, mime.to_string()),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(hub): State<Arc<HubContext>>) -> impl IntoResponse {

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub sessions: IntCounterVec,
     pub sessions_closed: IntCounterVec,
     pub telemetry: IntCounter,
+    pub console_sessions: IntGauge,
+    pub webrtc_peers: IntGauge,
+    pub console_tiles: IntGauge,
 }
 
 /// Reads the units registry and the relay core's counters when scraped.
@@ -84,6 +87,22 @@ impl Collector for Live {
         out.extend(self.frames_stale_in.collect());
         out.extend(self.dropped.collect());
         out
+    }
+}
+
+/// Reads the runtime's live task count when scraped.
+struct TaskGauge(IntGauge);
+
+impl Collector for TaskGauge {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.0.set(handle.metrics().num_alive_tasks() as i64);
+        }
+        self.0.collect()
     }
 }
 
@@ -172,6 +191,26 @@ impl Metrics {
             "tianwang_telemetry_total",
             "Telemetry messages received from units",
         )?;
+        let console_sessions = IntGauge::new(
+            "tianwang_console_sessions",
+            "Console sessions open (gRPC and WebSocket)",
+        )?;
+        let webrtc_peers = IntGauge::new(
+            "tianwang_webrtc_peers",
+            "WebRTC PeerConnections open (consoles and WHEP viewers)",
+        )?;
+        let console_tiles = IntGauge::new(
+            "tianwang_webrtc_tiles",
+            "Units shown over WebRTC (console tiles and WHEP viewers)",
+        )?;
+        let tasks = IntGauge::new(
+            "tianwang_tasks_alive",
+            "Tasks alive in the hub's runtime (a leak shows here)",
+        )?;
+        registry.register(Box::new(console_sessions.clone()))?;
+        registry.register(Box::new(webrtc_peers.clone()))?;
+        registry.register(Box::new(console_tiles.clone()))?;
+        registry.register(Box::new(TaskGauge(tasks)))?;
         registry.register(Box::new(frames_out.clone()))?;
         registry.register(Box::new(bytes_out.clone()))?;
         registry.register(Box::new(forward_latency.clone()))?;
@@ -186,6 +225,9 @@ impl Metrics {
             sessions,
             sessions_closed,
             telemetry,
+            console_sessions,
+            webrtc_peers,
+            console_tiles,
         })
     }
 

@@ -93,7 +93,7 @@ impl RunningHub {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(session::serve(Arc::clone(&context), endpoint));
         tasks.spawn(sample_rates(Arc::clone(&context)));
-        let router = crate::http::router(Arc::clone(&context));
+        let router = crate::http::router(Arc::clone(&context))?;
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(http, router)

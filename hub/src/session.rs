@@ -31,7 +31,10 @@ pub struct HubContext {
     pub units: Arc<Units>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// WHEP viewers: resource id → (unit, stop).
+    pub whep: dashmap::DashMap<String, (String, CancellationToken)>,
     next_session: AtomicU64,
+    next_console: AtomicU64,
 }
 
 impl HubContext {
@@ -48,8 +51,14 @@ impl HubContext {
             units,
             metrics,
             shutdown,
+            whep: dashmap::DashMap::new(),
             next_session: AtomicU64::new(1),
+            next_console: AtomicU64::new(1),
         }
+    }
+
+    pub fn next_console_id(&self) -> u64 {
+        self.next_console.fetch_add(1, Ordering::Relaxed)
     }
 }
 

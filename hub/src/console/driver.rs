@@ -1,0 +1,297 @@
+//! Runs one console session: the sans-IO `ConsoleSession` decides, this loop does the I/O
+//! (token check, registry, the WebRTC peer, the transport) and feeds the outcomes back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tianwang_core::console::{Action, ConsoleSession, Principal};
+use tianwang_proto::ErrorCode;
+use tianwang_proto::v1::session_request::Kind as Request;
+use tianwang_proto::v1::{Auth, SessionEvent, SessionRequest, TileStats, UnitEvent};
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{Instrument, debug, info};
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use super::peer::{Peer, PeerConfig, PeerEvent};
+use super::{ConsoleIo, Incoming};
+use crate::session::HubContext;
+
+/// Why the loop stops.
+enum Stop {
+    Closed,
+}
+
+struct Driver {
+    hub: Arc<HubContext>,
+    session: ConsoleSession,
+    io: ConsoleIo,
+    peer: Option<Peer>,
+    peer_events: Option<tokio::sync::mpsc::UnboundedReceiver<PeerEvent>>,
+    id: u64,
+}
+
+pub async fn run(
+    hub: Arc<HubContext>,
+    io: ConsoleIo,
+    token: Option<String>,
+    transport: &'static str,
+) {
+    let id = hub.next_console_id();
+    let span = tracing::info_span!("console", id, transport);
+    let metrics = Arc::clone(&hub.metrics);
+    metrics.console_sessions.inc();
+    let mut d = Driver {
+        session: ConsoleSession::new(Instant::now(), hub.config.console_session_config()),
+        hub,
+        io,
+        peer: None,
+        peer_events: None,
+        id,
+    };
+    async move {
+        if let Some(token) = token {
+            d.session.handle_request(
+                Instant::now(),
+                SessionRequest {
+                    kind: Some(Request::Auth(Auth { token })),
+                },
+            );
+        }
+        let reason = d.run().await;
+        debug!(reason, "console session ended");
+        if let Some(peer) = d.peer.take() {
+            peer.close().await;
+        }
+    }
+    .instrument(span)
+    .await;
+    metrics.console_sessions.dec();
+}
+
+impl Driver {
+    async fn run(&mut self) -> &'static str {
+        let mut changes = self.hub.units.changes();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            while let Some(action) = self.session.poll_action() {
+                if let Err(Stop::Closed) = self.execute(action).await {
+                    return "closed";
+                }
+            }
+            if self.session.is_closed() {
+                return "closed by the session";
+            }
+            let timeout = self.session.poll_timeout();
+            let sleep = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                incoming = self.io.incoming.recv() => match incoming {
+                    Some(Incoming::Request(r)) => self.session.handle_request(Instant::now(), r),
+                    Some(Incoming::Undecodable(e)) => self.session.handle_undecodable(&e),
+                    None => return "the console went away",
+                },
+                _ = sleep => self.session.handle_timeout(Instant::now()),
+                Some(event) = next_peer_event(&mut self.peer_events) => self.peer_event(event),
+                change = changes.recv() => match change {
+                    Ok(c) => self.session.unit_event(UnitEvent {
+                        unit_id: c.unit_id,
+                        online: c.online,
+                        tracks: c.tracks,
+                    }),
+                    // Missed some: the console re-reads the list on its next ListUnits.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
+                },
+                _ = tick.tick() => self.stats(),
+                _ = self.hub.shutdown.cancelled() => {
+                    let _ = self.io.outgoing.try_send(error_event(ErrorCode::Shutdown, "hub shutting down"));
+                    return "hub stopping";
+                }
+            }
+        }
+    }
+
+    fn peer_event(&mut self, event: PeerEvent) {
+        match event {
+            PeerEvent::LocalCandidate(c) => self.session.local_candidate(c),
+            PeerEvent::GatheringComplete => {}
+            PeerEvent::State(state) => {
+                debug!(%state, "media connection");
+                if let Some(peer) = &self.peer {
+                    peer.set_connected(state == RTCPeerConnectionState::Connected);
+                }
+            }
+        }
+    }
+
+    fn stats(&mut self) {
+        let Some(peer) = self.peer.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        for tile_id in peer.tile_ids() {
+            if let Some(n) = peer.tile_stats(&tile_id, now) {
+                self.session.tile_stats(TileStats {
+                    tile_id,
+                    bitrate_bps: n.bitrate_bps,
+                    framerate: n.framerate,
+                    frames_sent: n.frames_sent,
+                    frames_dropped: n.frames_dropped,
+                    delay_us: n.delay_us,
+                    stalled: n.stalled,
+                });
+            }
+        }
+    }
+
+    async fn ensure_peer(&mut self) -> Result<&mut Peer, String> {
+        if self.peer.is_none() {
+            let config = PeerConfig {
+                ips: self.hub.config.console.webrtc_ips.clone(),
+            };
+            let (peer, events) = Peer::new(&config, Arc::clone(&self.hub.metrics))
+                .await
+                .map_err(|e| e.to_string())?;
+            self.peer = Some(peer);
+            self.peer_events = Some(events);
+        }
+        self.peer.as_mut().ok_or_else(|| "no peer".to_string())
+    }
+
+    async fn execute(&mut self, action: Action) -> Result<(), Stop> {
+        match action {
+            Action::Send(event) => match self.io.outgoing.try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    info!("the console does not read its events: closing");
+                    return Err(Stop::Closed);
+                }
+                Err(TrySendError::Closed(_)) => return Err(Stop::Closed),
+            },
+            Action::Authenticate { token } => self.authenticate(&token),
+            Action::AttachTile { tile_id, unit_id } => {
+                let subscribed = self.hub.units.subscribe(&unit_id, &[]);
+                let (broadcast, tracks) = match subscribed {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.session.tile_failed(&tile_id, e.code(), &e.to_string());
+                        return Ok(());
+                    }
+                };
+                let attached = match self.ensure_peer().await {
+                    Ok(peer) => peer
+                        .attach(&tile_id, broadcast, tracks)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match attached {
+                    Ok((video_mid, audio_mid)) => {
+                        info!(tile = %tile_id, unit = %unit_id, "tile added");
+                        self.session.tile_attached(&tile_id, &video_mid, &audio_mid);
+                    }
+                    Err(e) => self.session.tile_failed(&tile_id, ErrorCode::Internal, &e),
+                }
+            }
+            Action::DetachTile { tile_id } => {
+                if let Some(peer) = self.peer.as_mut() {
+                    peer.detach(&tile_id).await;
+                }
+            }
+            Action::CreateOffer { revision } => {
+                let offer = match self.ensure_peer().await {
+                    Ok(peer) => peer.create_offer().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match offer {
+                    Ok(sdp) => self.session.offer_created(Instant::now(), revision, sdp),
+                    Err(e) => self.session.negotiation_failed(&e),
+                }
+            }
+            Action::ApplyAnswer { revision, sdp } => {
+                let result = match self.peer.as_ref() {
+                    Some(peer) => peer.apply_answer(sdp).await.map_err(|e| e.to_string()),
+                    None => Err("no offer was made".to_string()),
+                };
+                self.session.answer_applied(revision, result);
+            }
+            Action::AddRemoteCandidate(c) => {
+                if let Some(peer) = self.peer.as_ref()
+                    && let Err(e) = peer.add_candidate(c).await
+                {
+                    let _ = self.io.outgoing.try_send(error_event(
+                        ErrorCode::Protocol,
+                        &format!("ICE candidate refused: {e}"),
+                    ));
+                }
+            }
+            Action::RequestKeyframe { tile_id } => {
+                if let Some(unit) = self.session.tile_unit(&tile_id)
+                    && let Some(b) = self.hub.units.get(unit)
+                {
+                    b.request_keyframe("video");
+                }
+            }
+            Action::Close { code, reason } => {
+                info!(?code, %reason, "closing console session");
+                return Err(Stop::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    fn authenticate(&mut self, token: &str) {
+        let claims = match self.hub.authority.verify(token) {
+            Ok(c) => c,
+            Err(e) => {
+                self.session.auth_failed(&e.to_string());
+                return;
+            }
+        };
+        if !claims.role.can_watch_live() {
+            self.session
+                .auth_failed(&format!("a {:?} token cannot use the console", claims.role));
+            return;
+        }
+        let principal = Principal {
+            user: claims.sub.clone(),
+            role: format!("{:?}", claims.role).to_lowercase(),
+        };
+        let mut units: Vec<_> = self.hub.units.list().iter().map(|b| b.summary()).collect();
+        units.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
+        let ready = ConsoleSession::ready(
+            &self.id.to_string(),
+            &principal,
+            &self.hub.config.hub_id,
+            units,
+        );
+        info!(user = %principal.user, role = %principal.role, "console signed in");
+        self.session.authenticated(Instant::now(), principal, ready);
+    }
+}
+
+async fn next_peer_event(
+    events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<PeerEvent>>,
+) -> Option<PeerEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn error_event(code: ErrorCode, message: &str) -> SessionEvent {
+    SessionEvent {
+        kind: Some(tianwang_proto::v1::session_event::Kind::Error(
+            tianwang_proto::v1::SessionError {
+                code: code as i32,
+                message: message.to_string(),
+                tile_id: String::new(),
+            },
+        )),
+    }
+}

@@ -1,0 +1,87 @@
+// Tianwang command console: sign-in, then the wall. Plain ES modules, no build step.
+import { Session } from "./session.js";
+import { Wall } from "./wall.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "tianwang.token";
+
+function status(text) {
+  $("status").textContent = text;
+}
+
+function showSignin(message = "") {
+  $("console").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = message;
+  $("token").focus();
+}
+
+function start(token) {
+  $("signin").hidden = true;
+  $("console").hidden = false;
+  const session = new Session(token);
+  const wall = new Wall(session, $("wall"), $("units"));
+  window.tianwang = { session, wall };
+
+  session.addEventListener("ready", (e) => {
+    const r = e.detail;
+    $("conn").textContent = "connected";
+    $("conn").className = "badge ok";
+    $("hub-id").textContent = `hub ${r.hubId}`;
+    $("user").textContent = `${r.user} · ${r.role}`;
+    wall.setUnits(r.units ?? []);
+    status(`session ${r.sessionId}`);
+  });
+  session.addEventListener("unit", (e) => wall.updateUnit(e.detail));
+  session.addEventListener("error", (e) => {
+    const err = e.detail;
+    status(`${err.tileId ? `tile ${err.tileId}: ` : ""}${err.message}`);
+    if (err.code === "ERROR_CODE_UNAUTHORIZED") {
+      sessionStorage.removeItem(TOKEN_KEY);
+      showSignin(err.message);
+    }
+  });
+  session.addEventListener("peer", (e) => status(`media ${e.detail}`));
+  session.addEventListener("close", (e) => {
+    $("conn").textContent = "disconnected";
+    $("conn").className = "badge bad";
+    if (!$("signin").hidden) return;
+    status(`session closed${e.detail.reason ? `: ${e.detail.reason}` : ""}`);
+  });
+
+  document.querySelectorAll("#layouts button").forEach((b) => {
+    b.onclick = () => wall.setLayout(Number(b.dataset.layout));
+  });
+  $("unit-filter").oninput = (e) => {
+    wall.filter = e.target.value.trim().toLowerCase();
+    wall.renderUnits();
+  };
+  $("signout").onclick = () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    session.close();
+    location.reload();
+  };
+  document.addEventListener("keydown", (e) => {
+    if (e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement) return;
+    const layouts = { 1: 1, 2: 4, 3: 9, 4: 16 };
+    if (layouts[e.key]) wall.setLayout(layouts[e.key]);
+    else if (e.key === "Escape") wall.unenlarge();
+    else if (e.key === "/") {
+      e.preventDefault();
+      $("unit-filter").focus();
+    }
+  });
+  session.connect();
+}
+
+$("signin-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("token").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  start(token);
+});
+
+const saved = sessionStorage.getItem(TOKEN_KEY);
+if (saved) start(saved);
+else showSignin();

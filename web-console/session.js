@@ -1,0 +1,125 @@
+// The console's session with its hub: one WebSocket carrying the console API in the
+// protobuf JSON mapping, and one RTCPeerConnection carrying every tile. The hub offers; we
+// answer. See proto/tianwang/v1/console.proto.
+
+export class Session extends EventTarget {
+  constructor(token) {
+    super();
+    this.token = token;
+    this.pc = null;
+    this.ws = null;
+    this.closed = false;
+    this.pendingCandidates = [];
+    // The hub names each tile's tracks with the tile id as their stream id.
+    this.streams = new Map();
+  }
+
+  connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    this.ws = new WebSocket(`${scheme}://${location.host}/api/session`);
+    this.ws.onopen = () => {
+      // The token travels in the first message, never in the URL.
+      this.send({ auth: { token: this.token } });
+      this.emit("open");
+    };
+    this.ws.onmessage = (m) => this.onEvent(JSON.parse(m.data));
+    this.ws.onclose = (e) => {
+      this.closed = true;
+      this.emit("close", { code: e.code, reason: e.reason });
+    };
+  }
+
+  close() {
+    this.closed = true;
+    this.ws?.close();
+    this.pc?.close();
+  }
+
+  send(message) {
+    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  addTile(tileId, unitId) {
+    this.send({ addTile: { tileId, unitId } });
+  }
+
+  removeTile(tileId) {
+    this.send({ removeTile: { tileId } });
+  }
+
+  requestKeyframe(tileId) {
+    this.send({ keyframe: { tileId } });
+  }
+
+  ensurePeer() {
+    if (this.pc) return this.pc;
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    pc.onicecandidate = (e) => {
+      const c = e.candidate;
+      this.send({
+        iceCandidate: c
+          ? { candidate: c.candidate, sdpMid: c.sdpMid ?? "", sdpMlineIndex: c.sdpMLineIndex ?? 0,
+              usernameFragment: c.usernameFragment ?? "" }
+          : { candidate: "" },
+      });
+    };
+    pc.onconnectionstatechange = () => this.emit("peer", pc.connectionState);
+    pc.ontrack = (e) => {
+      const stream = e.streams[0];
+      if (!stream) return;
+      this.streams.set(stream.id, stream);
+      this.emit("track", { tileId: stream.id, stream });
+    };
+    this.pc = pc;
+    return pc;
+  }
+
+  async onEvent(event) {
+    if (event.ready) this.emit("ready", event.ready);
+    else if (event.unit) this.emit("unit", event.unit);
+    else if (event.tile) this.emit("tile", event.tile);
+    else if (event.stats) this.emit("stats", event.stats);
+    else if (event.error) this.emit("error", event.error);
+    else if (event.offer) await this.answer(event.offer);
+    else if (event.iceCandidate) await this.remoteCandidate(event.iceCandidate);
+  }
+
+  async answer(offer) {
+    const pc = this.ensurePeer();
+    try {
+      await pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
+      for (const c of this.pendingCandidates.splice(0)) await pc.addIceCandidate(c);
+      const answer = await pc.createAnswer();
+      await pc.setLocalDescription(answer);
+      this.send({ answer: { type: "answer", sdp: pc.localDescription.sdp, revision: offer.revision } });
+      this.emit("negotiated", pc);
+    } catch (e) {
+      this.emit("error", { message: `negotiation failed: ${e.message}` });
+    }
+  }
+
+  async remoteCandidate(c) {
+    const init = c.candidate
+      ? { candidate: c.candidate, sdpMid: c.sdpMid || null, sdpMLineIndex: c.sdpMlineIndex ?? 0 }
+      : null;
+    if (!init) return;
+    if (!this.pc?.remoteDescription) {
+      this.pendingCandidates.push(init);
+      return;
+    }
+    try {
+      await this.pc.addIceCandidate(init);
+    } catch (e) {
+      this.emit("error", { message: `bad ICE candidate from the hub: ${e.message}` });
+    }
+  }
+
+  /// The media of a tile, once its tracks have arrived.
+  streamFor(tileId) {
+    return this.streams.get(tileId) ?? null;
+  }
+}
