@@ -228,10 +228,14 @@ export class Wall {
 
   updateUnit(u) {
     const known = this.units.get(u.unitId) ?? {};
-    this.units.set(u.unitId, { ...known, ...u, online: Boolean(u.online) });
-    for (const s of this.slots) {
-      if (s.unitId === u.unitId && s.status !== "pending" && s.status !== "error") {
-        this.setStatus(s, u.online ? "live" : "offline");
+    // Change events carry no stats: keep the last known ones.
+    const online = Boolean(u.online);
+    this.units.set(u.unitId, { ...known, ...u, stats: u.stats ?? known.stats, online });
+    if (known.online !== online) {
+      for (const s of this.slots) {
+        if (s.unitId === u.unitId && s.status !== "pending" && s.status !== "error") {
+          this.setStatus(s, online ? "live" : "offline");
+        }
       }
     }
     this.renderUnits();

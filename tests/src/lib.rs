@@ -15,6 +15,7 @@ use tianwang_proto::v1::{Hello, Role, Subscribed, TrackKind};
 use tianwang_transport::client::{self, ReceivedFrame, TrackReceiver};
 use tianwang_transport::{Control, Limits, Trust};
 
+pub mod console;
 pub mod relay;
 
 /// A binary of this workspace, built by `cargo build --bins` (scripts/test does it first).

@@ -16,6 +16,9 @@ use super::peer::{Peer, PeerConfig, PeerEvent};
 use super::{ConsoleIo, Incoming};
 use crate::session::HubContext;
 
+/// Units' rates go to the console every this many seconds.
+const UNIT_REFRESH_TICKS: u64 = 3;
+
 /// Why the loop stops.
 enum Stop {
     Closed,
@@ -72,6 +75,7 @@ impl Driver {
     async fn run(&mut self) -> &'static str {
         let mut changes = self.hub.units.changes();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             while let Some(action) = self.session.poll_action() {
@@ -102,12 +106,19 @@ impl Driver {
                         unit_id: c.unit_id,
                         online: c.online,
                         tracks: c.tracks,
+                        ..Default::default()
                     }),
                     // Missed some: the console re-reads the list on its next ListUnits.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
                 },
-                _ = tick.tick() => self.stats(),
+                _ = tick.tick() => {
+                    self.stats();
+                    ticks += 1;
+                    if ticks.is_multiple_of(UNIT_REFRESH_TICKS) {
+                        self.refresh_units();
+                    }
+                }
                 _ = self.hub.shutdown.cancelled() => {
                     let _ = self.io.outgoing.try_send(error_event(ErrorCode::Shutdown, "hub shutting down"));
                     return "hub stopping";
@@ -126,6 +137,20 @@ impl Driver {
                     peer.set_connected(state == RTCPeerConnectionState::Connected);
                 }
             }
+        }
+    }
+
+    /// Every unit with its rates, for the console's unit list.
+    fn refresh_units(&mut self) {
+        for b in self.hub.units.list() {
+            let summary = b.summary();
+            self.session.unit_event(UnitEvent {
+                unit_id: summary.unit_id,
+                online: summary.online,
+                tracks: summary.tracks,
+                stats: summary.stats,
+                subscribers: summary.subscribers,
+            });
         }
     }
 

@@ -104,13 +104,18 @@ impl Console for ConsoleService {
 
 /// The gRPC routes: the console service (message size bounded) and reflection.
 pub fn routes(hub: Arc<HubContext>) -> Result<axum::Router, tonic_reflection::server::Error> {
+    // Both reflection versions: grpcurl speaks v1, many client libraries still v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tianwang_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tianwang_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let console = ConsoleServer::new(ConsoleService::new(hub))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(4 * MAX_MESSAGE);
     Ok(tonic::service::Routes::new(console)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .into_axum_router())
 }

@@ -27,7 +27,7 @@ use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, SettingEngineBuilder,
 };
 use webrtc::rtp_transceiver::RtpSender;
 
@@ -88,20 +88,11 @@ fn h264() -> RTCRtpCodec {
         // Constrained baseline, what the field agents send and every browser decodes.
         sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
             .into(),
-        rtcp_feedback: vec![
-            RTCPFeedback {
-                typ: "nack".into(),
-                parameter: String::new(),
-            },
-            RTCPFeedback {
-                typ: "nack".into(),
-                parameter: "pli".into(),
-            },
-            RTCPFeedback {
-                typ: "ccm".into(),
-                parameter: "fir".into(),
-            },
-        ],
+        // The default interceptors add "nack" and "nack pli" themselves.
+        rtcp_feedback: vec![RTCPFeedback {
+            typ: "ccm".into(),
+            parameter: "fir".into(),
+        }],
     }
 }
 
@@ -167,8 +158,13 @@ impl Peer {
         );
         let (events, rx) = mpsc::unbounded_channel();
         let addrs: Vec<String> = config.ips.iter().map(|ip| format!("{ip}:0")).collect();
+        // No mDNS: its default mode binds a multicast socket on :5353 for every connection.
+        let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            .build();
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(settings)
             .with_media_engine(engine)
             .with_interceptor_registry(registry)
             .with_handler(Arc::new(Handler { events }))

@@ -1,0 +1,190 @@
+//! A WebRTC load run: `hub serve` + `field-agent simulate` (U units) + C consoles in Rust
+//! (WebSocket session, webrtc-rs PeerConnection), each showing T tiles. Reports hub CPU and
+//! peak RSS, forwarded Mbit/s, received Mbit/s, time to first RTP packet of a new tile, and
+//! the hub's forwarding latency. Run in release:
+//!
+//!   cargo run --release -p tianwang-tests --bin loadrun-webrtc -- --units 16 --consoles 4 --tiles 16
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tianwang_tests::console::Console;
+use tianwang_tests::*;
+
+struct Args {
+    units: usize,
+    consoles: usize,
+    tiles: usize,
+    duration: u64,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        units: 1,
+        consoles: 10,
+        tiles: 1,
+        duration: 15,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--units" => a.units = value.parse()?,
+            "--consoles" => a.consoles = value.parse()?,
+            "--tiles" => a.tiles = value.parse()?,
+            "--duration" => a.duration = value.parse()?,
+            other => bail!("unknown flag {other} (--units, --consoles, --tiles, --duration)"),
+        }
+    }
+    Ok(a)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A quantile (in ms) from a Prometheus histogram's cumulative buckets, by the bucket bound.
+fn histogram_quantile(m: &Metrics, m0: &Metrics, name: &str, q: f64) -> f64 {
+    let bounds = [
+        "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025",
+        "0.05", "0.1", "0.25", "0.5", "1", "+Inf",
+    ];
+    let count = |b: &str| {
+        let key = format!("{name}_bucket{{le=\"{b}\"}}");
+        m.get(&key) - m0.get(&key)
+    };
+    let total = count("+Inf");
+    for b in bounds {
+        if total > 0.0 && count(b) >= q * total {
+            return b
+                .parse::<f64>()
+                .map(|s| s * 1000.0)
+                .unwrap_or(f64::INFINITY);
+        }
+    }
+    f64::NAN
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(
+        tmp.path(),
+        Some(&format!("[console]\nmax_tiles = {}\n", args.tiles + 1)),
+    )
+    .await?;
+    let tokens = hub.fleet("sim-", args.units);
+    let _sim = Simulator::start(&hub, args.units, &tokens, &[])?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(60), |v| {
+        v == args.units as f64
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let token = hub.token("commander", "loadrun");
+    let pid = hub.pid().context("hub pid")?;
+
+    // Open every console and its tiles; each session is driven by its own task, which
+    // reports how long each tile took from AddTile to its first RTP packet.
+    // (late, ms): `late` for the tile each console adds once its connection is up.
+    let (ttff_tx, mut ttff_rx) = tokio::sync::mpsc::unbounded_channel::<(bool, f64)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..args.consoles {
+        let mut console = Console::connect(hub.http).await?;
+        console.with_media().await?;
+        console.auth(&token).await?;
+        let (units, tiles, ttff_tx) = (args.units, args.tiles, ttff_tx.clone());
+        tasks.spawn(async move {
+            let mut added = Vec::new();
+            for t in 0..tiles {
+                let unit = format!("sim-{}", (c * tiles + t) % units + 1);
+                let tile = format!("t{t}");
+                console.add_tile(&tile, &unit).await?;
+                added.push((tile, Instant::now()));
+            }
+            // Read events (offers, candidates, stats) until every tile has media, then on,
+            // so the session is never closed as unread.
+            let stop = Instant::now() + Duration::from_secs(600);
+            let mut late_added = false;
+            while Instant::now() < stop {
+                let _ = console.next(Duration::from_millis(50)).await;
+                added.retain(|(tile, at)| match console.media_of(tile).first_packet {
+                    Some(first) => {
+                        let ms = first.saturating_duration_since(*at).as_secs_f64() * 1000.0;
+                        let _ = ttff_tx.send((tile == "late", ms));
+                        false
+                    }
+                    None => true,
+                });
+                // Once the first tiles play, one more on the live connection: only a
+                // renegotiation between it and its first frame.
+                if added.is_empty() && !late_added {
+                    late_added = true;
+                    console
+                        .add_tile("late", &format!("sim-{}", c % units + 1))
+                        .await?;
+                    added.push(("late".to_string(), Instant::now()));
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    drop(ttff_tx);
+    let (mut ttff, mut late) = (Vec::new(), Vec::new());
+    let all = args.consoles * args.tiles;
+    let collected = tokio::time::timeout(Duration::from_secs(90), async {
+        while ttff.len() < all || late.len() < args.consoles {
+            match ttff_rx.recv().await {
+                Some((true, ms)) => late.push(ms),
+                Some((false, ms)) => ttff.push(ms),
+                None => break,
+            }
+        }
+    })
+    .await;
+    if collected.is_err() || ttff.len() < all || late.len() < args.consoles {
+        bail!(
+            "only {} of {all} tiles (and {} late ones) got media",
+            ttff.len(),
+            late.len()
+        );
+    }
+    ttff.sort_by(|a, b| a.total_cmp(b));
+    late.sort_by(|a, b| a.total_cmp(b));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m0 = hub.metrics().await?;
+    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let m1 = hub.metrics().await?;
+    let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
+    tasks.abort_all();
+
+    let bytes_out = m1.get("tianwang_bytes_out_total") - m0.get("tianwang_bytes_out_total");
+    let frames_out = m1.get("tianwang_frames_out_total") - m0.get("tianwang_frames_out_total");
+    let report = serde_json::json!({
+        "units": args.units,
+        "consoles": args.consoles,
+        "tiles_per_console": args.tiles,
+        "tiles": args.consoles * (args.tiles + 1),
+        "seconds": secs,
+        "hub_cpu_cores": cpu / secs,
+        "hub_peak_rss_mib": rss,
+        "forwarded_mbit_s": bytes_out * 8.0 / secs / 1e6,
+        "frames_out_per_s": frames_out / secs,
+        "frames_dropped": m1.sum("tianwang_frames_dropped_total") - m0.sum("tianwang_frames_dropped_total"),
+        "first_rtp_ms_p50": percentile(&ttff, 0.5),
+        "first_rtp_ms_p95": percentile(&ttff, 0.95),
+        "late_tile_first_rtp_ms_p50": percentile(&late, 0.5),
+        "late_tile_first_rtp_ms_p95": percentile(&late, 0.95),
+        "forward_latency_ms_p50_bucket": histogram_quantile(&m1, &m0, "tianwang_forward_latency_seconds", 0.5),
+        "forward_latency_ms_p99_bucket": histogram_quantile(&m1, &m0, "tianwang_forward_latency_seconds", 0.99),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! A console in Rust: the WebSocket session (protobuf JSON) and, for media, a webrtc-rs
+//! PeerConnection that answers the hub's offers and counts the RTP of each tile. Tests use
+//! it to send bad input; `loadrun` to measure WebRTC fan-out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use futures::{SinkExt, StreamExt};
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MediaEngine,
+};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+use tianwang_proto::v1::session_event::Kind as Event;
+use tianwang_proto::v1::{SessionEvent, TileState, tile_state::State};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCPeerConnectionIceEvent,
+    Registry, SettingEngineBuilder,
+};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What arrived for one tile (its stream id is the tile id).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TileMedia {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_packet: Option<Instant>,
+}
+
+pub type MediaCounts = Arc<Mutex<HashMap<String, TileMedia>>>;
+
+#[derive(Clone)]
+struct Handler {
+    candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
+    media: MediaCounts,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let _ = self.candidates.send(init);
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let tile = track.stream_id().await.to_string();
+        let media = Arc::clone(&self.media);
+        tokio::spawn(async move {
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(p) = event {
+                    let mut m = media.lock().unwrap_or_else(|e| e.into_inner());
+                    let t = m.entry(tile.clone()).or_default();
+                    t.packets += 1;
+                    t.bytes += p.payload.len() as u64;
+                    t.first_packet.get_or_insert_with(Instant::now);
+                }
+            }
+        });
+    }
+}
+
+/// A console session over WebSocket.
+pub struct Console {
+    ws: Ws,
+    pc: Option<Arc<dyn PeerConnection>>,
+    candidates: Option<mpsc::UnboundedReceiver<RTCIceCandidateInit>>,
+    pub media: MediaCounts,
+}
+
+fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
+    let mut engine = MediaEngine::default();
+    engine.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_H264.into(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line:
+                    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
+                rtcp_feedback: vec![],
+            },
+            payload_type: 102,
+        },
+        RtpCodecKind::Video,
+    )?;
+    engine.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_OPUS.into(),
+                clock_rate: 48_000,
+                channels: 2,
+                sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+                rtcp_feedback: vec![],
+            },
+            payload_type: 111,
+        },
+        RtpCodecKind::Audio,
+    )?;
+    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    Ok((engine, registry))
+}
+
+impl Console {
+    pub async fn connect(http: SocketAddr) -> anyhow::Result<Self> {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/api/session"))
+            .await
+            .context("opening the console WebSocket")?;
+        Ok(Self {
+            ws,
+            pc: None,
+            candidates: None,
+            media: MediaCounts::default(),
+        })
+    }
+
+    pub async fn send(&mut self, request: serde_json::Value) -> anyhow::Result<()> {
+        self.send_raw(Message::text(request.to_string())).await
+    }
+
+    pub async fn send_raw(&mut self, message: Message) -> anyhow::Result<()> {
+        self.ws
+            .send(message)
+            .await
+            .context("sending to the console WebSocket")
+    }
+
+    /// The next event, answering offers and passing ICE candidates on the way when the
+    /// console has media (see [`Console::with_media`]). `Ok(None)`: the hub closed.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<SessionEvent>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let candidate = async {
+                match self.candidates.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let msg = tokio::select! {
+                m = tokio::time::timeout_at(deadline, self.ws.next()) => m.map_err(|_| anyhow!("no console event in {timeout:?}"))?,
+                Some(c) = candidate => {
+                    self.send(serde_json::json!({"iceCandidate": {
+                        "candidate": c.candidate,
+                        "sdpMid": c.sdp_mid.unwrap_or_default(),
+                        "sdpMlineIndex": c.sdp_mline_index.unwrap_or(0),
+                    }})).await?;
+                    continue;
+                }
+            };
+            let text = match msg {
+                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(_)) => continue,
+            };
+            let event: SessionEvent = serde_json::from_str(text.as_str())
+                .with_context(|| format!("decoding a console event: {text}"))?;
+            if let (Some(Event::Offer(offer)), Some(pc)) = (&event.kind, self.pc.clone()) {
+                pc.set_remote_description(RTCSessionDescription::offer(offer.sdp.clone())?)
+                    .await?;
+                let answer = pc.create_answer(None).await?;
+                pc.set_local_description(answer.clone()).await?;
+                self.send(serde_json::json!({"answer": {
+                    "type": "answer", "sdp": answer.sdp, "revision": offer.revision,
+                }}))
+                .await?;
+            }
+            if let (Some(Event::IceCandidate(c)), Some(pc)) = (&event.kind, self.pc.as_ref())
+                && !c.candidate.is_empty()
+            {
+                let _ = pc
+                    .add_ice_candidate(RTCIceCandidateInit {
+                        candidate: c.candidate.clone(),
+                        sdp_mid: Some(c.sdp_mid.clone()),
+                        sdp_mline_index: u16::try_from(c.sdp_mline_index).ok(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            return Ok(Some(event));
+        }
+    }
+
+    /// Reads events until one satisfies `pick`.
+    pub async fn until<T>(
+        &mut self,
+        timeout: Duration,
+        mut pick: impl FnMut(&SessionEvent) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(event) = self.next(left).await? else {
+                bail!("the hub closed the session");
+            };
+            if let Some(t) = pick(&event) {
+                return Ok(t);
+            }
+        }
+    }
+
+    /// The next error event's message.
+    pub async fn error(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        self.until(timeout, |e| match &e.kind {
+            Some(Event::Error(err)) => Some(err.message.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn auth(&mut self, token: &str) -> anyhow::Result<()> {
+        self.send(serde_json::json!({"auth": {"token": token}}))
+            .await?;
+        self.until(Duration::from_secs(10), |e| match &e.kind {
+            Some(Event::Ready(_)) => Some(()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Gives the console a PeerConnection that answers the hub's offers.
+    pub async fn with_media(&mut self) -> anyhow::Result<()> {
+        let (engine, registry) = engine()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(
+                SettingEngineBuilder::new()
+                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                    .build(),
+            )
+            .with_media_engine(engine)
+            .with_interceptor_registry(registry)
+            .with_handler(Arc::new(Handler {
+                candidates: tx,
+                media: Arc::clone(&self.media),
+            }))
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await?;
+        self.pc = Some(Arc::new(pc));
+        self.candidates = Some(rx);
+        Ok(())
+    }
+
+    pub async fn add_tile(&mut self, tile: &str, unit: &str) -> anyhow::Result<()> {
+        self.send(serde_json::json!({"addTile": {"tileId": tile, "unitId": unit}}))
+            .await
+    }
+
+    /// Waits for a tile's state.
+    pub async fn tile(
+        &mut self,
+        tile: &str,
+        state: State,
+        timeout: Duration,
+    ) -> anyhow::Result<TileState> {
+        self.until(timeout, |e| match &e.kind {
+            Some(Event::Tile(t)) if t.tile_id == tile && t.state() == state => Some(t.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub fn media_of(&self, tile: &str) -> TileMedia {
+        self.media
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tile)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        if let Some(pc) = self.pc.take() {
+            let _ = pc.close().await;
+        }
+    }
+}
