@@ -40,11 +40,13 @@ pub struct TileMedia {
 }
 
 pub type MediaCounts = Arc<Mutex<HashMap<String, TileMedia>>>;
+type Tracks = Arc<Mutex<HashMap<String, Vec<Arc<dyn TrackRemote>>>>>;
 
 #[derive(Clone)]
 struct Handler {
     candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
     media: MediaCounts,
+    tracks: Tracks,
 }
 
 #[async_trait::async_trait]
@@ -57,6 +59,12 @@ impl PeerConnectionEventHandler for Handler {
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         let tile = track.stream_id().await.to_string();
+        self.tracks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tile.clone())
+            .or_default()
+            .push(Arc::clone(&track));
         let media = Arc::clone(&self.media);
         tokio::spawn(async move {
             while let Some(event) = track.poll().await {
@@ -78,6 +86,7 @@ pub struct Console {
     pc: Option<Arc<dyn PeerConnection>>,
     candidates: Option<mpsc::UnboundedReceiver<RTCIceCandidateInit>>,
     pub media: MediaCounts,
+    tracks: Tracks,
 }
 
 fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
@@ -123,6 +132,7 @@ impl Console {
             pc: None,
             candidates: None,
             media: MediaCounts::default(),
+            tracks: Tracks::default(),
         })
     }
 
@@ -246,6 +256,7 @@ impl Console {
             .with_handler(Arc::new(Handler {
                 candidates: tx,
                 media: Arc::clone(&self.media),
+                tracks: Arc::clone(&self.tracks),
             }))
             .with_udp_addrs(vec!["127.0.0.1:0"])
             .build()
@@ -272,6 +283,34 @@ impl Console {
             _ => None,
         })
         .await
+    }
+
+    /// Sends a picture loss indication (a keyframe request) on a tile's video, as a browser
+    /// does when its decoder lost its reference.
+    pub async fn pli(&self, tile: &str) -> anyhow::Result<()> {
+        let tracks = self
+            .tracks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tile)
+            .cloned()
+            .unwrap_or_default();
+        for track in tracks {
+            if track.kind().await != RtpCodecKind::Video {
+                continue;
+            }
+            let Some(&ssrc) = track.ssrcs().await.first() else {
+                continue;
+            };
+            let pli =
+                rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
+                    sender_ssrc: 0,
+                    media_ssrc: ssrc,
+                };
+            track.write_rtcp(vec![Box::new(pli)]).await?;
+            return Ok(());
+        }
+        bail!("tile {tile} has no video track yet")
     }
 
     pub fn media_of(&self, tile: &str) -> TileMedia {

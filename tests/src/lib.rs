@@ -17,6 +17,7 @@ use tianwang_transport::{Control, Limits, Trust};
 
 pub mod console;
 pub mod relay;
+pub mod unit;
 
 /// A binary of this workspace, built by `cargo build --bins` (scripts/test does it first).
 pub fn bin(name: &str) -> PathBuf {

@@ -249,3 +249,63 @@ async fn whep_refuses_bad_requests_with_the_reason() -> anyhow::Result<()> {
     assert_eq!(m.get("tianwang_units_online"), 2.0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyframe_requests_from_consoles_reach_the_unit_coalesced() -> anyhow::Result<()> {
+    use tianwang_tests::unit::FakeUnit;
+    let tmp = tempfile::tempdir()?;
+    // Keyframe requests to a device at most once per second.
+    let hub = Hub::start(
+        tmp.path(),
+        Some("[relay]\nkeyframe_request_interval = \"1s\"\n"),
+    )
+    .await?;
+    let unit = FakeUnit::start(
+        hub.quic,
+        &hub.trust(),
+        "bwc-009",
+        &hub.token("device", "bwc-009"),
+    )
+    .await?;
+    hub.wait_metric("tianwang_units_online", SECS, |v| v == 1.0)
+        .await?;
+    let token = hub.token("commander", "duty");
+    let mut c = Console::connect(hub.http).await?;
+    c.with_media().await?;
+    c.auth(&token).await?;
+    c.add_tile("k", "bwc-009").await?;
+    c.tile("k", State::Live, SECS).await?;
+    let deadline = tokio::time::Instant::now() + SECS;
+    while c.media_of("k").packets == 0 && tokio::time::Instant::now() < deadline {
+        let _ = c.next(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.media_of("k").packets > 0,
+        "media flows before asking for a keyframe"
+    );
+    assert_eq!(unit.keyframe_requests(), 0);
+
+    // A burst of PLIs, as a browser sends after loss: the unit gets one request at once and
+    // at most one more when the interval has passed, not one per PLI.
+    for _ in 0..10 {
+        c.pli("k").await?;
+        let _ = c.next(Duration::from_millis(20)).await;
+    }
+    let deadline = tokio::time::Instant::now() + SECS;
+    while unit.keyframe_requests() == 0 && tokio::time::Instant::now() < deadline {
+        let _ = c.next(Duration::from_millis(100)).await;
+    }
+    assert!(unit.keyframe_requests() >= 1, "the PLI reached the unit");
+    // Let the deferred one fall due.
+    let settle = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < settle {
+        let _ = c.next(Duration::from_millis(100)).await;
+    }
+    assert!(
+        unit.keyframe_requests() <= 2,
+        "coalesced: {} requests for 10 PLIs",
+        unit.keyframe_requests()
+    );
+    c.close().await;
+    Ok(())
+}
