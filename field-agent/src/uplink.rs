@@ -135,29 +135,65 @@ enum SessionEnd {
 /// Whether reconnecting could help. A refused identity will be refused again; being
 /// replaced means another device is using this unit's id (this agent never has two
 /// connections), and fighting it over the slot would cut both off in turn.
-fn classify(e: ControlError, conn: &quinn::Connection) -> SessionEnd {
-    // The hub ends a session by closing the connection with a code and a reason; the
-    // stream error that reports it may arrive wrapped in an I/O error, so ask the
-    // connection itself first.
+async fn classify(e: impl Into<Ended>, conn: &quinn::Connection) -> SessionEnd {
+    let e = e.into();
+    if let Ended::Control(ControlError::Refused { code, reason }) = &e {
+        return fatal_or_retry(*code, reason);
+    }
+    // The hub ends a session by closing the connection with a code and a reason, but a
+    // stream may report the end first (its control stream finished, a group stream
+    // stopped): give the close frame a moment to arrive before deciding.
     let closed = match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(close)) => Some((
-            ErrorCode::try_from(close.error_code.into_inner() as i32)
-                .unwrap_or(ErrorCode::Unspecified),
-            String::from_utf8_lossy(&close.reason).into_owned(),
-        )),
-        _ => None,
+        Some(c) => Some(c),
+        None => tokio::time::timeout(CLOSE_GRACE, conn.closed()).await.ok(),
     };
-    let (code, reason) = match (closed, e) {
-        (Some(c), _) => c,
-        (None, ControlError::Refused { code, reason }) => (code, reason),
-        (None, other) => return SessionEnd::Retry(other.to_string()),
-    };
+    match closed {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            let code = ErrorCode::try_from(close.error_code.into_inner() as i32)
+                .unwrap_or(ErrorCode::Unspecified);
+            fatal_or_retry(code, &String::from_utf8_lossy(&close.reason))
+        }
+        _ => SessionEnd::Retry(e.to_string()),
+    }
+}
+
+/// How long a stream error waits for the connection's close reason.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+fn fatal_or_retry(code: ErrorCode, reason: &str) -> SessionEnd {
     let message = format!("{code:?}: {reason}");
     match code {
         ErrorCode::Unauthorized | ErrorCode::Forbidden | ErrorCode::Replaced => {
             SessionEnd::Fatal(message)
         }
         _ => SessionEnd::Retry(message),
+    }
+}
+
+/// What ended a session, before it is classified.
+enum Ended {
+    Control(ControlError),
+    Other(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Control(e) => e.fmt(f),
+            Ended::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<ControlError> for Ended {
+    fn from(e: ControlError) -> Self {
+        Ended::Control(e)
+    }
+}
+
+impl From<String> for Ended {
+    fn from(s: String) -> Self {
+        Ended::Other(s)
     }
 }
 
@@ -194,15 +230,16 @@ async fn session(
         device: Some(config.device.clone()),
         ..Default::default()
     };
-    let (mut control, _welcome) = client::hello(&conn, hello, Duration::from_secs(10))
-        .await
-        .map_err(|e| classify(e, &conn))?;
-    control
-        .send(ControlMessage::new(Kind::Announce(Announce {
-            tracks: broadcast.infos(),
-        })))
-        .await
-        .map_err(|e| classify(e, &conn))?;
+    let mut control = match client::hello(&conn, hello, Duration::from_secs(10)).await {
+        Ok((control, _welcome)) => control,
+        Err(e) => return Err(classify(e, &conn).await),
+    };
+    let announce = ControlMessage::new(Kind::Announce(Announce {
+        tracks: broadcast.infos(),
+    }));
+    if let Err(e) = control.send(announce).await {
+        return Err(classify(e, &conn).await);
+    }
     stats.connects.fetch_add(1, Ordering::Relaxed);
     info!(hub = %config.hub, "connected");
 
@@ -242,24 +279,24 @@ async fn session(
                     if let Some(reply) = handle_control(broadcast, m) {
                         use futures::SinkExt;
                         if let Err(e) = tx.send(reply).await {
-                            break Err(classify(e, &conn));
+                            break Err(classify(e, &conn).await);
                         }
                     }
                 }
-                Err(e) => break Err(classify(e, &conn)),
+                Err(e) => break Err(classify(e, &conn).await),
             },
             _ = telemetry.tick() => {
                 use futures::SinkExt;
                 let t = ControlMessage::new(Kind::Telemetry(current_telemetry()));
                 if let Err(e) = tx.send(t).await {
-                    break Err(classify(e, &conn));
+                    break Err(classify(e, &conn).await);
                 }
                 stats.telemetry_sent.fetch_add(1, Ordering::Relaxed);
             }
             Some(done) = senders.join_next() => {
                 match done {
                     Ok(Ok(summary)) => debug!(?summary, "track sender ended"),
-                    Ok(Err(e)) => break Err(SessionEnd::Retry(e.to_string())),
+                    Ok(Err(e)) => break Err(classify(e.to_string(), &conn).await),
                     Err(e) => break Err(SessionEnd::Retry(format!("track sender failed: {e}"))),
                 }
             }
