@@ -9,6 +9,7 @@
 pub mod console;
 pub mod frame;
 pub mod keyframe;
+pub mod segmenter;
 pub mod stats;
 pub mod track;
 

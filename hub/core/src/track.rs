@@ -159,8 +159,18 @@ impl Track {
     /// Adds a subscriber. It starts with the cached frames of the current group, so its
     /// first frame is a keyframe available at once.
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        self.subscribe_with(self.config.queue_frames, self.config.max_group_lag)
+    }
+
+    /// A subscriber with its own queue bound and lag. The recorder, which must keep every
+    /// frame it can, uses a deep queue and never skips for lag (`u64::MAX`).
+    pub fn subscribe_with(
+        self: &Arc<Self>,
+        queue_frames: usize,
+        max_group_lag: u64,
+    ) -> Subscription {
         let slot = Arc::new(Slot {
-            queue: ArrayQueue::new(self.config.queue_frames),
+            queue: ArrayQueue::new(queue_frames.max(1)),
             waker: AtomicWaker::new(),
             closed: AtomicBool::new(self.closed.load(Ordering::Acquire)),
             stats: SubscriberStats::default(),
@@ -205,6 +215,7 @@ impl Track {
             prefill,
             cursor,
             abandoned: None,
+            max_group_lag,
         }
     }
 
@@ -426,6 +437,7 @@ pub struct Subscription {
     prefill: VecDeque<Frame>,
     cursor: Cursor,
     abandoned: Option<u64>,
+    max_group_lag: u64,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -457,7 +469,7 @@ impl Subscription {
     pub fn is_behind(&self) -> bool {
         match self.cursor {
             Cursor::In { group, .. } => {
-                group.saturating_add(self.track.config.max_group_lag) < self.track.latest_group()
+                group.saturating_add(self.max_group_lag) < self.track.latest_group()
             }
             Cursor::Joining => false,
         }
@@ -469,7 +481,7 @@ impl Subscription {
             self.slot.stats.delivered.fetch_add(1, Ordering::Relaxed);
             return Some(f);
         }
-        let lag = self.track.config.max_group_lag;
+        let lag = self.max_group_lag;
         while let Some(f) = self.slot.queue.pop() {
             let before = self.cursor;
             match self

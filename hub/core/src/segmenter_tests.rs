@@ -1,0 +1,214 @@
+use bytes::{Buf, Bytes};
+use mp4_atom::{Decode, Ftyp, Moof, Moov};
+
+use super::*;
+
+const SPS: &[u8] = &[0x67, 0x42, 0xe0, 0x1f, 0xda, 0x02, 0x80, 0xbf];
+const PPS: &[u8] = &[0x68, 0xce, 0x3c, 0x80];
+
+fn keyframe(n: u8) -> Vec<u8> {
+    let mut au = vec![0, 0, 0, 1];
+    au.extend_from_slice(SPS);
+    au.extend_from_slice(&[0, 0, 0, 1]);
+    au.extend_from_slice(PPS);
+    au.extend_from_slice(&[0, 0, 1, 0x65, 0x88, n, n, n]);
+    au
+}
+
+fn delta(n: u8) -> Vec<u8> {
+    vec![0, 0, 0, 1, 0x41, 0x9a, n]
+}
+
+fn config(audio: bool) -> SegmenterConfig {
+    SegmenterConfig {
+        target_us: 4_000_000,
+        width: 640,
+        height: 360,
+        audio,
+    }
+}
+
+/// Feeds `seconds` of 30 fps video with a keyframe every 2 s, and 20 ms audio frames.
+fn feed(s: &mut Segmenter, from_us: u64, seconds: u64) -> Vec<Output> {
+    let mut outputs = Vec::new();
+    let frames = seconds * 30;
+    let mut audio_us = from_us;
+    for i in 0..frames {
+        let ts = from_us + i * 33_333;
+        while audio_us < ts {
+            s.push_audio(Bytes::from_static(&[0xfc, 0xff, 0xfe]), audio_us, 20_000);
+            audio_us += 20_000;
+        }
+        let au = if i % 60 == 0 {
+            keyframe(i as u8)
+        } else {
+            delta(i as u8)
+        };
+        s.push_video(&au, ts, 33_333, i % 60 == 0).unwrap();
+        outputs.extend(std::iter::from_fn(|| s.poll()));
+    }
+    outputs
+}
+
+fn segments(outputs: &[Output]) -> Vec<&Segment> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Segment(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn bytes_of(seg: &Segment) -> Vec<u8> {
+    seg.chunks.iter().flat_map(|c| c.iter().copied()).collect()
+}
+
+#[test]
+fn the_first_keyframe_starts_a_recording_with_an_init_segment() {
+    let mut s = Segmenter::new(config(true));
+    s.push_video(&delta(1), 0, 33_333, false).unwrap();
+    assert!(s.poll().is_none(), "nothing before the first keyframe");
+    s.push_video(&keyframe(2), 33_333, 33_333, true).unwrap();
+    let Some(Output::Init(init)) = s.poll() else {
+        panic!("an init segment")
+    };
+    assert_eq!(init.codecs, "avc1.42e01f,opus");
+    let mut buf = &init.data[..];
+    let ftyp = Ftyp::decode(&mut buf).unwrap();
+    assert_eq!(ftyp.major_brand, b"iso6".into());
+    let moov = Moov::decode(&mut buf).unwrap();
+    assert_eq!(moov.trak.len(), 2);
+    let Some(mp4_atom::Codec::Avc1(avc1)) = moov.trak[0].mdia.minf.stbl.stsd.codecs.first() else {
+        panic!("avc1")
+    };
+    assert_eq!(avc1.avcc.sequence_parameter_sets, vec![SPS.to_vec()]);
+    assert_eq!(avc1.avcc.picture_parameter_sets, vec![PPS.to_vec()]);
+    assert_eq!(avc1.visual.width, 640);
+    assert!(!buf.has_remaining());
+}
+
+#[test]
+fn segments_start_at_keyframes_and_follow_each_other_without_a_gap() {
+    let mut s = Segmenter::new(config(true));
+    let out = feed(&mut s, 1_000_000_000, 20);
+    s.flush().unwrap();
+    let mut all = out;
+    all.extend(std::iter::from_fn(|| s.poll()));
+    let segs = segments(&all);
+    // 20 s, keyframes every 2 s, 4 s target: five segments of 4 s.
+    assert_eq!(
+        segs.len(),
+        5,
+        "{:?}",
+        segs.iter().map(|s| s.media_duration).collect::<Vec<_>>()
+    );
+    for pair in segs.windows(2) {
+        assert_eq!(
+            pair[0].media_start + pair[0].media_duration,
+            pair[1].media_start,
+            "contiguous media time"
+        );
+        assert_eq!(pair[0].end_us, pair[1].start_us, "contiguous capture time");
+        assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+    }
+    for seg in &segs {
+        assert_eq!(seg.video_frames, 120);
+        let secs = seg.media_duration as f64 / VIDEO_TIMESCALE as f64;
+        assert!((secs - 4.0).abs() < 0.01, "{secs}");
+        assert!(
+            (195..=205).contains(&seg.audio_frames),
+            "{}",
+            seg.audio_frames
+        );
+        assert_eq!(seg.bytes as usize, bytes_of(seg).len());
+    }
+}
+
+#[test]
+fn the_moof_points_at_its_samples_in_the_mdat() {
+    let mut s = Segmenter::new(config(true));
+    let mut out = feed(&mut s, 0, 5);
+    s.flush().unwrap();
+    out.extend(std::iter::from_fn(|| s.poll()));
+    let seg = segments(&out)[0];
+    let data = bytes_of(seg);
+    let mut buf = &data[..];
+    let moof = Moof::decode(&mut buf).unwrap();
+    let moof_len = data.len() - buf.len();
+    assert_eq!(&buf[4..8], b"mdat");
+    let video = &moof.traf[0];
+    assert_eq!(video.tfhd.track_id, VIDEO_TRACK);
+    assert_eq!(
+        video.tfdt.as_ref().map(|t| t.base_media_decode_time),
+        Some(0)
+    );
+    let trun = &video.trun[0];
+    assert_eq!(trun.samples.len(), seg.video_frames as usize);
+    let first = trun.samples.get(0).unwrap();
+    assert_eq!(
+        first.flags,
+        Some(0x0200_0000),
+        "the first sample is a sync sample"
+    );
+    assert_eq!(trun.samples.get(1).unwrap().flags, Some(0x0101_0000));
+    // The first video sample: the IDR as a length-prefixed NAL, no parameter sets.
+    let offset = trun.data_offset.unwrap() as usize;
+    assert_eq!(offset, moof_len + 8);
+    let size = first.size.unwrap() as usize;
+    assert_eq!(
+        &data[offset..offset + size],
+        &[0, 0, 0, 5, 0x65, 0x88, 0, 0, 0]
+    );
+    // The audio run starts right after the video samples.
+    let audio = &moof.traf[1];
+    let video_bytes: usize = trun.samples.iter().map(|e| e.size.unwrap() as usize).sum();
+    assert_eq!(
+        audio.trun[0].data_offset.unwrap() as usize,
+        offset + video_bytes
+    );
+    assert_eq!(
+        &data[offset + video_bytes..offset + video_bytes + 3],
+        &[0xfc, 0xff, 0xfe]
+    );
+}
+
+#[test]
+fn new_parameter_sets_start_a_new_recording() {
+    let mut s = Segmenter::new(config(false));
+    let mut out = feed(&mut s, 0, 3);
+    let mut other = keyframe(9);
+    other[8] = 0xdb; // a different SPS
+    s.push_video(&other, 3_000_000, 33_333, true).unwrap();
+    out.extend(std::iter::from_fn(|| s.poll()));
+    let kinds: Vec<&str> = out
+        .iter()
+        .map(|o| match o {
+            Output::Init(_) => "init",
+            Output::Segment(_) => "segment",
+        })
+        .collect();
+    assert_eq!(kinds, vec!["init", "segment", "init"]);
+    s.flush().unwrap();
+    let Some(Output::Segment(seg)) = s.poll() else {
+        panic!()
+    };
+    assert_eq!(
+        (seg.sequence, seg.media_start),
+        (1, 0),
+        "the new recording starts over"
+    );
+}
+
+#[test]
+fn annexb_splitting_handles_three_and_four_byte_start_codes() {
+    let au = [
+        0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x68, 3, 0, 0, 0, 1, 0x65, 4, 5,
+    ];
+    let nals: Vec<&[u8]> = annexb_nals(&au).collect();
+    assert_eq!(
+        nals,
+        vec![&[0x67, 1, 2][..], &[0x68, 3][..], &[0x65, 4, 5][..]]
+    );
+    assert_eq!(annexb_nals(&[1, 2, 3]).count(), 0);
+}
