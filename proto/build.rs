@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/tianwang/v1/media.proto",
         "proto/tianwang/v1/console.proto",
+        "proto/tianwang/v1/evidence.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

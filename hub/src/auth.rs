@@ -29,6 +29,16 @@ impl Role {
     pub fn can_watch_live(self) -> bool {
         matches!(self, Role::Viewer | Role::Commander | Role::Official)
     }
+
+    /// Opens and closes cases and operations.
+    pub fn can_manage_cases(self) -> bool {
+        matches!(self, Role::Commander | Role::Official)
+    }
+
+    /// Lists, plays back and exports recordings.
+    pub fn can_see_recordings(self) -> bool {
+        matches!(self, Role::Commander | Role::Official | Role::Auditor)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,75 @@ pub struct Config {
     pub relay: RelayConfig,
     pub auth: AuthConfig,
     pub console: ConsoleConfig,
+    pub evidence: EvidenceConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvidenceConfig {
+    /// The court this hub serves (its code, e.g. "京0113"): recorded with every segment.
+    pub court: String,
+    /// Record every online unit, watched or not.
+    pub record: bool,
+    /// The index database: `sqlite://…` or `postgres://…`. Empty: SQLite in the data dir.
+    pub index_url: Option<String>,
+    /// Where recordings are written. Empty: `data_dir/recordings`.
+    pub dir: Option<PathBuf>,
+    /// A segment closes at the first keyframe after this much media.
+    #[serde(with = "humantime_serde")]
+    pub segment_target: Duration,
+    pub retention: RetentionConfig,
+}
+
+/// How long recordings are kept. Recordings of an open case are never deleted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How often retention runs (and once at start-up).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// The default rule, for courts without their own.
+    #[serde(flatten)]
+    pub default: RetentionRule,
+    /// Rules per court code, for recordings made for that court.
+    pub courts: std::collections::BTreeMap<String, RetentionRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Recordings bound to no case: kept this long after they were made.
+    #[serde(with = "humantime_serde")]
+    pub unbound: Duration,
+    /// Recordings of a closed case: kept this long after they were made.
+    #[serde(with = "humantime_serde")]
+    pub closed_case: Duration,
+}
+
+impl Default for EvidenceConfig {
+    fn default() -> Self {
+        Self {
+            court: "local".into(),
+            record: true,
+            index_url: None,
+            dir: None,
+            segment_target: Duration::from_secs(4),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(3600),
+            default: RetentionRule {
+                unbound: Duration::from_secs(90 * 24 * 3600),
+                closed_case: Duration::from_secs(10 * 366 * 24 * 3600),
+            },
+            courts: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +191,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             auth: AuthConfig::default(),
             console: ConsoleConfig::default(),
+            evidence: EvidenceConfig::default(),
         }
     }
 }
@@ -235,6 +305,17 @@ impl Config {
         if self.relay.group_cache_frames > 65_536 {
             return bad("relay.group_cache_frames must be at most 65536".into());
         }
+        if !(Duration::from_millis(500)..=Duration::from_secs(60))
+            .contains(&self.evidence.segment_target)
+        {
+            return bad("evidence.segment_target must be within 500ms ..= 60s".into());
+        }
+        if self.evidence.court.trim().is_empty() {
+            return bad("evidence.court is empty".into());
+        }
+        if self.evidence.retention.interval < Duration::from_secs(1) {
+            return bad("evidence.retention.interval must be at least 1s".into());
+        }
         Ok(())
     }
 
@@ -268,6 +349,22 @@ impl Config {
             auth_timeout: self.console.auth_timeout,
             answer_timeout: self.console.answer_timeout,
         }
+    }
+
+    /// Where recordings are written.
+    pub fn recordings_dir(&self) -> PathBuf {
+        self.evidence
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("recordings"))
+    }
+
+    /// The index database's URL.
+    pub fn index_url(&self) -> String {
+        self.evidence
+            .index_url
+            .clone()
+            .unwrap_or_else(|| crate::evidence::index::Index::sqlite_url(&self.data_dir))
     }
 
     pub fn signing_key_path(&self) -> PathBuf {

@@ -72,6 +72,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let token = authority.issue(Role::Device, &unit, None, day)?;
         let _ = writeln!(tokens, "{unit} {token}");
     }
+    let case = demo_case(&hub, opts.units).await;
     let tokens_path = absolute(&config.data_dir.join("devices.tokens"));
     crate::files::write_private(&tokens_path, tokens.as_bytes())
         .with_context(|| format!("writing {}", tokens_path.display()))?;
@@ -107,12 +108,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
          \n  metrics   http://{http}/metrics\n  health    http://{http}/healthz\n  QUIC      {quic}\n\
          \n  Watch a unit and save its video:\n    source {env}\n    \
          {hub} watch --hub \"$TIANWANG_HUB\" --token \"$TIANWANG_TOKEN\" --ca \"$TIANWANG_CA\" --unit sim-1 --duration 10 --out sim-1.h264\n\
+         \n  Case {case}: an operation with sim-1 and sim-2 for the next 24 h; whatever\n  \
+         they record is bound to it. Play it back in the console's Cases view, then:\n    \
+         {hub} export --data {data} --case '{case}' --out export-1\n    \
+         {hub} verify --export export-1 --key $({hub} key --data {data})\n\
          \n  Console token (commander, 24 h; also in {env}):\n\n{token}\n",
         n = opts.units,
         http = hub.http_addr,
         quic = hub.quic_addr,
         env = env_path.display(),
         token = console_token,
+        case = case,
+        data = config.data_dir.display(),
         hub = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "hub".into()),
@@ -136,6 +143,51 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     stop_child(&mut child).await;
     hub.shutdown().await;
     outcome
+}
+
+/// The demo's case number.
+pub const DEMO_CASE: &str = "(2026)京0113执1234号";
+
+/// Opens the demo case (once per data dir) with an operation of the first two units for
+/// the next 24 hours, so the demo records case-bound evidence from its first second.
+async fn demo_case(hub: &RunningHub, units: usize) -> String {
+    use tianwang_proto::v1::{CreateCaseRequest, CreateOperationRequest};
+    let evidence = &hub.context.evidence;
+    let court = hub.context.config.evidence.court.clone();
+    if evidence.get_case(DEMO_CASE).await.is_err() {
+        let created = evidence
+            .create_case(
+                "demo",
+                &court,
+                CreateCaseRequest {
+                    number: DEMO_CASE.into(),
+                    court: String::new(),
+                    parties: vec!["申请执行人 张三".into(), "被执行人 李四".into()],
+                },
+            )
+            .await;
+        if let Err(e) = created {
+            warn!(error = %e, "opening the demo case");
+            return DEMO_CASE.into();
+        }
+    }
+    let now = crate::evidence::audit::unix_us().max(0) as u64;
+    let op = CreateOperationRequest {
+        case_number: DEMO_CASE.into(),
+        id: format!("demo-{}", now / 1_000_000),
+        name: "现场执行 (demo)".into(),
+        starts_us: now.saturating_sub(60_000_000),
+        ends_us: now + 24 * 3600 * 1_000_000,
+        latitude: 39.9087,
+        longitude: 116.3975,
+        radius_m: 300.0,
+        units: (1..=units.min(2)).map(|i| format!("sim-{i}")).collect(),
+    };
+    if let Err(e) = evidence.create_operation("demo", op).await {
+        // A previous demo's operation may still cover these units: it binds them already.
+        info!(reason = %e, "no new demo operation");
+    }
+    DEMO_CASE.into()
 }
 
 /// Asks the child to stop (SIGTERM), then kills it if it has not after a few seconds.

@@ -34,6 +34,7 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
             "/whep/{unit}/{id}",
             axum::routing::delete(whep::stop).patch(whep::patch),
         )
+        .merge(crate::evidence::http::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(hub);

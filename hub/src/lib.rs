@@ -1,11 +1,13 @@
 //! The Tianwang hub: one per court. It takes QUIC streams from field units, relays them to
-//! subscribers through the sans-IO relay core (`tianwang-core`), and serves metrics.
+//! subscribers through the sans-IO relay core (`tianwang-core`), records them as signed
+//! evidence, and serves the console and metrics.
 //! `docs/ARCHITECTURE.md` maps the modules.
 
 pub mod auth;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod evidence;
 pub mod files;
 pub mod http;
 pub mod metrics;

@@ -35,6 +35,115 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Cases and operations on a running hub (gRPC).
+    Case(CaseArgs),
+    /// Check recordings and the audit log of a data dir, or an export bundle.
+    Verify(VerifyArgs),
+    /// Export a case: one MP4 per unit, operation and recording, a signed manifest and the
+    /// case's audit excerpt.
+    Export {
+        #[command(flatten)]
+        hub: HubOverrides,
+        /// The case number.
+        #[arg(long)]
+        case: String,
+        /// A new (or empty) directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the hub's public key (hex), which `hub verify --export` needs.
+    Key {
+        #[command(flatten)]
+        hub: HubOverrides,
+    },
+}
+
+#[derive(Args)]
+struct CaseArgs {
+    /// The hub's HTTP address (gRPC is served there too).
+    #[arg(long, env = "TIANWANG_URL", default_value = "http://127.0.0.1:8080")]
+    hub: String,
+    /// A commander or official token (auditors may list and show).
+    #[arg(long, env = "TIANWANG_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    command: CaseCli,
+}
+
+#[derive(Subcommand)]
+enum CaseCli {
+    /// Open a case.
+    Create {
+        /// E.g. "(2026)京0113执1234号".
+        #[arg(long)]
+        number: String,
+        /// The court's code; default: the hub's.
+        #[arg(long)]
+        court: Option<String>,
+        /// A party to the case (repeat for each).
+        #[arg(long = "party")]
+        parties: Vec<String>,
+    },
+    List,
+    Show {
+        #[arg(long)]
+        number: String,
+    },
+    /// Close a case (refused while one of its operations is active).
+    Close {
+        #[arg(long)]
+        number: String,
+    },
+    /// Plan an operation of a case: its units' recordings in the window bind to the case.
+    Operation {
+        #[arg(long = "case")]
+        case_number: String,
+        /// Its id; default: generated.
+        #[arg(long, default_value = "")]
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Units assigned, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        units: Vec<String>,
+        /// Start, RFC 3339 (e.g. 2026-11-29T08:00:00Z); default: now.
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        start: Option<std::time::SystemTime>,
+        /// Length of the window.
+        #[arg(long, default_value = "4h", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, allow_hyphen_values = true)]
+        lat: f64,
+        #[arg(long, allow_hyphen_values = true)]
+        lon: f64,
+        /// Radius of the place, metres.
+        #[arg(long, default_value_t = 200.0)]
+        radius: f64,
+    },
+    /// Close an operation.
+    CloseOperation {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    hub: HubOverrides,
+    /// Only this unit's recordings (with --data).
+    #[arg(long, conflicts_with = "export")]
+    unit: Option<String>,
+    /// Only the units recorded for this case (with --data).
+    #[arg(long, conflicts_with_all = ["export", "unit"])]
+    case: Option<String>,
+    /// An export directory to verify instead of a data dir.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// The hub's public key (hex, or a file with it; `hub key`). Required with --export;
+    /// with --data, default: the data dir's own key.
+    #[arg(long)]
+    key: Option<String>,
 }
 
 #[derive(Args)]
@@ -250,6 +359,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        c @ (Command::Case(_)
+        | Command::Verify(_)
+        | Command::Export { .. }
+        | Command::Key { .. }) => evidence_command(c).await,
         Command::Token { command } => match command {
             TokenCommand::Issue {
                 hub,
@@ -288,6 +401,97 @@ async fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         },
+    }
+}
+
+fn micros(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn evidence_command(command: Command) -> anyhow::Result<()> {
+    use hub::evidence::cli;
+    match command {
+        Command::Case(args) => {
+            let command = match args.command {
+                CaseCli::Create {
+                    number,
+                    court,
+                    parties,
+                } => cli::CaseCommand::Create {
+                    number,
+                    court,
+                    parties,
+                },
+                CaseCli::List => cli::CaseCommand::List,
+                CaseCli::Show { number } => cli::CaseCommand::Show { number },
+                CaseCli::Close { number } => cli::CaseCommand::Close { number },
+                CaseCli::Operation {
+                    case_number,
+                    id,
+                    name,
+                    units,
+                    start,
+                    duration,
+                    lat,
+                    lon,
+                    radius,
+                } => {
+                    let start = start.unwrap_or_else(std::time::SystemTime::now);
+                    cli::CaseCommand::Operation(tianwang_proto::v1::CreateOperationRequest {
+                        case_number,
+                        id,
+                        name,
+                        starts_us: micros(start),
+                        ends_us: micros(start + duration),
+                        latitude: lat,
+                        longitude: lon,
+                        radius_m: radius,
+                        units,
+                    })
+                }
+                CaseCli::CloseOperation { id } => cli::CaseCommand::CloseOperation { id },
+            };
+            print!("{}", cli::case(&args.hub, &args.token, command).await?);
+            Ok(())
+        }
+        Command::Verify(args) => {
+            let ok = match &args.export {
+                Some(dir) => {
+                    let Some(key) = &args.key else {
+                        bail!("--export needs --key: the hub's public key (`hub key` on the hub)");
+                    };
+                    let report = cli::verify_bundle(dir, key)?;
+                    cli::print_report(&report, &format!("export {}", dir.display()))
+                }
+                None => {
+                    let config = args.hub.load()?;
+                    let report = cli::verify_dir(
+                        &config,
+                        args.key.as_deref(),
+                        args.unit.as_deref(),
+                        args.case.as_deref(),
+                    )
+                    .await?;
+                    cli::print_report(&report, &format!("data {}", config.data_dir.display()))
+                }
+            };
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Export { hub, case, out } => {
+            let config = hub.load()?;
+            print!("{}", cli::export(&config, &case, &out).await?);
+            Ok(())
+        }
+        Command::Key { hub } => {
+            println!("{}", cli::public_key(&hub.load()?)?);
+            Ok(())
+        }
+        _ => unreachable!("only evidence commands come here"),
     }
 }
 

@@ -24,6 +24,12 @@ pub struct Metrics {
     pub console_sessions: IntGauge,
     pub webrtc_peers: IntGauge,
     pub console_tiles: IntGauge,
+    pub recordings_active: IntGauge,
+    pub recorded_segments: IntCounter,
+    pub recorded_bytes: IntCounter,
+    pub recording_errors: IntCounter,
+    pub recording_lag: Histogram,
+    pub retention_deleted: IntCounter,
 }
 
 /// Reads the units registry and the relay core's counters when scraped.
@@ -207,6 +213,41 @@ impl Metrics {
             "tianwang_tasks_alive",
             "Tasks alive in the hub's runtime (a leak shows here)",
         )?;
+        let recordings_active =
+            IntGauge::new("tianwang_recordings_active", "Units being recorded now")?;
+        let recorded_segments = IntCounter::new(
+            "tianwang_recorded_segments_total",
+            "Media segments written and indexed",
+        )?;
+        let recorded_bytes = IntCounter::new(
+            "tianwang_recorded_bytes_total",
+            "Bytes of media segments written",
+        )?;
+        let recording_errors = IntCounter::new(
+            "tianwang_recording_errors_total",
+            "Segments that could not be written or indexed (disk full, index down)",
+        )?;
+        let recording_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "tianwang_recording_lag_seconds",
+                "From a segment's last capture time to its index row written",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
+        let retention_deleted = IntCounter::new(
+            "tianwang_retention_deleted_total",
+            "Recorded files deleted by retention",
+        )?;
+        for c in [
+            &recorded_segments,
+            &recorded_bytes,
+            &recording_errors,
+            &retention_deleted,
+        ] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(recordings_active.clone()))?;
+        registry.register(Box::new(recording_lag.clone()))?;
         registry.register(Box::new(console_sessions.clone()))?;
         registry.register(Box::new(webrtc_peers.clone()))?;
         registry.register(Box::new(console_tiles.clone()))?;
@@ -228,6 +269,12 @@ impl Metrics {
             console_sessions,
             webrtc_peers,
             console_tiles,
+            recordings_active,
+            recorded_segments,
+            recorded_bytes,
+            recording_errors,
+            recording_lag,
+            retention_deleted,
         })
     }
 

@@ -37,6 +37,7 @@ pub(crate) async fn run(
     conn: &quinn::Connection,
     session: u64,
     unit: &str,
+    officer: Option<String>,
     mut control: Control,
 ) -> Result<(), SessionError> {
     let announce = tokio::time::timeout(hub.config.quic.hello_timeout, control.recv())
@@ -68,6 +69,7 @@ pub(crate) async fn run(
                 .map(|t| (t.name.clone(), t.id))
                 .collect(),
             replaced: replaced.clone(),
+            officer,
         },
     );
     let _detach = DetachOnDrop {

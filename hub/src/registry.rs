@@ -35,6 +35,8 @@ pub struct PublisherLink {
     pub track_ids: HashMap<String, u32>,
     /// Cancelled when another connection of the same unit takes over.
     pub replaced: CancellationToken,
+    /// The officer carrying the device, as it said in its hello.
+    pub officer: Option<String>,
 }
 
 pub struct Broadcast {
@@ -70,6 +72,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Broadcast {
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
+    }
+
+    /// The officer of the unit's live publisher, if it said.
+    pub fn officer(&self) -> Option<String> {
+        lock(&self.publisher)
+            .as_ref()
+            .and_then(|l| l.officer.clone())
     }
 
     pub fn tracks(&self) -> Vec<Arc<TrackEntry>> {
@@ -507,6 +516,7 @@ mod tests {
                 control: tx,
                 track_ids: HashMap::new(),
                 replaced: CancellationToken::new(),
+                officer: None,
             },
             rx,
         )

@@ -14,6 +14,8 @@ use tracing::info;
 
 use crate::auth::Authority;
 use crate::config::Config;
+use crate::evidence::keys::Signer;
+use crate::evidence::{Evidence, recorder, retention};
 use crate::metrics::Metrics;
 use crate::registry::Units;
 use crate::session::{self, HubContext};
@@ -24,6 +26,8 @@ pub struct RunningHub {
     pub http_addr: SocketAddr,
     pub context: Arc<HubContext>,
     tasks: tokio::task::JoinSet<()>,
+    recorder: Option<tokio::task::JoinHandle<()>>,
+    recorder_stop: CancellationToken,
 }
 
 /// Makes sure the QUIC certificate exists: a self-signed one in the data dir on first start
@@ -40,6 +44,14 @@ pub fn ensure_certificate(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", cert.display()))?;
     info!(cert = %cert.display(), "created a self-signed certificate (development only)");
     Ok(())
+}
+
+/// The hub's evidence signer: the same Ed25519 key that signs its tokens.
+pub fn load_signer(config: &Config) -> anyhow::Result<Signer> {
+    let path = config.signing_key_path();
+    let pem = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the signing key {}", path.display()))?;
+    Signer::from_pem(&pem).with_context(|| format!("signing key {}", path.display()))
 }
 
 pub fn load_authority(config: &Config) -> anyhow::Result<Authority> {
@@ -83,14 +95,55 @@ impl RunningHub {
         ));
         let metrics = Arc::new(Metrics::new(Arc::clone(&units))?);
         let shutdown = CancellationToken::new();
+        let signer = Arc::new(load_signer(&config)?);
+        let evidence = Evidence::open(&config.index_url(), &config.recordings_dir(), signer)
+            .await
+            .context("opening the evidence index")?;
+        std::fs::create_dir_all(&evidence.dir)
+            .with_context(|| format!("creating {}", evidence.dir.display()))?;
+        evidence
+            .repair()
+            .await
+            .context("repairing the recordings")?;
+        evidence.audit.record(
+            "hub",
+            "hub.start",
+            &config.hub_id,
+            serde_json::json!({ "court": config.evidence.court }),
+        );
         let context = Arc::new(HubContext::new(
             Arc::new(config),
             authority,
             units,
             metrics,
             shutdown.clone(),
+            evidence,
         ));
         let mut tasks = tokio::task::JoinSet::new();
+        // The recorder finishes its open segments after the listeners stop, so it has its
+        // own stop signal, given once sessions are closed.
+        let recorder_stop = CancellationToken::new();
+        let recorder = if context.config.evidence.record {
+            let shared = Arc::new(recorder::Shared {
+                config: recorder::RecorderConfig {
+                    dir: context.evidence.dir.clone(),
+                    target: context.config.evidence.segment_target,
+                    court: context.config.evidence.court.clone(),
+                },
+                index: context.evidence.index.clone(),
+                signer: Arc::clone(&context.evidence.signer),
+                audit: context.evidence.audit.clone(),
+                metrics: Arc::clone(&context.metrics),
+            });
+            Some(tokio::spawn(recorder::run(
+                shared,
+                Arc::clone(&context.units),
+                recorder_stop.clone(),
+            )))
+        } else {
+            None
+        };
+        tasks.spawn(retention::run(Arc::clone(&context)));
         tasks.spawn(session::serve(Arc::clone(&context), endpoint));
         tasks.spawn(sample_rates(Arc::clone(&context)));
         let router = crate::http::router(Arc::clone(&context))?;
@@ -109,6 +162,8 @@ impl RunningHub {
             http_addr,
             context,
             tasks,
+            recorder,
+            recorder_stop,
         })
     }
 
@@ -123,6 +178,23 @@ impl RunningHub {
             tracing::warn!("shutdown: tasks still running after 5 s; stopping them");
             self.tasks.shutdown().await;
         }
+        // Publishers are gone: the recorder writes what it holds and stops.
+        self.recorder_stop.cancel();
+        if let Some(recorder) = self.recorder.take()
+            && tokio::time::timeout(Duration::from_secs(10), recorder)
+                .await
+                .is_err()
+        {
+            tracing::warn!("shutdown: the recorder did not finish in 10 s");
+        }
+        self.context.evidence.audit.record(
+            "hub",
+            "hub.stop",
+            &self.context.config.hub_id,
+            serde_json::json!({}),
+        );
+        self.context.evidence.audit.flush().await;
+        self.context.evidence.index.close().await;
         info!("hub stopped");
     }
 }

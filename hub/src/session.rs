@@ -33,6 +33,8 @@ pub struct HubContext {
     pub shutdown: CancellationToken,
     /// WHEP viewers: resource id → (unit, stop).
     pub whep: dashmap::DashMap<String, (String, CancellationToken)>,
+    /// Recordings, the index and the audit trail.
+    pub evidence: crate::evidence::Evidence,
     next_session: AtomicU64,
     next_console: AtomicU64,
 }
@@ -44,6 +46,7 @@ impl HubContext {
         units: Arc<Units>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
+        evidence: crate::evidence::Evidence,
     ) -> Self {
         Self {
             config,
@@ -51,6 +54,7 @@ impl HubContext {
             units,
             metrics,
             shutdown,
+            evidence,
             whep: dashmap::DashMap::new(),
             next_session: AtomicU64::new(1),
             next_console: AtomicU64::new(1),
@@ -221,7 +225,12 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
             hub.metrics.sessions.with_label_values(&["publisher"]).inc();
             control.send(welcome).await?;
             let span = tracing::info_span!("publisher", unit = %hello.unit_id);
-            crate::publisher::run(hub, conn, id, &hello.unit_id, control)
+            let officer = hello
+                .device
+                .as_ref()
+                .map(|d| d.officer_id.clone())
+                .filter(|o| !o.is_empty());
+            crate::publisher::run(hub, conn, id, &hello.unit_id, officer, control)
                 .instrument(span)
                 .await
         }

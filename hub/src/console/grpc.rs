@@ -102,7 +102,8 @@ impl Console for ConsoleService {
     }
 }
 
-/// The gRPC routes: the console service (message size bounded) and reflection.
+/// The gRPC routes: the console and evidence services (message sizes bounded) and
+/// reflection.
 pub fn routes(hub: Arc<HubContext>) -> Result<axum::Router, tonic_reflection::server::Error> {
     // Both reflection versions: grpcurl speaks v1, many client libraries still v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
@@ -111,10 +112,14 @@ pub fn routes(hub: Arc<HubContext>) -> Result<axum::Router, tonic_reflection::se
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tianwang_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let evidence = crate::evidence::cases::EvidenceService::server(Arc::clone(&hub))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(64 * MAX_MESSAGE);
     let console = ConsoleServer::new(ConsoleService::new(hub))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(4 * MAX_MESSAGE);
     Ok(tonic::service::Routes::new(console)
+        .add_service(evidence)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .into_axum_router())

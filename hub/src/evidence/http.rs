@@ -1,0 +1,208 @@
+//! Cases and recordings over HTTP for the browser console: the `Evidence` messages in the
+//! protobuf JSON mapping, and the recorded files themselves for playback through Media
+//! Source Extensions. Every file is checked against its signed hash before it is served (a
+//! damaged file is refused, never played), and the start of each playback is audited.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use tianwang_proto::v1::{ListCasesResponse, ListRecordingsRequest};
+
+use super::cases::CaseError;
+use super::keys::sha256_hex;
+use crate::auth::Claims;
+use crate::session::HubContext;
+
+pub fn routes() -> Router<Arc<HubContext>> {
+    Router::new()
+        .route("/api/cases", get(cases))
+        .route("/api/cases/{number}", get(case))
+        .route("/api/recordings", get(recordings))
+        .route("/recordings/{*path}", get(file))
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": message.into() })),
+    )
+        .into_response()
+}
+
+/// A console token from `Authorization: Bearer`, allowed to see recordings. (The refusal is
+/// a whole response, built once per refused request: its size does not matter.)
+#[allow(clippy::result_large_err)]
+fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<Claims, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "Authorization: Bearer <token> required",
+            )
+        })?;
+    let claims = hub
+        .authority
+        .verify(token.trim())
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if !claims.role.can_see_recordings() {
+        hub.evidence.audit.record(
+            &claims.sub,
+            "denied",
+            "recordings",
+            serde_json::json!({ "role": claims.role }),
+        );
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("a {:?} token cannot see recordings", claims.role),
+        ));
+    }
+    Ok(claims)
+}
+
+fn case_error(e: CaseError) -> Response {
+    match e {
+        CaseError::Invalid(m) => refuse(StatusCode::BAD_REQUEST, m),
+        CaseError::NotFound(m) => refuse(StatusCode::NOT_FOUND, m),
+        CaseError::Exists(m) | CaseError::Refused(m) => refuse(StatusCode::CONFLICT, m),
+        CaseError::Index(e) => {
+            tracing::error!(error = %e, "evidence index");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the evidence index is unavailable",
+            )
+        }
+    }
+}
+
+async fn cases(State(hub): State<Arc<HubContext>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&hub, &headers) {
+        return r;
+    }
+    match hub.evidence.list_cases().await {
+        Ok(cases) => axum::Json(ListCasesResponse { cases }).into_response(),
+        Err(e) => case_error(e),
+    }
+}
+
+async fn case(
+    State(hub): State<Arc<HubContext>>,
+    headers: HeaderMap,
+    Path(number): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&hub, &headers) {
+        return r;
+    }
+    match hub.evidence.get_case(&number).await {
+        Ok(case) => axum::Json(case).into_response(),
+        Err(e) => case_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordingsQuery {
+    #[serde(default)]
+    case: String,
+    #[serde(default)]
+    unit: String,
+    #[serde(default)]
+    from_us: u64,
+    #[serde(default)]
+    to_us: u64,
+}
+
+async fn recordings(
+    State(hub): State<Arc<HubContext>>,
+    headers: HeaderMap,
+    Query(q): Query<RecordingsQuery>,
+) -> Response {
+    if let Err(r) = authorize(&hub, &headers) {
+        return r;
+    }
+    let req = ListRecordingsRequest {
+        case_number: q.case,
+        unit: q.unit,
+        from_us: q.from_us,
+        to_us: q.to_us,
+    };
+    match hub.evidence.list_recordings(&req).await {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(e) => case_error(e),
+    }
+}
+
+async fn file(
+    State(hub): State<Arc<HubContext>>,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    let who = match authorize(&hub, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    // Only paths the index names are served: nothing else under the directory is reachable.
+    let row = match hub.evidence.index.segment_by_path(&path).await {
+        Ok(Some(r)) if r.deleted_us.is_none() => r,
+        Ok(Some(_)) => return refuse(StatusCode::GONE, "deleted by retention (audited)"),
+        Ok(None) => return refuse(StatusCode::NOT_FOUND, "no such recorded file"),
+        Err(e) => return case_error(e.into()),
+    };
+    let data = match tokio::fs::read(hub.evidence.dir.join(&row.path)).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(path = %row.path, error = %e, "a recorded file cannot be read");
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "the file cannot be read");
+        }
+    };
+    let hash = {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || sha256_hex(&data))
+            .await
+            .unwrap_or_default()
+    };
+    if hash != row.sha256 {
+        tracing::error!(path = %row.path, "a recorded file differs from its signed hash: not served");
+        hub.evidence.audit.record(
+            "hub",
+            "recording.damaged",
+            &row.unit,
+            serde_json::json!({ "seq": row.seq, "path": row.path, "problem": "different content" }),
+        );
+        return refuse(
+            StatusCode::CONFLICT,
+            "the file differs from its signed hash: it is damaged and not served",
+        );
+    }
+    if row.kind == "init" {
+        hub.evidence.audit.record(
+            &who.sub,
+            "playback",
+            &row.unit,
+            serde_json::json!({ "recording": row.recording, "case": row.case_number }),
+        );
+    }
+    let mime = if row.kind == "init" {
+        "video/mp4"
+    } else {
+        "video/iso.segment"
+    };
+    (
+        [
+            (header::CONTENT_TYPE, mime.to_string()),
+            (header::CACHE_CONTROL, "private, max-age=3600".to_string()),
+            (
+                header::HeaderName::from_static("x-content-sha256"),
+                row.sha256,
+            ),
+        ],
+        data,
+    )
+        .into_response()
+}

@@ -1,0 +1,451 @@
+//! The recorder: every online unit is recorded, whoever watches. One task per unit drains
+//! its tracks (through deep subscriptions that never skip for lag) into the sans-IO
+//! segmenter and writes what comes out: files under a temporary name, synced, renamed, then
+//! an index row that links to the unit's previous one and is signed.
+//!
+//! A gap in a unit's recording (offline, a lost segment, a restart) becomes an explicit,
+//! signed gap record in its chain. A write that fails (disk full) loses that segment, is
+//! counted, logged and audited; recording goes on and resumes when writes succeed again.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tianwang_core::segmenter::{Init, Output, Segment, Segmenter, SegmenterConfig};
+use tianwang_proto::v1::TrackKind;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, warn};
+
+use super::audit::{Audit, unix_us};
+use super::index::{GENESIS, Index, SegmentRow};
+use super::keys::{Signer, sha256_hex};
+use crate::metrics::Metrics;
+use crate::registry::{Broadcast, Units};
+
+/// Frames a recorder may have queued per track before the relay evicts (at 30 fps and
+/// 50 Opus packets a second, over a minute of media).
+const QUEUE_FRAMES: usize = 4096;
+/// A jump in capture time longer than this between segments is a gap in the recording.
+const GAP_TOLERANCE_US: i64 = 100_000;
+
+#[derive(Clone, Debug)]
+pub struct RecorderConfig {
+    pub dir: PathBuf,
+    pub target: Duration,
+    pub court: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("writing {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] super::index::IndexError),
+    #[error(transparent)]
+    Segmenter(#[from] tianwang_core::segmenter::SegmenterError),
+}
+
+/// What every unit recorder shares.
+pub struct Shared {
+    pub config: RecorderConfig,
+    pub index: Index,
+    pub signer: Arc<Signer>,
+    pub audit: Audit,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Records every unit that comes online, until `stop`; then finishes the open segments.
+pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken) {
+    let mut changes = units.changes();
+    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    // Units online before the recorder started.
+    for b in units.list().into_iter().filter(|b| b.is_online()) {
+        start(&shared, &mut running, &mut tasks, b);
+    }
+    loop {
+        tokio::select! {
+            change = changes.recv() => match change {
+                Ok(c) if c.online => {
+                    if !running.contains_key(&c.unit_id)
+                        && let Some(b) = units.get(&c.unit_id)
+                    {
+                        start(&shared, &mut running, &mut tasks, b);
+                    }
+                }
+                Ok(c) => {
+                    if let Some(token) = running.remove(&c.unit_id) {
+                        token.cancel();
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    for b in units.list().into_iter().filter(|b| b.is_online()) {
+                        if !running.contains_key(&b.unit_id) {
+                            start(&shared, &mut running, &mut tasks, b);
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(unit) = done {
+                    running.remove(&unit);
+                    units.release_if_idle(&unit);
+                    // Came back while this recorder was finishing: record it again.
+                    if let Some(b) = units.get(&unit).filter(|b| b.is_online()) {
+                        start(&shared, &mut running, &mut tasks, b);
+                    }
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    for token in running.values() {
+        token.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn start(
+    shared: &Arc<Shared>,
+    running: &mut HashMap<String, CancellationToken>,
+    tasks: &mut JoinSet<String>,
+    broadcast: Arc<Broadcast>,
+) {
+    let token = CancellationToken::new();
+    running.insert(broadcast.unit_id.clone(), token.clone());
+    let span = tracing::info_span!("recorder", unit = %broadcast.unit_id);
+    let shared = Arc::clone(shared);
+    tasks.spawn(
+        async move {
+            let unit = broadcast.unit_id.clone();
+            shared.metrics.recordings_active.inc();
+            record(&shared, broadcast, token).await;
+            shared.metrics.recordings_active.dec();
+            unit
+        }
+        .instrument(span),
+    );
+}
+
+/// The chain of one unit, as this recorder extends it.
+struct Chain {
+    unit: String,
+    seq: i64,
+    prev: String,
+    /// End (capture time) of the last media segment, for gap detection.
+    last_end_us: Option<i64>,
+    recording: String,
+    failing: bool,
+}
+
+async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationToken) {
+    let unit = broadcast.unit_id.clone();
+    let tracks = broadcast.tracks();
+    let video = tracks.iter().find(|t| t.info.kind() == TrackKind::Video);
+    let Some(video) = video else {
+        warn!("no video track: not recording");
+        return;
+    };
+    let audio = tracks.iter().find(|t| t.info.kind() == TrackKind::Audio);
+    let mut video_sub = video.track.subscribe_with(QUEUE_FRAMES, u64::MAX);
+    let mut audio_sub = audio.map(|a| a.track.subscribe_with(QUEUE_FRAMES, u64::MAX));
+    let mut segmenter = Segmenter::new(SegmenterConfig {
+        target_us: shared.config.target.as_micros() as u64,
+        width: video.info.width.min(u32::from(u16::MAX)) as u16,
+        height: video.info.height.min(u32::from(u16::MAX)) as u16,
+        audio: audio.is_some(),
+    });
+    let mut chain = match shared.index.last_segment(&unit).await {
+        Ok(last) => Chain {
+            unit: unit.clone(),
+            seq: last.as_ref().map(|r| r.seq).unwrap_or(0),
+            prev: last
+                .as_ref()
+                .map(|r| r.sha256.clone())
+                .unwrap_or_else(|| GENESIS.into()),
+            last_end_us: last.as_ref().map(|r| r.end_us),
+            recording: String::new(),
+            failing: false,
+        },
+        Err(e) => {
+            error!(error = %e, "reading the unit's chain: not recording");
+            return;
+        }
+    };
+    info!("recording");
+    loop {
+        tokio::select! {
+            frame = video_sub.next() => match frame {
+                Some(f) => {
+                    if let Err(e) = segmenter.push_video(f.payload(), f.timestamp_us, f.duration_us, f.is_keyframe()) {
+                        error!(error = %e, "segmenting video");
+                    }
+                }
+                None => break,
+            },
+            frame = next_audio(&mut audio_sub) => match frame {
+                Some(f) => segmenter.push_audio(f.data.slice(f.payload_offset as usize..), f.timestamp_us, f.duration_us),
+                None => audio_sub = None,
+            },
+            _ = stop.cancelled() => break,
+        }
+        while let Some(out) = segmenter.poll() {
+            write(shared, &broadcast, &mut chain, out).await;
+        }
+    }
+    // Finish the segment under way.
+    if let Err(e) = segmenter.flush() {
+        error!(error = %e, "closing the last segment");
+    }
+    while let Some(out) = segmenter.poll() {
+        write(shared, &broadcast, &mut chain, out).await;
+    }
+    info!("recording stopped");
+}
+
+async fn next_audio(sub: &mut Option<tianwang_core::Subscription>) -> Option<tianwang_core::Frame> {
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write(shared: &Shared, broadcast: &Broadcast, chain: &mut Chain, out: Output) {
+    let result = match out {
+        Output::Init(init) => write_init(shared, broadcast, chain, init).await,
+        Output::Segment(segment) => write_segment(shared, broadcast, chain, segment).await,
+    };
+    match result {
+        Ok(()) if chain.failing => {
+            chain.failing = false;
+            info!("recording resumed");
+            shared.audit.record(
+                "hub",
+                "recording.resumed",
+                &chain.unit,
+                serde_json::json!({}),
+            );
+        }
+        Ok(()) => {}
+        Err(e) => {
+            shared.metrics.recording_errors.inc();
+            error!(error = %e, "a segment could not be recorded");
+            if !chain.failing {
+                chain.failing = true;
+                shared.audit.record(
+                    "hub",
+                    "recording.failed",
+                    &chain.unit,
+                    serde_json::json!({ "error": e.to_string() }),
+                );
+            }
+        }
+    }
+}
+
+fn recording_id(start_us: u64) -> String {
+    format!("r{start_us}-{:04x}", rand::random::<u16>())
+}
+
+async fn write_init(
+    shared: &Shared,
+    broadcast: &Broadcast,
+    chain: &mut Chain,
+    init: Init,
+) -> Result<(), RecordError> {
+    chain.recording = recording_id(init.start_us);
+    let rel = format!("{}/{}/init.mp4", chain.unit, chain.recording);
+    let sha = write_file(&shared.config.dir, &rel, vec![init.data.clone()]).await?;
+    let start = init.start_us as i64;
+    gap_if_any(shared, broadcast, chain, start).await?;
+    append(
+        shared,
+        broadcast,
+        chain,
+        SegmentRow {
+            kind: "init".into(),
+            number: 0,
+            path: rel,
+            codecs: init.codecs,
+            start_us: start,
+            end_us: start,
+            bytes: init.data.len() as i64,
+            sha256: sha,
+            ..row(chain)
+        },
+    )
+    .await
+}
+
+async fn write_segment(
+    shared: &Shared,
+    broadcast: &Broadcast,
+    chain: &mut Chain,
+    segment: Segment,
+) -> Result<(), RecordError> {
+    let rel = format!(
+        "{}/{}/{:06}.m4s",
+        chain.unit, chain.recording, segment.sequence
+    );
+    let bytes = segment.bytes as i64;
+    let sha = write_file(&shared.config.dir, &rel, segment.chunks).await?;
+    let start = segment.start_us as i64;
+    gap_if_any(shared, broadcast, chain, start).await?;
+    append(
+        shared,
+        broadcast,
+        chain,
+        SegmentRow {
+            kind: "media".into(),
+            number: i64::from(segment.sequence),
+            path: rel,
+            start_us: start,
+            end_us: segment.end_us as i64,
+            media_start: segment.media_start as i64,
+            media_duration: segment.media_duration as i64,
+            bytes,
+            sha256: sha,
+            ..row(chain)
+        },
+    )
+    .await?;
+    chain.last_end_us = Some(segment.end_us as i64);
+    shared.metrics.recorded_segments.inc();
+    shared.metrics.recorded_bytes.inc_by(segment.bytes);
+    let lag = (unix_us() - segment.end_us as i64).max(0) as f64 / 1e6;
+    shared.metrics.recording_lag.observe(lag);
+    Ok(())
+}
+
+/// An empty row of the chain's current recording (the caller fills it in).
+fn row(chain: &Chain) -> SegmentRow {
+    SegmentRow {
+        unit: chain.unit.clone(),
+        seq: 0,
+        kind: String::new(),
+        recording: chain.recording.clone(),
+        number: 0,
+        path: String::new(),
+        codecs: String::new(),
+        start_us: 0,
+        end_us: 0,
+        media_start: 0,
+        media_duration: 0,
+        bytes: 0,
+        sha256: String::new(),
+        prev_sha256: String::new(),
+        case_number: None,
+        operation_id: None,
+        officer: None,
+        court: String::new(),
+        recorded_us: 0,
+        signature: String::new(),
+        deleted_us: None,
+    }
+}
+
+/// Records the time between the last media segment and `start_us`, when it is a gap.
+async fn gap_if_any(
+    shared: &Shared,
+    broadcast: &Broadcast,
+    chain: &mut Chain,
+    start_us: i64,
+) -> Result<(), RecordError> {
+    let Some(end) = chain.last_end_us else {
+        return Ok(());
+    };
+    if start_us - end <= GAP_TOLERANCE_US {
+        return Ok(());
+    }
+    let description = serde_json::json!(["gap", chain.unit, end, start_us]).to_string();
+    append(
+        shared,
+        broadcast,
+        chain,
+        SegmentRow {
+            kind: "gap".into(),
+            start_us: end,
+            end_us: start_us,
+            sha256: sha256_hex(description.as_bytes()),
+            ..row(chain)
+        },
+    )
+    .await?;
+    chain.last_end_us = Some(start_us);
+    Ok(())
+}
+
+/// Links, binds, signs and indexes a row; advances the chain.
+async fn append(
+    shared: &Shared,
+    broadcast: &Broadcast,
+    chain: &mut Chain,
+    mut r: SegmentRow,
+) -> Result<(), RecordError> {
+    r.seq = chain.seq + 1;
+    r.prev_sha256 = chain.prev.clone();
+    if let Some((case, op)) = shared
+        .index
+        .active_operation(&chain.unit, r.start_us)
+        .await?
+    {
+        r.case_number = Some(case);
+        r.operation_id = Some(op);
+    }
+    r.officer = broadcast.officer();
+    r.court = shared.config.court.clone();
+    r.recorded_us = unix_us();
+    r.signature = shared.signer.sign_hex(&r.signed_bytes());
+    shared.index.insert_segment(&r).await?;
+    chain.seq = r.seq;
+    chain.prev = r.sha256;
+    Ok(())
+}
+
+/// Writes a file under a temporary name, syncs it, renames it into place and syncs the
+/// directory; returns its SHA-256. On error nothing is left at the final name.
+async fn write_file(root: &Path, rel: &str, chunks: Vec<Bytes>) -> Result<String, RecordError> {
+    let root = root.to_path_buf();
+    let rel = rel.to_string();
+    let path = root.join(&rel);
+    let err_path = path.display().to_string();
+    tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let dir = path.parent().unwrap_or(&root).to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = path.with_extension("tmp");
+        let result = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            for c in &chunks {
+                file.write_all(c)?;
+                ctx.update(c);
+            }
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(hex::encode(ctx.finish().as_ref()))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    })
+    .await
+    .map_err(|e| RecordError::Io {
+        path: err_path.clone(),
+        source: std::io::Error::other(e),
+    })?
+    .map_err(|source| RecordError::Io {
+        path: err_path,
+        source,
+    })
+}
