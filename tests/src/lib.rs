@@ -16,6 +16,7 @@ use tianwang_transport::client::{self, ReceivedFrame, TrackReceiver};
 use tianwang_transport::{Control, Limits, Trust};
 
 pub mod console;
+pub mod postgres;
 pub mod relay;
 pub mod unit;
 
@@ -151,6 +152,19 @@ impl Hub {
         if let Some(mut c) = self.child.take() {
             terminate(&mut c);
         }
+    }
+
+    /// Kills the hub outright (SIGKILL): nothing is flushed or closed.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the hub again after `stop` or `kill`, on the same ports and data.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.spawn().await
     }
 
     /// Whether the process is still running.

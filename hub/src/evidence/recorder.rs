@@ -145,6 +145,11 @@ struct Chain {
     last_end_us: Option<i64>,
     recording: String,
     failing: bool,
+    /// The current recording's init segment, and whether the next media segment must begin
+    /// a new recording with it: after a lost segment, so that every recording plays
+    /// without a hole in its media time.
+    init: Option<Init>,
+    restart_recording: bool,
 }
 
 async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationToken) {
@@ -175,6 +180,8 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
             last_end_us: last.as_ref().map(|r| r.end_us),
             recording: String::new(),
             failing: false,
+            init: None,
+            restart_recording: false,
         },
         Err(e) => {
             error!(error = %e, "reading the unit's chain: not recording");
@@ -237,6 +244,7 @@ async fn write(shared: &Shared, broadcast: &Broadcast, chain: &mut Chain, out: O
         }
         Ok(()) => {}
         Err(e) => {
+            chain.restart_recording = true;
             shared.metrics.recording_errors.inc();
             error!(error = %e, "a segment could not be recorded");
             if !chain.failing {
@@ -262,6 +270,8 @@ async fn write_init(
     chain: &mut Chain,
     init: Init,
 ) -> Result<(), RecordError> {
+    chain.init = Some(init.clone());
+    chain.restart_recording = false;
     chain.recording = recording_id(init.start_us);
     let rel = format!("{}/{}/init.mp4", chain.unit, chain.recording);
     let sha = write_file(&shared.config.dir, &rel, vec![init.data.clone()]).await?;
@@ -292,6 +302,15 @@ async fn write_segment(
     chain: &mut Chain,
     segment: Segment,
 ) -> Result<(), RecordError> {
+    if chain.restart_recording
+        && let Some(init) = chain.init.clone()
+    {
+        let init = Init {
+            start_us: segment.start_us,
+            ..init
+        };
+        write_init(shared, broadcast, chain, init).await?;
+    }
     let rel = format!(
         "{}/{}/{:06}.m4s",
         chain.unit, chain.recording, segment.sequence

@@ -37,6 +37,8 @@ pub fn check_chain(
     mut read: impl FnMut(&SegmentRow) -> Result<Vec<u8>, String>,
     report: &mut Report,
 ) {
+    // Which row a content belongs to, to tell a swapped file from a changed one.
+    let by_hash: HashMap<&str, i64> = rows.iter().map(|r| (r.sha256.as_str(), r.seq)).collect();
     let mut problem =
         |seq: i64, what: String| report_problem(&mut report.problems, unit, seq, what);
     let mut expected_seq = 1;
@@ -78,6 +80,7 @@ pub fn check_chain(
                     problem(row.seq, "the gap record was altered".into());
                 }
                 last_end = Some(row.end_us);
+                last_media = None;
             }
             "init" | "media" => {
                 if row.deleted_us.is_some() {
@@ -91,9 +94,25 @@ pub fn check_chain(
                         );
                     }
                 } else {
-                    match read(row) {
+                    let data = read(row).map(|d| {
+                        let hash = sha256_hex(&d);
+                        (d, hash)
+                    });
+                    match data {
                         Err(why) => problem(row.seq, format!("{}: {why}", row.path)),
-                        Ok(data) if data.len() as i64 != row.bytes => problem(
+                        Ok((_, hash))
+                            if hash != row.sha256 && by_hash.contains_key(hash.as_str()) =>
+                        {
+                            problem(
+                                row.seq,
+                                format!(
+                                    "{} holds the content of row #{}: segments were swapped or moved",
+                                    row.path,
+                                    by_hash[hash.as_str()]
+                                ),
+                            )
+                        }
+                        Ok((data, _)) if data.len() as i64 != row.bytes => problem(
                             row.seq,
                             format!(
                                 "{} has {} bytes, the signed record says {}: the file was cut or extended",
@@ -102,14 +121,14 @@ pub fn check_chain(
                                 row.bytes
                             ),
                         ),
-                        Ok(data) if sha256_hex(&data) != row.sha256 => problem(
+                        Ok((_, hash)) if hash != row.sha256 => problem(
                             row.seq,
                             format!(
                                 "{} differs from its signed SHA-256: its content was changed",
                                 row.path
                             ),
                         ),
-                        Ok(data) => bytes += data.len() as u64,
+                        Ok((data, _)) => bytes += data.len() as u64,
                     }
                 }
                 if row.kind == "media" {
