@@ -108,7 +108,7 @@ pub(crate) async fn run(
                 return Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
             }
             msg = control::recv(&mut rx) => match msg {
-                Ok(m) => publisher_message(hub, m)?,
+                Ok(m) => publisher_message(hub, unit, m)?,
                 Err(ControlError::Closed) | Err(ControlError::Refused { .. }) => return Ok(()),
                 Err(ControlError::Connection(e)) => return connection_end(e),
                 Err(e) => return Err(e.into()),
@@ -135,7 +135,11 @@ pub(crate) async fn run(
     }
 }
 
-fn publisher_message(hub: &HubContext, msg: ControlMessage) -> Result<(), SessionError> {
+fn publisher_message(
+    hub: &HubContext,
+    unit: &str,
+    msg: ControlMessage,
+) -> Result<(), SessionError> {
     match msg.kind {
         Some(Kind::Telemetry(_)) => {
             hub.metrics.telemetry.inc();
@@ -143,6 +147,12 @@ fn publisher_message(hub: &HubContext, msg: ControlMessage) -> Result<(), Sessio
         }
         Some(Kind::Ack(ack)) => {
             info!(directive = %ack.directive_id, ok = ack.ok, message = %ack.message, "directive acknowledged");
+            hub.evidence.audit.record(
+                unit,
+                "directive.ack",
+                &ack.directive_id,
+                serde_json::json!({ "ok": ack.ok, "message": ack.message }),
+            );
             Ok(())
         }
         other => Err(SessionError::protocol(format!(

@@ -194,10 +194,21 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
             hello.protocol_version
         )));
     }
-    let claims = hub
-        .authority
-        .verify(&hello.token)
-        .map_err(|e| SessionError::new(ErrorCode::Unauthorized, "unauthorized", e.to_string()))?;
+    let claims = hub.authority.verify(&hello.token).map_err(|e| {
+        hub.evidence.audit.record(
+            "?",
+            "login.refused",
+            &hello.unit_id,
+            serde_json::json!({ "via": "quic", "reason": e.to_string() }),
+        );
+        SessionError::new(ErrorCode::Unauthorized, "unauthorized", e.to_string())
+    })?;
+    hub.evidence.audit.record(
+        &claims.sub,
+        "login",
+        "quic",
+        serde_json::json!({ "via": "quic", "role": claims.role, "unit": hello.unit_id }),
+    );
     let welcome = ControlMessage::new(Kind::Welcome(Welcome {
         session_id: format!("{id}"),
         hub_time_us: now_us(),

@@ -255,7 +255,7 @@ async fn keyframe_requests_from_consoles_reach_the_unit_coalesced() -> anyhow::R
     use tianwang_tests::unit::FakeUnit;
     let tmp = tempfile::tempdir()?;
     // Keyframe requests to a device at most once per second.
-    let hub = Hub::start(
+    let mut hub = Hub::start(
         tmp.path(),
         Some("[relay]\nkeyframe_request_interval = \"1s\"\n"),
     )
@@ -307,5 +307,33 @@ async fn keyframe_requests_from_consoles_reach_the_unit_coalesced() -> anyhow::R
         unit.keyframe_requests()
     );
     c.close().await;
+    drop(unit);
+
+    // Who signed in and watched which unit, for how long, is in the audit trail.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.stop();
+    sqlx::any::install_default_drivers();
+    let db = format!("sqlite://{}", hub.dir.join("data/index.sqlite").display());
+    let pool = sqlx::AnyPool::connect(&db).await?;
+    let rows: Vec<(String, String, String, String)> =
+        sqlx::query_as("SELECT actor, action, subject, detail FROM audit ORDER BY seq")
+            .fetch_all(&pool)
+            .await?;
+    pool.close().await;
+    let has = |actor: &str, action: &str, subject: &str| {
+        rows.iter()
+            .any(|(a, x, s, _)| a == actor && x == action && s == subject)
+    };
+    assert!(has("duty", "login", "console"), "{rows:?}");
+    assert!(has("bwc-009", "login", "quic"), "{rows:?}");
+    assert!(has("duty", "view.start", "bwc-009"), "{rows:?}");
+    let (_, _, _, detail) = rows
+        .iter()
+        .find(|(a, x, _, _)| a == "duty" && x == "view.end")
+        .expect("the view's end is audited");
+    let seconds = serde_json::from_str::<serde_json::Value>(detail)?["seconds"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(seconds > 0.5, "{detail}");
     Ok(())
 }

@@ -31,6 +31,11 @@ struct Driver {
     peer: Option<Peer>,
     peer_events: Option<tokio::sync::mpsc::UnboundedReceiver<PeerEvent>>,
     id: u64,
+    transport: &'static str,
+    /// The signed-in user, for the audit trail.
+    user: Option<String>,
+    /// Tiles on view: tile → (unit, since), so each view is audited with its length.
+    views: std::collections::HashMap<String, (String, Instant)>,
 }
 
 pub async fn run(
@@ -50,6 +55,9 @@ pub async fn run(
         peer: None,
         peer_events: None,
         id,
+        transport,
+        user: None,
+        views: Default::default(),
     };
     async move {
         if let Some(token) = token {
@@ -62,6 +70,10 @@ pub async fn run(
         }
         let reason = d.run().await;
         debug!(reason, "console session ended");
+        let tiles: Vec<String> = d.views.keys().cloned().collect();
+        for tile in tiles {
+            d.view_ended(&tile);
+        }
         if let Some(peer) = d.peer.take() {
             peer.close().await;
         }
@@ -218,12 +230,22 @@ impl Driver {
                 match attached {
                     Ok((video_mid, audio_mid)) => {
                         info!(tile = %tile_id, unit = %unit_id, "tile added");
+                        self.view_ended(&tile_id);
+                        self.hub.evidence.audit.record(
+                            self.user.as_deref().unwrap_or("?"),
+                            "view.start",
+                            &unit_id,
+                            serde_json::json!({ "console": self.id, "tile": tile_id }),
+                        );
+                        self.views
+                            .insert(tile_id.clone(), (unit_id.clone(), Instant::now()));
                         self.session.tile_attached(&tile_id, &video_mid, &audio_mid);
                     }
                     Err(e) => self.session.tile_failed(&tile_id, ErrorCode::Internal, &e),
                 }
             }
             Action::DetachTile { tile_id } => {
+                self.view_ended(&tile_id);
                 if let Some(peer) = self.peer.as_mut() {
                     peer.detach(&tile_id).await;
                 }
@@ -270,19 +292,52 @@ impl Driver {
         Ok(())
     }
 
+    /// Audits the end of a tile's view, with how long it lasted.
+    fn view_ended(&mut self, tile_id: &str) {
+        if let Some((unit, since)) = self.views.remove(tile_id) {
+            self.hub.evidence.audit.record(
+                self.user.as_deref().unwrap_or("?"),
+                "view.end",
+                &unit,
+                serde_json::json!({ "console": self.id, "tile": tile_id,
+                    "seconds": since.elapsed().as_secs_f64() }),
+            );
+        }
+    }
+
     fn authenticate(&mut self, token: &str) {
+        let audit = &self.hub.evidence.audit;
         let claims = match self.hub.authority.verify(token) {
             Ok(c) => c,
             Err(e) => {
+                audit.record(
+                    "?",
+                    "login.refused",
+                    "console",
+                    serde_json::json!({ "via": self.transport, "reason": e.to_string() }),
+                );
                 self.session.auth_failed(&e.to_string());
                 return;
             }
         };
         if !claims.role.can_watch_live() {
+            audit.record(
+                &claims.sub,
+                "login.refused",
+                "console",
+                serde_json::json!({ "via": self.transport, "reason": "role", "role": claims.role }),
+            );
             self.session
                 .auth_failed(&format!("a {:?} token cannot use the console", claims.role));
             return;
         }
+        audit.record(
+            &claims.sub,
+            "login",
+            "console",
+            serde_json::json!({ "via": self.transport, "role": claims.role, "console": self.id }),
+        );
+        self.user = Some(claims.sub.clone());
         let principal = Principal {
             user: claims.sub.clone(),
             role: format!("{:?}", claims.role).to_lowercase(),

@@ -40,7 +40,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Checks the bearer token: the refusal (status and reason) if it does not allow watching.
-fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
+fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<String, (StatusCode, String)> {
     let Some(token) = bearer(headers) else {
         return Err((
             StatusCode::UNAUTHORIZED,
@@ -57,7 +57,7 @@ fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<(), (StatusCode, S
             format!("a {:?} token cannot watch live", claims.role),
         ));
     }
-    Ok(())
+    Ok(claims.sub)
 }
 
 /// POST /whep/{unit}
@@ -67,9 +67,10 @@ pub async fn start(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err((status, reason)) = authorize(&hub, &headers) {
-        return problem(status, reason);
-    }
+    let user = match authorize(&hub, &headers) {
+        Ok(user) => user,
+        Err((status, reason)) => return problem(status, reason),
+    };
     let sdp_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -151,6 +152,9 @@ pub async fn start(
     tokio::spawn(
         async move {
             info!("WHEP viewer started");
+            let since = std::time::Instant::now();
+            let audit = task_hub.evidence.audit.clone();
+            audit.record(&user, "view.start", &unit, serde_json::json!({ "via": "whep", "id": task_id }));
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -169,6 +173,8 @@ pub async fn start(
             }
             task_hub.whep.remove(&task_id);
             peer.close().await;
+            audit.record(&user, "view.end", &unit, serde_json::json!({ "via": "whep", "id": task_id,
+                "seconds": since.elapsed().as_secs_f64() }));
             info!("WHEP viewer ended");
         }
         .instrument(span),
