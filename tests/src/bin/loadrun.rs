@@ -4,6 +4,9 @@
 //! frame, hub peak RSS. Build and run in release:
 //!
 //!   cargo run --release -p tianwang-tests --bin loadrun -- --units 10 --subscribers 4 --duration 20
+//!
+//! The hub's recorder is off unless `--record 1`: then the report adds what recording
+//! cost (segments and bytes written per second, write errors, the hub's disk writes).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +22,7 @@ struct Args {
     subscribers: usize,
     duration: u64,
     bitrate: u32,
+    record: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -27,6 +31,7 @@ fn parse_args() -> anyhow::Result<Args> {
         subscribers: 4,
         duration: 20,
         bitrate: 1500,
+        record: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -36,7 +41,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--subscribers" => a.subscribers = value.parse()?,
             "--duration" => a.duration = value.parse()?,
             "--bitrate" => a.bitrate = value.parse()?,
-            other => bail!("unknown flag {other} (--units, --subscribers, --duration, --bitrate)"),
+            "--record" => a.record = value == "1" || value == "true",
+            other => bail!(
+                "unknown flag {other} (--units, --subscribers, --duration, --bitrate, --record)"
+            ),
         }
     }
     Ok(a)
@@ -50,6 +58,16 @@ struct Tally {
     first_frame_us: Mutex<Vec<u64>>,
 }
 
+/// Bytes a process caused to be written to storage, from /proc (`write_bytes`).
+fn disk_write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -61,7 +79,11 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let tmp = tempfile::tempdir()?;
-    let hub = Hub::start(tmp.path(), Some("[relay]\nsubscriber_queue_frames = 512\n")).await?;
+    let config = format!(
+        "[relay]\nsubscriber_queue_frames = 512\n[evidence]\nrecord = {}\n",
+        args.record
+    );
+    let hub = Hub::start(tmp.path(), Some(&config)).await?;
     let tokens = hub.fleet("sim-", args.units);
     let _sim = Simulator::start(
         &hub,
@@ -122,12 +144,14 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let m0 = hub.metrics().await?;
     let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let disk0 = disk_write_bytes(pid).unwrap_or(0);
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     measuring.store(false, Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let disk = disk_write_bytes(pid).unwrap_or(0).saturating_sub(disk0);
     let m1 = hub.metrics().await?;
     let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
     tasks.abort_all();
@@ -158,6 +182,15 @@ async fn main() -> anyhow::Result<()> {
         "delay_ms_p99": percentile(&delays, 0.99),
         "first_frame_ms_p50": percentile(&ttff, 0.50),
         "first_frame_ms_p95": percentile(&ttff, 0.95),
+        "recording": args.record,
+        "recordings_active": m1.get("tianwang_recordings_active"),
+        "recorded_segments_per_s": (m1.get("tianwang_recorded_segments_total")
+            - m0.get("tianwang_recorded_segments_total")) / secs,
+        "recorded_mbit_s": (m1.get("tianwang_recorded_bytes_total")
+            - m0.get("tianwang_recorded_bytes_total")) * 8.0 / secs / 1e6,
+        "recording_errors": m1.get("tianwang_recording_errors_total")
+            - m0.get("tianwang_recording_errors_total"),
+        "hub_disk_write_mbyte_s": disk as f64 / secs / 1e6,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
