@@ -1,4 +1,6 @@
-// Tianwang command console: sign-in, then the wall. Plain ES modules, no build step.
+// Tianwang command console: sign-in, then the wall or the cases. Plain ES modules, no build
+// step.
+import { Cases } from "./cases.js";
 import { Session } from "./session.js";
 import { Wall } from "./wall.js";
 
@@ -21,7 +23,26 @@ function start(token) {
   $("console").hidden = false;
   const session = new Session(token);
   const wall = new Wall(session, $("wall"), $("units"));
-  window.tianwang = { session, wall };
+  const cases = new Cases(token, $("cases-view"));
+  let view = "wall";
+  // The wall keeps running behind the cases: its tiles are still there on the way back.
+  const showView = (name) => {
+    view = name;
+    const onCases = name === "cases";
+    $("wall").hidden = onCases;
+    $("units-panel").hidden = onCases;
+    $("layouts").hidden = onCases;
+    $("cases-view").hidden = !onCases;
+    document.querySelectorAll("#views button").forEach((b) =>
+      b.setAttribute("aria-pressed", String(b.dataset.view === name)));
+    if (onCases) {
+      wall.unenlarge();
+      cases.load().then(() => cases.focusList(), () => {});
+    } else {
+      cases.video.pause();
+    }
+  };
+  window.tianwang = { session, wall, cases, showView };
 
   session.addEventListener("ready", (e) => {
     const r = e.detail;
@@ -49,6 +70,9 @@ function start(token) {
     status(`session closed${e.detail.reason ? `: ${e.detail.reason}` : ""}`);
   });
 
+  document.querySelectorAll("#views button").forEach((b) => {
+    b.onclick = () => showView(b.dataset.view);
+  });
   document.querySelectorAll("#layouts button").forEach((b) => {
     b.onclick = () => wall.setLayout(Number(b.dataset.layout));
   });
@@ -63,6 +87,10 @@ function start(token) {
   };
   document.addEventListener("keydown", (e) => {
     if (e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement) return;
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "c") return showView("cases");
+    if (e.key === "w") return showView("wall");
+    if (view !== "wall") return;
     const layouts = { 1: 1, 2: 4, 3: 9, 4: 16 };
     if (layouts[e.key]) wall.setLayout(layouts[e.key]);
     else if (e.key === "Escape") wall.unenlarge();

@@ -359,10 +359,12 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        c @ (Command::Case(_)
-        | Command::Verify(_)
-        | Command::Export { .. }
-        | Command::Key { .. }) => evidence_command(c).await,
+        Command::Case(args) => evidence_command(EvidenceCommand::Case(args)).await,
+        Command::Verify(args) => evidence_command(EvidenceCommand::Verify(args)).await,
+        Command::Export { hub, case, out } => {
+            evidence_command(EvidenceCommand::Export { hub, case, out }).await
+        }
+        Command::Key { hub } => evidence_command(EvidenceCommand::Key { hub }).await,
         Command::Token { command } => match command {
             TokenCommand::Issue {
                 hub,
@@ -410,10 +412,24 @@ fn micros(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-async fn evidence_command(command: Command) -> anyhow::Result<()> {
+/// The evidence commands: `case`, `verify`, `export`, `key`.
+enum EvidenceCommand {
+    Case(CaseArgs),
+    Verify(VerifyArgs),
+    Export {
+        hub: HubOverrides,
+        case: String,
+        out: PathBuf,
+    },
+    Key {
+        hub: HubOverrides,
+    },
+}
+
+async fn evidence_command(command: EvidenceCommand) -> anyhow::Result<()> {
     use hub::evidence::cli;
     match command {
-        Command::Case(args) => {
+        EvidenceCommand::Case(args) => {
             let command = match args.command {
                 CaseCli::Create {
                     number,
@@ -456,7 +472,7 @@ async fn evidence_command(command: Command) -> anyhow::Result<()> {
             print!("{}", cli::case(&args.hub, &args.token, command).await?);
             Ok(())
         }
-        Command::Verify(args) => {
+        EvidenceCommand::Verify(args) => {
             let ok = match &args.export {
                 Some(dir) => {
                     let Some(key) = &args.key else {
@@ -482,16 +498,15 @@ async fn evidence_command(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Export { hub, case, out } => {
+        EvidenceCommand::Export { hub, case, out } => {
             let config = hub.load()?;
             print!("{}", cli::export(&config, &case, &out).await?);
             Ok(())
         }
-        Command::Key { hub } => {
+        EvidenceCommand::Key { hub } => {
             println!("{}", cli::public_key(&hub.load()?)?);
             Ok(())
         }
-        _ => unreachable!("only evidence commands come here"),
     }
 }
 

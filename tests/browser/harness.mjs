@@ -77,6 +77,7 @@ export async function startDemo(units = 4) {
   const demo = {
     env,
     base,
+    data,
     token: env.TIANWANG_TOKEN,
     pid: child.pid,
     log: () => fs.readFileSync(path.join(data, "demo.log"), "utf8"),

@@ -1,5 +1,6 @@
 """A console client in Python, its code generated from proto/ at test time: the console API
-is language-neutral. Lists units, discovers the service by reflection, opens a session.
+is language-neutral. Lists units, discovers the service by reflection, opens a session,
+then lists the unit's recordings and fetches two of its files (Evidence service).
 
 Usage: console_client.py HOST:PORT TOKEN UNIT   (prints JSON; exits non-zero on failure)
 """
@@ -10,6 +11,9 @@ import subprocess
 import sys
 import tempfile
 
+import hashlib
+import time
+
 import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -19,7 +23,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 def generate(out):
     protos = os.path.join(ROOT, "proto", "proto")
     cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}", f"--python_out={out}",
-           f"--grpc_python_out={out}", "tianwang/v1/media.proto", "tianwang/v1/console.proto"]
+           f"--grpc_python_out={out}", "tianwang/v1/media.proto", "tianwang/v1/console.proto",
+           "tianwang/v1/evidence.proto"]
     subprocess.run(cmd, check=True)
     for d in ("tianwang", "tianwang/v1"):
         open(os.path.join(out, d, "__init__.py"), "a").close()
@@ -83,7 +88,41 @@ def main():
         requests.put(None)
         events.cancel()
         report["events"] = seen
+        report["evidence"] = evidence(channel, auth, unit)
         print(json.dumps(report))
+
+
+def evidence(channel, auth, unit):
+    """The unit's recordings: listed, then the init segment and the first media segment
+    fetched, each checked against the SHA-256 the listing gives."""
+    from tianwang.v1 import evidence_pb2 as pb, evidence_pb2_grpc as rpc
+
+    stub = rpc.EvidenceStub(channel)
+    out = {}
+    deadline = time.time() + 30
+    while True:
+        listing = stub.ListRecordings(pb.ListRecordingsRequest(unit=unit), metadata=auth, timeout=10)
+        segs = [s for r in listing.recordings for s in r.segments]
+        if segs or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    out["segments"] = len(segs)
+    if not segs:
+        return out
+    rec = listing.recordings[0]
+    out["codecs"] = rec.codecs
+    init = stub.FetchSegment(pb.FetchSegmentRequest(url=rec.init_url), metadata=auth, timeout=10)
+    out["init_ok"] = hashlib.sha256(init.data).hexdigest() == init.sha256
+    first = stub.FetchSegment(pb.FetchSegmentRequest(url=segs[0].url), metadata=auth, timeout=10)
+    out["segment_ok"] = (hashlib.sha256(first.data).hexdigest() == segs[0].sha256
+                         and len(first.data) == segs[0].bytes)
+    try:
+        stub.FetchSegment(pb.FetchSegmentRequest(url="/recordings/../../etc/passwd"),
+                          metadata=auth, timeout=10)
+        out["outside"] = "served"
+    except grpc.RpcError as e:
+        out["outside"] = e.code().name
+    return out
 
 
 if __name__ == "__main__":

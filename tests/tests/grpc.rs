@@ -80,6 +80,7 @@ async fn a_python_grpc_client_lists_units_and_opens_a_session() -> anyhow::Resul
         .filter_map(|s| s.as_str())
         .collect();
     assert!(services.contains(&"tianwang.v1.Console"), "{report}");
+    assert!(services.contains(&"tianwang.v1.Evidence"), "{report}");
     assert_eq!(
         report["unauthenticated_list"], "UNAUTHENTICATED",
         "{report}"
@@ -95,5 +96,14 @@ async fn a_python_grpc_client_lists_units_and_opens_a_session() -> anyhow::Resul
     assert_eq!(report["offer_is_sdp"], true);
     assert_eq!(report["offer_has_h264"], true);
     assert_eq!(report["offer_revision"], 1);
+    let evidence = &report["evidence"];
+    assert!(evidence["segments"].as_u64() >= Some(1), "{report}");
+    assert!(
+        evidence["codecs"].as_str().unwrap_or("").contains("avc1"),
+        "{report}"
+    );
+    assert_eq!(evidence["init_ok"], true, "{report}");
+    assert_eq!(evidence["segment_ok"], true, "{report}");
+    assert_eq!(evidence["outside"], "NOT_FOUND", "{report}");
     Ok(())
 }

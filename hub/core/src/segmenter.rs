@@ -46,7 +46,7 @@ pub struct SegmenterConfig {
 #[derive(Clone, Debug)]
 pub struct Init {
     pub data: Bytes,
-    /// For MSE: `video/mp4; codecs="…"`.
+    /// RFC 6381 codecs, e.g. `avc1.42c01e,opus` (for MSE: `video/mp4; codecs="…"`).
     pub codecs: String,
     /// Capture time (device clock, µs) of the recording's first keyframe.
     pub start_us: u64,

@@ -114,7 +114,7 @@ pub fn routes(hub: Arc<HubContext>) -> Result<axum::Router, tonic_reflection::se
         .build_v1alpha()?;
     let evidence = crate::evidence::cases::EvidenceService::server(Arc::clone(&hub))
         .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(64 * MAX_MESSAGE);
+        .max_encoding_message_size(256 * MAX_MESSAGE);
     let console = ConsoleServer::new(ConsoleService::new(hub))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(4 * MAX_MESSAGE);

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tianwang_proto::v1::evidence_server::{Evidence as EvidenceApi, EvidenceServer};
 use tianwang_proto::v1::{
     Case, CloseCaseRequest, CloseOperationRequest, CreateCaseRequest, CreateOperationRequest,
-    GetCaseRequest, ListCasesRequest, ListCasesResponse, ListRecordingsRequest,
-    ListRecordingsResponse, Operation, RecordedGap, RecordedSegment, Recording,
+    FetchSegmentRequest, GetCaseRequest, ListCasesRequest, ListCasesResponse,
+    ListRecordingsRequest, ListRecordingsResponse, Operation, RecordedGap, RecordedSegment,
+    Recording, SegmentData,
 };
 use tonic::{Request, Response, Status};
 
@@ -504,5 +505,35 @@ impl EvidenceApi for EvidenceService {
         Ok(Response::new(
             self.hub.evidence.list_recordings(req.get_ref()).await?,
         ))
+    }
+
+    async fn fetch_segment(
+        &self,
+        req: Request<FetchSegmentRequest>,
+    ) -> Result<Response<SegmentData>, Status> {
+        let who = self.authorize(&req, false)?;
+        let (row, data) = self
+            .hub
+            .evidence
+            .read_recorded(&req.get_ref().url)
+            .await
+            .map_err(|e| match e {
+                super::FileError::Unknown => Status::not_found(e.to_string()),
+                super::FileError::Deleted => Status::not_found(e.to_string()),
+                super::FileError::Damaged => Status::data_loss(e.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
+        if row.kind == "init" {
+            self.hub.evidence.audit.record(
+                &who.sub,
+                "playback",
+                &row.unit,
+                serde_json::json!({ "recording": row.recording, "case": row.case_number, "via": "grpc" }),
+            );
+        }
+        Ok(Response::new(SegmentData {
+            data: data.into(),
+            sha256: row.sha256,
+        }))
     }
 }

@@ -13,8 +13,8 @@ use axum::routing::get;
 use serde::Deserialize;
 use tianwang_proto::v1::{ListCasesResponse, ListRecordingsRequest};
 
+use super::FileError;
 use super::cases::CaseError;
-use super::keys::sha256_hex;
 use crate::auth::Claims;
 use crate::session::HubContext;
 
@@ -147,39 +147,18 @@ async fn file(
         Ok(c) => c,
         Err(r) => return r,
     };
-    // Only paths the index names are served: nothing else under the directory is reachable.
-    let row = match hub.evidence.index.segment_by_path(&path).await {
-        Ok(Some(r)) if r.deleted_us.is_none() => r,
-        Ok(Some(_)) => return refuse(StatusCode::GONE, "deleted by retention (audited)"),
-        Ok(None) => return refuse(StatusCode::NOT_FOUND, "no such recorded file"),
-        Err(e) => return case_error(e.into()),
-    };
-    let data = match tokio::fs::read(hub.evidence.dir.join(&row.path)).await {
-        Ok(d) => d,
+    let (row, data) = match hub.evidence.read_recorded(&path).await {
+        Ok(r) => r,
         Err(e) => {
-            tracing::error!(path = %row.path, error = %e, "a recorded file cannot be read");
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "the file cannot be read");
+            let status = match e {
+                FileError::Deleted => StatusCode::GONE,
+                FileError::Unknown => StatusCode::NOT_FOUND,
+                FileError::Damaged => StatusCode::CONFLICT,
+                FileError::Unreadable | FileError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return refuse(status, e.to_string());
         }
     };
-    let hash = {
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || sha256_hex(&data))
-            .await
-            .unwrap_or_default()
-    };
-    if hash != row.sha256 {
-        tracing::error!(path = %row.path, "a recorded file differs from its signed hash: not served");
-        hub.evidence.audit.record(
-            "hub",
-            "recording.damaged",
-            &row.unit,
-            serde_json::json!({ "seq": row.seq, "path": row.path, "problem": "different content" }),
-        );
-        return refuse(
-            StatusCode::CONFLICT,
-            "the file differs from its signed hash: it is damaged and not served",
-        );
-    }
     if row.kind == "init" {
         hub.evidence.audit.record(
             &who.sub,

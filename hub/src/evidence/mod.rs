@@ -32,6 +32,21 @@ pub struct Evidence {
     pub dir: PathBuf,
 }
 
+/// Why a recorded file is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("no such recorded file")]
+    Unknown,
+    #[error("deleted by retention (audited)")]
+    Deleted,
+    #[error("the file differs from its signed hash: it is damaged and not served")]
+    Damaged,
+    #[error("the file cannot be read")]
+    Unreadable,
+    #[error(transparent)]
+    Index(#[from] index::IndexError),
+}
+
 /// What start-up found among the recordings.
 #[derive(Debug, Default)]
 pub struct Repair {
@@ -58,6 +73,43 @@ impl Evidence {
             audit,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// A recorded file by its path (as in its URL), only if the index names it and its
+    /// content matches the signed hash; damage is logged and audited.
+    pub async fn read_recorded(
+        &self,
+        path: &str,
+    ) -> Result<(index::SegmentRow, Vec<u8>), FileError> {
+        let path = path.strip_prefix("/recordings/").unwrap_or(path);
+        let row = match self.index.segment_by_path(path).await? {
+            Some(r) if r.deleted_us.is_none() => r,
+            Some(_) => return Err(FileError::Deleted),
+            None => return Err(FileError::Unknown),
+        };
+        let data = tokio::fs::read(self.dir.join(&row.path))
+            .await
+            .map_err(|e| {
+                error!(path = %row.path, error = %e, "a recorded file cannot be read");
+                FileError::Unreadable
+            })?;
+        let (data, hash) = tokio::task::spawn_blocking(move || {
+            let hash = sha256_hex(&data);
+            (data, hash)
+        })
+        .await
+        .map_err(|_| FileError::Unreadable)?;
+        if hash != row.sha256 {
+            error!(path = %row.path, "a recorded file differs from its signed hash: not served");
+            self.audit.record(
+                "hub",
+                "recording.damaged",
+                &row.unit,
+                serde_json::json!({ "seq": row.seq, "path": row.path, "problem": "different content" }),
+            );
+            return Err(FileError::Damaged);
+        }
+        Ok((row, data))
     }
 
     /// Brings the recordings and the index back in line after a crash: partial files are
