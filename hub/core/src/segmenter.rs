@@ -350,6 +350,8 @@ pub struct Segmenter {
     audio: VecDeque<Sample>,
     video_decode: u64,
     audio_decode: u64,
+    /// Capture time of the recording's first keyframe: media time 0.
+    start_us: u64,
     sequence: u32,
     outputs: VecDeque<Output>,
 }
@@ -367,6 +369,7 @@ impl Segmenter {
             audio: VecDeque::new(),
             video_decode: 0,
             audio_decode: 0,
+            start_us: 0,
             sequence: 0,
             outputs: VecDeque::new(),
         }
@@ -403,7 +406,10 @@ impl Segmenter {
                     self.parameters = Some(params);
                     self.video_decode = 0;
                     self.audio_decode = 0;
+                    self.start_us = timestamp_us;
                     self.sequence = 0;
+                    // Sound from before the picture has no place in this recording.
+                    self.audio.retain(|a| a.timestamp_us >= timestamp_us);
                     self.outputs.push_back(Output::Init(init));
                 }
                 // Within a frame of the target counts: a 4 s GOP at 30 fps is 3.99996 s.
@@ -426,9 +432,10 @@ impl Segmenter {
         Ok(())
     }
 
-    /// One Opus packet.
+    /// One Opus packet. Packets before the recording's first keyframe are dropped: the
+    /// recording's time begins with its picture.
     pub fn push_audio(&mut self, packet: Bytes, timestamp_us: u64, duration_us: u32) {
-        if self.config.audio {
+        if self.config.audio && self.parameters.is_some() && timestamp_us >= self.start_us {
             self.audio.push_back(Sample {
                 data: packet,
                 timestamp_us,
@@ -450,15 +457,23 @@ impl Segmenter {
             return Ok(());
         }
         let video = std::mem::take(&mut self.video);
-        // Durations between capture times; the last one up to the cut (or its own).
+        // Durations between capture times; the last one up to the cut (or its own). Ticks
+        // are taken on the recording's timeline and differenced, so rounding never adds up
+        // to drift (33 333 µs is 2 999.97 ticks).
+        let start = self.start_us;
+        let ticks = |t: u64| us_to(VIDEO_TIMESCALE, t.saturating_sub(start));
         let mut durations = Vec::with_capacity(video.len());
         for (i, s) in video.iter().enumerate() {
             let next = video.get(i + 1).map(|n| n.timestamp_us).or(cut_us);
-            let d_us = match next {
-                Some(n) if n > s.timestamp_us => (n - s.timestamp_us).min(1_000_000),
-                _ => u64::from(s.duration_us.max(1_000)),
+            let d = match next {
+                Some(n) if n > s.timestamp_us && n - s.timestamp_us <= 1_000_000 => {
+                    ticks(n) - ticks(s.timestamp_us)
+                }
+                // A stall longer than a second is not stretched over one frame.
+                Some(n) if n > s.timestamp_us => VIDEO_TIMESCALE,
+                _ => us_to(VIDEO_TIMESCALE, u64::from(s.duration_us.max(1_000))),
             };
-            durations.push(us_to(VIDEO_TIMESCALE, d_us).max(1) as u32);
+            durations.push(d.max(1) as u32);
         }
         let end_us = match cut_us {
             Some(c) => c,
@@ -509,7 +524,13 @@ impl Segmenter {
         video_decode: u64,
     ) -> Result<Vec<Bytes>, SegmenterError> {
         let video_bytes: usize = video.iter().map(|s| s.data.len()).sum();
-        let audio_decode = self.audio_decode;
+        // Audio's decode time follows its capture time (a lost packet leaves a hole rather
+        // than pulling the rest early), never overlapping what came before.
+        let audio_decode = audio
+            .first()
+            .map(|a| us_to(AUDIO_TIMESCALE, a.timestamp_us.saturating_sub(self.start_us)))
+            .unwrap_or(0)
+            .max(self.audio_decode);
         let mut audio_duration = 0u64;
         let audio_entries: Vec<TrunEntry> = audio
             .iter()
@@ -523,7 +544,7 @@ impl Segmenter {
                 }
             })
             .collect();
-        self.audio_decode += audio_duration;
+        self.audio_decode = audio_decode + audio_duration;
         let video_entries: Vec<TrunEntry> = video
             .iter()
             .zip(durations)

@@ -212,3 +212,53 @@ fn annexb_splitting_handles_three_and_four_byte_start_codes() {
     );
     assert_eq!(annexb_nals(&[1, 2, 3]).count(), 0);
 }
+
+#[test]
+fn an_hour_at_30_fps_does_not_drift_from_capture_time() {
+    let mut s = Segmenter::new(config(false));
+    let start = 1_000_000u64;
+    let outputs = feed(&mut s, start, 3600);
+    let segs = segments(&outputs);
+    let last = segs.last().unwrap();
+    // Media time of the last segment's start equals its capture time on the recording's
+    // timeline, to a tick: per-frame rounding (2 999.97 ticks a frame) does not add up.
+    let expected = (last.start_us - start) * VIDEO_TIMESCALE / 1_000_000;
+    assert!(
+        last.media_start.abs_diff(expected) <= 1,
+        "media {} vs capture {expected}",
+        last.media_start
+    );
+}
+
+#[test]
+fn audio_before_the_first_keyframe_is_dropped_and_audio_time_follows_capture() {
+    let mut s = Segmenter::new(config(true));
+    // Three seconds of sound before any picture.
+    for i in 0..150u64 {
+        s.push_audio(Bytes::from_static(&[0xfc]), i * 20_000, 20_000);
+    }
+    let outputs = feed(&mut s, 3_000_000, 9);
+    let segs = segments(&outputs);
+    let first = segs[0];
+    // 4 s of video at 50 audio packets a second: no more than that (not the 150 early ones).
+    assert!(
+        (199..=201).contains(&first.audio_frames),
+        "{} audio frames",
+        first.audio_frames
+    );
+    let audio_tfdt = |seg: &Segment| {
+        let data = bytes_of(seg);
+        let moof = Moof::decode(&mut &data[..]).unwrap();
+        let traf = moof.traf.iter().find(|t| t.tfhd.track_id == AUDIO_TRACK).unwrap();
+        traf.tfdt.as_ref().unwrap().base_media_decode_time
+    };
+    assert_eq!(audio_tfdt(first), 0);
+    // The second segment's sound starts where its capture time says.
+    let second = segs[1];
+    let expected = (second.start_us - 3_000_000) * AUDIO_TIMESCALE / 1_000_000;
+    assert!(
+        audio_tfdt(second).abs_diff(expected) <= 960,
+        "{} vs {expected}",
+        audio_tfdt(second)
+    );
+}
