@@ -180,12 +180,15 @@ impl RunningHub {
         }
         // Publishers are gone: the recorder writes what it holds and stops.
         self.recorder_stop.cancel();
-        if let Some(recorder) = self.recorder.take()
-            && tokio::time::timeout(Duration::from_secs(10), recorder)
+        if let Some(mut recorder) = self.recorder.take()
+            && tokio::time::timeout(Duration::from_secs(30), &mut recorder)
                 .await
                 .is_err()
         {
-            tracing::warn!("shutdown: the recorder did not finish in 10 s");
+            // Stopped here, its files not yet indexed become orphans at the next start.
+            tracing::warn!("shutdown: the recorder did not finish in 30 s; stopping it");
+            recorder.abort();
+            let _ = recorder.await;
         }
         self.context.evidence.audit.record(
             "hub",

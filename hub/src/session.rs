@@ -216,6 +216,12 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
     }));
     match hello.role() {
         WireRole::Publisher => {
+            if !valid_unit_id(&hello.unit_id) {
+                return Err(SessionError::protocol(format!(
+                    "unit id {:?} is not 1 to 64 of A-Z a-z 0-9 - _ . (not starting with .)",
+                    hello.unit_id.chars().take(80).collect::<String>()
+                )));
+            }
             if claims.role != Role::Device {
                 return Err(SessionError::new(
                     ErrorCode::Forbidden,
@@ -265,6 +271,15 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
         }
         WireRole::Unspecified => Err(SessionError::protocol("hello without a role")),
     }
+}
+
+/// A unit id names directories of recordings: plain characters only, never `..` or `/`.
+pub fn valid_unit_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 pub(crate) fn connection_end(e: quinn::ConnectionError) -> Result<(), SessionError> {

@@ -182,6 +182,20 @@ async fn bad_input_closes_only_the_offender_with_a_reason() -> anyhow::Result<()
     ));
     assert_case(&c, cases.last()).await;
 
+    // A unit id that would climb out of the recordings directory, with a token for it.
+    let climber = hub.token("device", "../../etc");
+    let (_e, c) = raw_control(
+        &hub,
+        &encoded(Kind::Hello(hello(Role::Publisher, "../../etc", &climber))),
+    )
+    .await;
+    cases.push((
+        "unit id unfit for a path",
+        ErrorCode::Protocol,
+        "unit id \"../../etc\" is not".into(),
+    ));
+    assert_case(&c, cases.last()).await;
+
     // Tokens: not a token at all, one signed by another hub, one for another unit, the
     // wrong role each way.
     let (_e, c) = raw_control(

@@ -396,6 +396,18 @@ async fn hub_verify_catches_every_kind_of_tampering() -> anyhow::Result<()> {
     });
     assert!(!ok && out.contains("does not link"), "{out}");
 
+    // The newest rows cut off the end of the chain, files and all: no link breaks, but the
+    // head the audit log recorded when the unit went offline is missing.
+    let (ok, out) = tampered(&hub, "cut-tail", |d| {
+        let files = media_files(d);
+        std::fs::remove_file(files.last().unwrap()).unwrap();
+        sqlite(
+            &d.join("index.sqlite"),
+            "DELETE FROM segments WHERE seq = (SELECT MAX(seq) FROM segments)",
+        );
+    });
+    assert!(!ok && out.contains("cut off the end"), "{out}");
+
     // The audit log: an entry edited, and one removed.
     let (ok, out) = tampered(&hub, "edit-audit", |d| {
         sqlite(
@@ -552,6 +564,10 @@ async fn a_case_is_recorded_exported_and_verified_on_another_machine() -> anyhow
         assert_eq!(s["caseNumber"], CASE);
         assert_eq!(s["operationId"], "op-1");
     }
+    // Playing back one media segment (no init) is audited, bound to the case.
+    let first = segments(&list)[0]["url"].as_str().unwrap().to_string();
+    let (status, _) = get(&hub, Some(&commander), &first).await;
+    assert_eq!(status, 200);
     let o = case_cli(&hub, &commander, &["close", "--number", CASE]);
     assert!(
         !o.status.success() && text(&o).contains("active operation"),
@@ -613,6 +629,7 @@ async fn a_case_is_recorded_exported_and_verified_on_another_machine() -> anyhow
     for a in [
         "case.create",
         "operation.create",
+        "playback",
         "operation.close",
         "export",
     ] {

@@ -393,11 +393,13 @@ impl Segmenter {
         keyframe: bool,
     ) -> Result<(), SegmenterError> {
         if keyframe {
-            let buffered_us = self
-                .video
-                .first()
-                .map(|a| timestamp_us.saturating_sub(a.timestamp_us))
-                .unwrap_or(0);
+            // A clock that stepped back closes the segment at once rather than holding it
+            // until the clock catches up.
+            let buffered_us = match self.video.first() {
+                Some(a) if timestamp_us < a.timestamp_us => u64::MAX / 2,
+                Some(a) => timestamp_us - a.timestamp_us,
+                None => 0,
+            };
             match parameter_sets(au) {
                 Some(params) if self.parameters.as_ref() != Some(&params) => {
                     // New parameters: end the recording, start another with its own init.
@@ -528,7 +530,12 @@ impl Segmenter {
         // than pulling the rest early), never overlapping what came before.
         let audio_decode = audio
             .first()
-            .map(|a| us_to(AUDIO_TIMESCALE, a.timestamp_us.saturating_sub(self.start_us)))
+            .map(|a| {
+                us_to(
+                    AUDIO_TIMESCALE,
+                    a.timestamp_us.saturating_sub(self.start_us),
+                )
+            })
             .unwrap_or(0)
             .max(self.audio_decode);
         let mut audio_duration = 0u64;

@@ -249,7 +249,11 @@ fn audio_before_the_first_keyframe_is_dropped_and_audio_time_follows_capture() {
     let audio_tfdt = |seg: &Segment| {
         let data = bytes_of(seg);
         let moof = Moof::decode(&mut &data[..]).unwrap();
-        let traf = moof.traf.iter().find(|t| t.tfhd.track_id == AUDIO_TRACK).unwrap();
+        let traf = moof
+            .traf
+            .iter()
+            .find(|t| t.tfhd.track_id == AUDIO_TRACK)
+            .unwrap();
         traf.tfdt.as_ref().unwrap().base_media_decode_time
     };
     assert_eq!(audio_tfdt(first), 0);
@@ -261,4 +265,17 @@ fn audio_before_the_first_keyframe_is_dropped_and_audio_time_follows_capture() {
         "{} vs {expected}",
         audio_tfdt(second)
     );
+}
+
+#[test]
+fn a_device_clock_stepping_back_closes_the_segment_at_the_next_keyframe() {
+    let mut s = Segmenter::new(config(false));
+    let mut outputs = feed(&mut s, 4_000_000_000, 3);
+    // The clock jumps back an hour: the next keyframe still closes what was buffered.
+    outputs.extend(feed(&mut s, 4_000_000_000 - 3_600_000_000, 3));
+    s.flush().unwrap();
+    outputs.extend(std::iter::from_fn(|| s.poll()));
+    let segs = segments(&outputs);
+    assert_eq!(segs.len(), 2, "the jump cut the first segment");
+    assert_eq!(segs[0].video_frames, 90, "{}", segs[0].video_frames);
 }

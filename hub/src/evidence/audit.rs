@@ -22,6 +22,8 @@ enum Message {
         action: String,
         subject: String,
         detail: serde_json::Value,
+        /// Told whether the entry was written, for callers that must know.
+        written: Option<oneshot::Sender<bool>>,
     },
     Flush(oneshot::Sender<()>),
 }
@@ -65,6 +67,7 @@ impl Audit {
             action: action.to_string(),
             subject: subject.to_string(),
             detail,
+            written: None,
         };
         if self.tx.try_send(msg).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -73,6 +76,30 @@ impl Audit {
                 subject, "audit queue full: an event was not recorded"
             );
         }
+    }
+
+    /// Appends an event and waits until it is written: for acts that must not happen
+    /// unaudited (retention's deletions). False if it could not be written.
+    pub async fn record_written(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        detail: serde_json::Value,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let msg = Message::Event {
+            at_us: unix_us(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            subject: subject.to_string(),
+            detail,
+            written: Some(tx),
+        };
+        if self.tx.send(msg).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Waits until everything recorded so far is written.
@@ -100,7 +127,7 @@ async fn write(index: Index, signer: Arc<Signer>, mut rx: mpsc::Receiver<Message
         }
     };
     while let Some(msg) = rx.recv().await {
-        let (at_us, actor, action, subject, detail) = match msg {
+        let (at_us, actor, action, subject, detail, confirm) = match msg {
             Message::Flush(done) => {
                 let _ = done.send(());
                 continue;
@@ -111,7 +138,8 @@ async fn write(index: Index, signer: Arc<Signer>, mut rx: mpsc::Receiver<Message
                 action,
                 subject,
                 detail,
-            } => (at_us, actor, action, subject, detail),
+                written,
+            } => (at_us, actor, action, subject, detail, written),
         };
         let mut row = AuditRow {
             seq: seq + 1,
@@ -148,6 +176,9 @@ async fn write(index: Index, signer: Arc<Signer>, mut rx: mpsc::Receiver<Message
                     }
                 }
             }
+        }
+        if let Some(confirm) = confirm {
+            let _ = confirm.send(written);
         }
         if written {
             seq = row.seq;

@@ -523,14 +523,7 @@ impl EvidenceApi for EvidenceService {
                 super::FileError::Damaged => Status::data_loss(e.to_string()),
                 other => Status::internal(other.to_string()),
             })?;
-        if row.kind == "init" {
-            self.hub.evidence.audit.record(
-                &who.sub,
-                "playback",
-                &row.unit,
-                serde_json::json!({ "recording": row.recording, "case": row.case_number, "via": "grpc" }),
-            );
-        }
+        self.hub.evidence.audit_playback(&who.sub, &row, "grpc");
         Ok(Response::new(SegmentData {
             data: data.into(),
             sha256: row.sha256,

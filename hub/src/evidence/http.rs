@@ -159,14 +159,7 @@ async fn file(
             return refuse(status, e.to_string());
         }
     };
-    if row.kind == "init" {
-        hub.evidence.audit.record(
-            &who.sub,
-            "playback",
-            &row.unit,
-            serde_json::json!({ "recording": row.recording, "case": row.case_number }),
-        );
-    }
+    hub.evidence.audit_playback(&who.sub, &row, "http");
     let mime = if row.kind == "init" {
         "video/mp4"
     } else {

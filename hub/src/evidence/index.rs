@@ -452,16 +452,31 @@ impl Index {
 
     /// Audit rows about a case: its changes, and the playback and export of its recordings.
     pub async fn audit_of_case(&self, case_number: &str) -> Result<Vec<AuditRow>, IndexError> {
-        Ok(
-            sqlx::query_as("SELECT * FROM audit WHERE subject = $1 OR detail LIKE $2 ORDER BY seq")
-                .bind(case_number)
-                .bind(format!(
-                    "%\"case\":{}%",
-                    serde_json::Value::from(case_number)
-                ))
-                .fetch_all(&self.pool)
-                .await?,
+        // LIKE narrows the search (wildcards in the number escaped); the exact test is on
+        // the parsed detail, as SQLite's LIKE ignores ASCII case and PostgreSQL's does not.
+        let needle = format!("\"case\":{}", serde_json::Value::from(case_number));
+        let escaped: String = needle
+            .chars()
+            .flat_map(|c| match c {
+                '!' | '%' | '_' => vec!['!', c],
+                c => vec![c],
+            })
+            .collect();
+        let rows: Vec<AuditRow> = sqlx::query_as(
+            "SELECT * FROM audit WHERE subject = $1 OR detail LIKE $2 ESCAPE '!' ORDER BY seq",
         )
+        .bind(case_number)
+        .bind(format!("%{escaped}%"))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| {
+                r.subject == case_number
+                    || serde_json::from_str::<serde_json::Value>(&r.detail)
+                        .is_ok_and(|d| d["case"].as_str() == Some(case_number))
+            })
+            .collect())
     }
 
     pub async fn recorded_units(&self) -> Result<Vec<String>, IndexError> {
@@ -472,8 +487,8 @@ impl Index {
         Ok(rows.into_iter().map(|(u,)| u).collect())
     }
 
-    /// Init and media rows older than `before_us` that retention may remove: not deleted yet,
-    /// and not of an open case.
+    /// Init and media rows recorded (hub clock) before `before_us` that retention may
+    /// remove: not deleted yet, and not of an open case.
     pub async fn expired(
         &self,
         before_us: i64,
@@ -485,7 +500,7 @@ impl Index {
             "AND case_number IS NULL"
         };
         Ok(sqlx::query_as(&format!(
-            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE end_us < $1 AND deleted_us IS NULL \
+            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE recorded_us < $1 AND deleted_us IS NULL \
              AND kind <> 'gap' {case_clause} ORDER BY unit, seq"
         ))
         .bind(before_us)

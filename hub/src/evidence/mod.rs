@@ -30,7 +30,12 @@ pub struct Evidence {
     pub audit: Audit,
     /// Where recordings live.
     pub dir: PathBuf,
+    /// (user, unit, recording) → when its playback was last audited.
+    played: Arc<dashmap::DashMap<(String, String, String), std::time::Instant>>,
 }
+
+/// A playback is audited once per user and recording in this window, whatever it fetches.
+const PLAYBACK_AUDIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Why a recorded file is not served.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +77,7 @@ impl Evidence {
             signer,
             audit,
             dir: dir.to_path_buf(),
+            played: Arc::default(),
         })
     }
 
@@ -110,6 +116,32 @@ impl Evidence {
             return Err(FileError::Damaged);
         }
         Ok((row, data))
+    }
+
+    /// Audits that `user` is playing back the recording `row` belongs to: on the first file
+    /// fetched of it (init or media: either alone tells something), then once per window.
+    pub fn audit_playback(&self, user: &str, row: &index::SegmentRow, via: &str) {
+        let key = (user.to_string(), row.unit.clone(), row.recording.clone());
+        let now = std::time::Instant::now();
+        let due = match self.played.get(&key) {
+            Some(at) => now.duration_since(*at) > PLAYBACK_AUDIT_WINDOW,
+            None => true,
+        };
+        if due {
+            // Keep the map small: forget what is past its window.
+            if self.played.len() > 10_000 {
+                self.played
+                    .retain(|_, at| now.duration_since(*at) <= PLAYBACK_AUDIT_WINDOW);
+            }
+            self.played.insert(key, now);
+            self.audit.record(
+                user,
+                "playback",
+                &row.unit,
+                serde_json::json!({ "recording": row.recording, "case": row.case_number,
+                    "seq": row.seq, "via": via }),
+            );
+        }
     }
 
     /// Brings the recordings and the index back in line after a crash: partial files are

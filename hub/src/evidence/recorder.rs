@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tianwang_core::segmenter::{Init, Output, Segment, Segmenter, SegmenterConfig};
 use tianwang_proto::v1::TrackKind;
 use tokio::task::JoinSet;
@@ -65,11 +66,15 @@ pub struct Shared {
 /// Records every unit that comes online, until `stop`; then finishes the open segments.
 pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken) {
     let mut changes = units.changes();
+    // Unit → its recorder's stop token. A recorder told to stop stays here until its task
+    // has written its last segment, so a unit that comes back meanwhile never gets a second
+    // recorder appending to the same chain: the finishing one's end starts the next.
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut ids: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut tasks = JoinSet::new();
     // Units online before the recorder started.
     for b in units.list().into_iter().filter(|b| b.is_online()) {
-        start(&shared, &mut running, &mut tasks, b);
+        start(&shared, &mut running, &mut ids, &mut tasks, b);
     }
     loop {
         tokio::select! {
@@ -78,30 +83,43 @@ pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken
                     if !running.contains_key(&c.unit_id)
                         && let Some(b) = units.get(&c.unit_id)
                     {
-                        start(&shared, &mut running, &mut tasks, b);
+                        start(&shared, &mut running, &mut ids, &mut tasks, b);
                     }
                 }
                 Ok(c) => {
-                    if let Some(token) = running.remove(&c.unit_id) {
+                    if let Some(token) = running.get(&c.unit_id) {
                         token.cancel();
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed events: stop recorders of units that left, start the others.
+                    for (unit, token) in &running {
+                        if !units.get(unit).is_some_and(|b| b.is_online()) {
+                            token.cancel();
+                        }
+                    }
                     for b in units.list().into_iter().filter(|b| b.is_online()) {
                         if !running.contains_key(&b.unit_id) {
-                            start(&shared, &mut running, &mut tasks, b);
+                            start(&shared, &mut running, &mut ids, &mut tasks, b);
                         }
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(unit) = done {
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = match &done {
+                    Ok((id, _)) => *id,
+                    Err(e) => {
+                        error!(error = %e, "a recorder task failed");
+                        e.id()
+                    }
+                };
+                if let Some(unit) = ids.remove(&id) {
                     running.remove(&unit);
                     units.release_if_idle(&unit);
-                    // Came back while this recorder was finishing: record it again.
+                    // Online again (or still): record it on.
                     if let Some(b) = units.get(&unit).filter(|b| b.is_online()) {
-                        start(&shared, &mut running, &mut tasks, b);
+                        start(&shared, &mut running, &mut ids, &mut tasks, b);
                     }
                 }
             }
@@ -117,23 +135,36 @@ pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken
 fn start(
     shared: &Arc<Shared>,
     running: &mut HashMap<String, CancellationToken>,
-    tasks: &mut JoinSet<String>,
+    ids: &mut HashMap<tokio::task::Id, String>,
+    tasks: &mut JoinSet<()>,
     broadcast: Arc<Broadcast>,
 ) {
     let token = CancellationToken::new();
-    running.insert(broadcast.unit_id.clone(), token.clone());
-    let span = tracing::info_span!("recorder", unit = %broadcast.unit_id);
+    let unit = broadcast.unit_id.clone();
+    running.insert(unit.clone(), token.clone());
+    let span = tracing::info_span!("recorder", unit = %unit);
     let shared = Arc::clone(shared);
-    tasks.spawn(
+    let handle = tasks.spawn(
         async move {
-            let unit = broadcast.unit_id.clone();
             shared.metrics.recordings_active.inc();
+            // Counted down however the task ends.
+            let _active = scopeguard(&shared.metrics.recordings_active);
             record(&shared, broadcast, token).await;
-            shared.metrics.recordings_active.dec();
-            unit
         }
         .instrument(span),
     );
+    ids.insert(handle.id(), unit);
+}
+
+/// Decrements a gauge when dropped.
+fn scopeguard(gauge: &prometheus::IntGauge) -> impl Drop + '_ {
+    struct Dec<'a>(&'a prometheus::IntGauge);
+    impl Drop for Dec<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Dec(gauge)
 }
 
 /// The chain of one unit, as this recorder extends it.
@@ -150,14 +181,24 @@ struct Chain {
     /// without a hole in its media time.
     init: Option<Init>,
     restart_recording: bool,
+    /// The officer last seen with the unit (its final segment is written after it left).
+    officer: Option<String>,
 }
 
 async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationToken) {
     let unit = broadcast.unit_id.clone();
+    if !crate::session::valid_unit_id(&unit) {
+        // Publishers are refused such ids; this is a second line against path tricks.
+        error!("a unit id unfit for a path: not recording");
+        stop.cancelled().await;
+        return;
+    }
     let tracks = broadcast.tracks();
     let video = tracks.iter().find(|t| t.info.kind() == TrackKind::Video);
     let Some(video) = video else {
+        // Wait for the unit to go: returning would have the recorder start this one again.
         warn!("no video track: not recording");
+        stop.cancelled().await;
         return;
     };
     let audio = tracks.iter().find(|t| t.info.kind() == TrackKind::Audio);
@@ -182,9 +223,15 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
             failing: false,
             init: None,
             restart_recording: false,
+            officer: None,
         },
         Err(e) => {
-            error!(error = %e, "reading the unit's chain: not recording");
+            // Returning restarts this recorder: not faster than once a second.
+            error!(error = %e, "reading the unit's chain: not recording yet");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => {}
+            }
             return;
         }
     };
@@ -209,6 +256,35 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
             write(shared, &broadcast, &mut chain, out).await;
         }
     }
+    // What is queued was received: record it, in capture order, before closing.
+    let mut rest: Vec<(bool, tianwang_core::Frame)> = Vec::new();
+    while let Some(Some(f)) = video_sub.next().now_or_never() {
+        rest.push((true, f));
+    }
+    if let Some(a) = audio_sub.as_mut() {
+        while let Some(Some(f)) = a.next().now_or_never() {
+            rest.push((false, f));
+        }
+    }
+    rest.sort_by_key(|(_, f)| f.timestamp_us);
+    for (is_video, f) in rest {
+        if is_video {
+            if let Err(e) =
+                segmenter.push_video(f.payload(), f.timestamp_us, f.duration_us, f.is_keyframe())
+            {
+                error!(error = %e, "segmenting video");
+            }
+        } else {
+            segmenter.push_audio(
+                f.data.slice(f.payload_offset as usize..),
+                f.timestamp_us,
+                f.duration_us,
+            );
+        }
+        while let Some(out) = segmenter.poll() {
+            write(shared, &broadcast, &mut chain, out).await;
+        }
+    }
     // Finish the segment under way.
     if let Err(e) = segmenter.flush() {
         error!(error = %e, "closing the last segment");
@@ -216,6 +292,14 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
     while let Some(out) = segmenter.poll() {
         write(shared, &broadcast, &mut chain, out).await;
     }
+    // The chain's head goes into the audit trail, so cutting rows off the end of a chain
+    // (which no link would reveal) shows in `hub verify`.
+    shared.audit.record(
+        "hub",
+        "chain.head",
+        &chain.unit,
+        serde_json::json!({ "seq": chain.seq, "sha256": chain.prev }),
+    );
     info!("recording stopped");
 }
 
@@ -245,6 +329,18 @@ async fn write(shared: &Shared, broadcast: &Broadcast, chain: &mut Chain, out: O
         Ok(()) => {}
         Err(e) => {
             chain.restart_recording = true;
+            // The row may have been written though the index reported an error (a lost
+            // connection after COMMIT): continue from what the index holds.
+            if matches!(e, RecordError::Index(_))
+                && let Ok(last) = shared.index.last_segment(&chain.unit).await
+            {
+                chain.seq = last.as_ref().map(|r| r.seq).unwrap_or(0);
+                chain.prev = last
+                    .as_ref()
+                    .map(|r| r.sha256.clone())
+                    .unwrap_or_else(|| GENESIS.into());
+                chain.last_end_us = last.as_ref().map(|r| r.end_us).or(chain.last_end_us);
+            }
             shared.metrics.recording_errors.inc();
             error!(error = %e, "a segment could not be recorded");
             if !chain.failing {
@@ -412,17 +508,22 @@ async fn append(
 ) -> Result<(), RecordError> {
     r.seq = chain.seq + 1;
     r.prev_sha256 = chain.prev.clone();
+    // Bound by the hub's clock, not the device's: a device clock hours off must neither
+    // unbind an operation's evidence nor expose it to early deletion.
+    r.recorded_us = unix_us();
     if let Some((case, op)) = shared
         .index
-        .active_operation(&chain.unit, r.start_us)
+        .active_operation(&chain.unit, r.recorded_us)
         .await?
     {
         r.case_number = Some(case);
         r.operation_id = Some(op);
     }
-    r.officer = broadcast.officer();
+    if let Some(o) = broadcast.officer() {
+        chain.officer = Some(o);
+    }
+    r.officer = chain.officer.clone();
     r.court = shared.config.court.clone();
-    r.recorded_us = unix_us();
     r.signature = shared.signer.sign_hex(&r.signed_bytes());
     shared.index.insert_segment(&r).await?;
     chain.seq = r.seq;

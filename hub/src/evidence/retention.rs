@@ -64,7 +64,7 @@ pub async fn apply(
             } else {
                 r.unbound
             };
-            if row.end_us < now_us.saturating_sub(micros(keep)) {
+            if row.recorded_us < now_us.saturating_sub(micros(keep)) {
                 candidates.push((row, closed_case));
             }
         }
@@ -96,14 +96,20 @@ pub async fn apply(
 /// Audits, marks and removes one file. The audit entry comes first: a deletion that is not
 /// vouched for is what `hub verify` reports as tampering.
 async fn delete(evidence: &Evidence, row: &SegmentRow, now_us: i64) -> Result<bool, IndexError> {
-    evidence.audit.record(
-        "hub",
-        "retention.delete",
-        &row.unit,
-        serde_json::json!({ "seq": row.seq, "path": row.path, "court": row.court,
-            "case": row.case_number }),
-    );
-    evidence.audit.flush().await;
+    let audited = evidence
+        .audit
+        .record_written(
+            "hub",
+            "retention.delete",
+            &row.unit,
+            serde_json::json!({ "seq": row.seq, "path": row.path, "court": row.court,
+                "case": row.case_number }),
+        )
+        .await;
+    if !audited {
+        warn!(path = %row.path, "the deletion could not be audited: the file is kept");
+        return Ok(false);
+    }
     evidence
         .index
         .mark_deleted(&row.unit, row.seq, now_us)

@@ -230,6 +230,23 @@ fn audited_deletions(audit: &[AuditRow]) -> HashSet<(String, i64)> {
         .collect()
 }
 
+/// The newest chain head the audit log recorded per unit: (seq, sha256).
+fn audited_heads(audit: &[AuditRow]) -> HashMap<String, (i64, String)> {
+    let mut heads: HashMap<String, (i64, String)> = HashMap::new();
+    for r in audit.iter().filter(|r| r.action == "chain.head") {
+        let Ok(detail) = serde_json::from_str::<serde_json::Value>(&r.detail) else {
+            continue;
+        };
+        let (Some(seq), Some(sha)) = (detail["seq"].as_i64(), detail["sha256"].as_str()) else {
+            continue;
+        };
+        if heads.get(&r.subject).is_none_or(|(s, _)| seq >= *s) {
+            heads.insert(r.subject.clone(), (seq, sha.to_string()));
+        }
+    }
+    heads
+}
+
 /// Verifies the recordings of a data dir (all units, one unit, or the units of a case) and
 /// the audit log.
 pub async fn verify_data(
@@ -243,6 +260,7 @@ pub async fn verify_data(
     let audit = index.audit().await?;
     check_audit(&audit, verifier, true, &mut report);
     let deletions = audited_deletions(&audit);
+    let heads = audited_heads(&audit);
     let units: Vec<String> = match (unit, case) {
         (Some(u), _) => vec![u.to_string()],
         (None, Some(c)) => {
@@ -265,6 +283,18 @@ pub async fn verify_data(
         if rows.is_empty() {
             report.problems.push(format!("{u}: nothing recorded"));
             continue;
+        }
+        if let Some((seq, sha)) = heads.get(&u) {
+            match rows.iter().find(|r| r.seq == *seq) {
+                Some(r) if r.sha256 == *sha => {}
+                Some(_) => report.problems.push(format!(
+                    "{u} #{seq}: differs from the head the audit log recorded for it"
+                )),
+                None => report.problems.push(format!(
+                    "{u}: the chain ends at #{} but the audit log recorded its head at #{seq}: rows were cut off the end",
+                    rows.last().map(|r| r.seq).unwrap_or(0)
+                )),
+            }
         }
         check_chain(
             &u,
@@ -448,6 +478,16 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
                 file.name
             ));
         }
+        // Within one file, media segments follow each other by number.
+        for pair in file.parts.windows(2) {
+            let (a, b) = (&pair[0].row, &pair[1].row);
+            if a.kind == "media" && b.kind == "media" && b.number != a.number + 1 {
+                report.problems.push(format!(
+                    "{}: segment {} is followed by segment {}: a segment is missing or out of order",
+                    file.name, a.number, b.number
+                ));
+            }
+        }
         let mut expected_offset = 0u64;
         for part in &file.parts {
             let row = SegmentRow::from(&part.row);
@@ -457,10 +497,11 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
                     file.name, row.seq
                 ));
             }
-            expected_offset = part.offset + part.length;
+            let end = part.offset.saturating_add(part.length);
+            expected_offset = end;
             let slice = usize::try_from(part.offset)
                 .ok()
-                .zip(usize::try_from(part.offset + part.length).ok())
+                .zip(usize::try_from(end).ok())
                 .and_then(|(a, b)| data.get(a..b));
             match slice {
                 Some(bytes) if sha256_hex(bytes) == row.sha256 => {
@@ -468,11 +509,7 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
                 }
                 Some(_) => report.problems.push(format!(
                     "{}: bytes {}..{} (segment #{} of {}) differ from the signed SHA-256",
-                    file.name,
-                    part.offset,
-                    part.offset + part.length,
-                    row.seq,
-                    row.unit
+                    file.name, part.offset, end, row.seq, row.unit
                 )),
                 None => report.problems.push(format!(
                     "{}: is too short for segment #{} (the file was cut)",
@@ -515,16 +552,6 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
                 report.problems.push(format!(
                     "{unit} #{}: does not link to #{}: segments were swapped or replaced",
                     b.seq, a.seq
-                ));
-            }
-            if a.kind == "media"
-                && b.kind == "media"
-                && a.recording == b.recording
-                && b.number != a.number + 1
-            {
-                report.problems.push(format!(
-                    "{unit}: segment {} of recording {} is followed by segment {}: a segment is missing or out of order",
-                    a.number, a.recording, b.number
                 ));
             }
         }
