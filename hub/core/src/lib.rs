@@ -6,6 +6,7 @@
 //! clock of its own: the I/O shells (the hub, the field agent) feed it frames and drain it,
 //! and tests drive it directly.
 
+pub mod alarms;
 pub mod console;
 pub mod frame;
 pub mod keyframe;
