@@ -21,6 +21,72 @@ pub struct Config {
     pub auth: AuthConfig,
     pub console: ConsoleConfig,
     pub evidence: EvidenceConfig,
+    pub alarms: AlarmsConfig,
+}
+
+/// The deviation rules' thresholds (see `docs/evidence.md`, alarms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlarmsConfig {
+    /// Rules switched off, by name (e.g. "battery_low").
+    pub disabled: Vec<String>,
+    /// `unit_offline`: a unit of an active operation offline this long.
+    #[serde(with = "humantime_serde")]
+    pub offline_grace: Duration,
+    /// `stream_stalled`: an online unit whose media stopped this long.
+    #[serde(with = "humantime_serde")]
+    pub stall: Duration,
+    /// `recording_stopped`: a unit of an active operation not recording this long.
+    #[serde(with = "humantime_serde")]
+    pub recording_grace: Duration,
+    /// `left_geofence`: outside the fence by more than this (plus the fix's accuracy), m.
+    pub geofence_margin_m: f64,
+    /// `operation_overrun`: an operation still open this long after its planned end.
+    #[serde(with = "humantime_serde")]
+    pub overrun_grace: Duration,
+    pub battery_low_percent: f32,
+    pub storage_low_bytes: u64,
+    /// `missing_evidence`: unrecorded time in an operation's window beyond this.
+    #[serde(with = "humantime_serde")]
+    pub evidence_tolerance: Duration,
+}
+
+impl Default for AlarmsConfig {
+    fn default() -> Self {
+        let d = tianwang_core::alarms::AlarmConfig::default();
+        Self {
+            disabled: Vec::new(),
+            offline_grace: Duration::from_micros(d.offline_grace_us),
+            stall: Duration::from_micros(d.stall_us),
+            recording_grace: Duration::from_micros(d.recording_grace_us),
+            geofence_margin_m: d.geofence_margin_m,
+            overrun_grace: Duration::from_micros(d.overrun_grace_us),
+            battery_low_percent: d.battery_low_percent,
+            storage_low_bytes: d.storage_low_bytes,
+            evidence_tolerance: Duration::from_micros(d.evidence_tolerance_us),
+        }
+    }
+}
+
+impl AlarmsConfig {
+    pub fn engine(&self) -> tianwang_core::alarms::AlarmConfig {
+        use tianwang_core::alarms::Rule;
+        let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+        tianwang_core::alarms::AlarmConfig {
+            enabled: Rule::ALL
+                .into_iter()
+                .filter(|r| !self.disabled.iter().any(|d| d == r.name()))
+                .collect(),
+            offline_grace_us: us(self.offline_grace),
+            stall_us: us(self.stall),
+            recording_grace_us: us(self.recording_grace),
+            geofence_margin_m: self.geofence_margin_m,
+            overrun_grace_us: us(self.overrun_grace),
+            battery_low_percent: self.battery_low_percent,
+            storage_low_bytes: self.storage_low_bytes,
+            evidence_tolerance_us: us(self.evidence_tolerance),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,6 +258,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             console: ConsoleConfig::default(),
             evidence: EvidenceConfig::default(),
+            alarms: AlarmsConfig::default(),
         }
     }
 }
@@ -312,6 +379,14 @@ impl Config {
         }
         if self.evidence.court.trim().is_empty() {
             return bad("evidence.court is empty".into());
+        }
+        if let Some(name) = self
+            .alarms
+            .disabled
+            .iter()
+            .find(|d| tianwang_core::alarms::Rule::from_name(d).is_none())
+        {
+            return bad(format!("alarms.disabled: no rule named {name:?}"));
         }
         if self.evidence.retention.interval < Duration::from_secs(1) {
             return bad("evidence.retention.interval must be at least 1s".into());

@@ -35,6 +35,7 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
             axum::routing::delete(whep::stop).patch(whep::patch),
         )
         .merge(crate::evidence::http::routes())
+        .merge(crate::field::http::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(hub);

@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod demo;
 pub mod evidence;
+pub mod field;
 pub mod files;
 pub mod http;
 pub mod metrics;

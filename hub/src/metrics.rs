@@ -30,6 +30,8 @@ pub struct Metrics {
     pub recording_errors: IntCounter,
     pub recording_lag: Histogram,
     pub retention_deleted: IntCounter,
+    pub alarms_raised: IntCounterVec,
+    pub telemetry_rejected: IntCounterVec,
 }
 
 /// Reads the units registry and the relay core's counters when scraped.
@@ -238,6 +240,19 @@ impl Metrics {
             "tianwang_retention_deleted_total",
             "Recorded files deleted by retention",
         )?;
+        let alarms_raised = IntCounterVec::new(
+            Opts::new("tianwang_alarms_raised_total", "Alarms raised, by rule"),
+            &["rule"],
+        )?;
+        let telemetry_rejected = IntCounterVec::new(
+            Opts::new(
+                "tianwang_telemetry_rejected_total",
+                "Telemetry points refused or lost, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(alarms_raised.clone()))?;
+        registry.register(Box::new(telemetry_rejected.clone()))?;
         for c in [
             &recorded_segments,
             &recorded_bytes,
@@ -275,6 +290,8 @@ impl Metrics {
             recording_errors,
             recording_lag,
             retention_deleted,
+            alarms_raised,
+            telemetry_rejected,
         })
     }
 

@@ -99,6 +99,7 @@ pub(crate) async fn run(
     let mut writer = JoinSet::new();
     writer.spawn(control::pump(tx, outgoing));
     let mut groups: JoinSet<Result<(), SessionError>> = JoinSet::new();
+    let mut limit = crate::field::RateLimit::default();
     loop {
         tokio::select! {
             _ = replaced.cancelled() => {
@@ -108,7 +109,7 @@ pub(crate) async fn run(
                 return Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
             }
             msg = control::recv(&mut rx) => match msg {
-                Ok(m) => publisher_message(hub, unit, m)?,
+                Ok(m) => publisher_message(hub, unit, &mut limit, m)?,
                 Err(ControlError::Closed) | Err(ControlError::Refused { .. }) => return Ok(()),
                 Err(ControlError::Connection(e)) => return connection_end(e),
                 Err(e) => return Err(e.into()),
@@ -138,11 +139,29 @@ pub(crate) async fn run(
 fn publisher_message(
     hub: &HubContext,
     unit: &str,
+    limit: &mut crate::field::RateLimit,
     msg: ControlMessage,
 ) -> Result<(), SessionError> {
     match msg.kind {
-        Some(Kind::Telemetry(_)) => {
+        Some(Kind::Telemetry(t)) => {
             hub.metrics.telemetry.inc();
+            // Bad telemetry is refused and counted, never a reason to cut the video.
+            let now = crate::evidence::audit::unix_us().max(0) as u64;
+            let checked = if limit.allow(std::time::Instant::now()) {
+                crate::field::validate(&t, now)
+            } else {
+                Err(crate::field::TelemetryError::Rate)
+            };
+            match checked {
+                Ok(()) => hub.field.telemetry(&hub.metrics, unit, t),
+                Err(e) => {
+                    hub.metrics
+                        .telemetry_rejected
+                        .with_label_values(&[e.label()])
+                        .inc();
+                    tracing::debug!(reason = %e, "telemetry refused");
+                }
+            }
             Ok(())
         }
         Some(Kind::Ack(ack)) => {

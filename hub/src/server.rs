@@ -111,6 +111,15 @@ impl RunningHub {
             &config.hub_id,
             serde_json::json!({ "court": config.evidence.court }),
         );
+        let (field, field_task) = crate::field::start(crate::field::FieldTask {
+            index: evidence.index.clone(),
+            audit: evidence.audit.clone(),
+            metrics: Arc::clone(&metrics),
+            units: Arc::clone(&units),
+            config: config.alarms.engine(),
+            shutdown: shutdown.clone(),
+            operations_changed: Arc::clone(&evidence.operations_changed),
+        });
         let context = Arc::new(HubContext::new(
             Arc::new(config),
             authority,
@@ -118,6 +127,7 @@ impl RunningHub {
             metrics,
             shutdown.clone(),
             evidence,
+            field,
         ));
         let mut tasks = tokio::task::JoinSet::new();
         // The recorder finishes its open segments after the listeners stop, so it has its
@@ -144,6 +154,11 @@ impl RunningHub {
             None
         };
         tasks.spawn(retention::run(Arc::clone(&context)));
+        tasks.spawn(async move {
+            if let Err(e) = field_task.await {
+                tracing::error!(error = %e, "the field task failed");
+            }
+        });
         tasks.spawn(session::serve(Arc::clone(&context), endpoint));
         tasks.spawn(sample_rates(Arc::clone(&context)));
         let router = crate::http::router(Arc::clone(&context))?;

@@ -35,6 +35,8 @@ pub struct HubContext {
     pub whep: dashmap::DashMap<String, (String, CancellationToken)>,
     /// Recordings, the index and the audit trail.
     pub evidence: crate::evidence::Evidence,
+    /// Telemetry storage and the alarm rules.
+    pub field: crate::field::Field,
     next_session: AtomicU64,
     next_console: AtomicU64,
 }
@@ -47,6 +49,7 @@ impl HubContext {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         evidence: crate::evidence::Evidence,
+        field: crate::field::Field,
     ) -> Self {
         Self {
             config,
@@ -55,6 +58,7 @@ impl HubContext {
             metrics,
             shutdown,
             evidence,
+            field,
             whep: dashmap::DashMap::new(),
             next_session: AtomicU64::new(1),
             next_console: AtomicU64::new(1),

@@ -1,5 +1,6 @@
 //! A field unit in-process: a QUIC publisher sending synthetic frames, that counts the
-//! keyframe requests the hub sends it. For tests that need to see the device's side.
+//! keyframe requests the hub sends it and sends the telemetry a test gives it. For tests
+//! that need to see or script the device's side.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,13 +8,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tianwang_proto::v1::{Announce, FrameHeader, GroupHeader, Hello, Role, TrackInfo, TrackKind};
+use tianwang_proto::v1::{
+    Announce, FrameHeader, GroupHeader, Hello, Role, Telemetry, TrackInfo, TrackKind,
+};
 use tianwang_proto::wire;
 use tianwang_proto::{ControlMessage, Kind};
 use tianwang_transport::{Limits, Trust, client, control};
 
 pub struct FakeUnit {
     pub keyframe_requests: Arc<AtomicU64>,
+    telemetry: tokio::sync::mpsc::UnboundedSender<Telemetry>,
     task: tokio::task::JoinHandle<()>,
     _endpoint: quinn::Endpoint,
 }
@@ -53,8 +57,22 @@ impl FakeUnit {
         .await?;
         let keyframe_requests = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&keyframe_requests);
+        let (telemetry, mut points) = tokio::sync::mpsc::unbounded_channel::<Telemetry>();
         let task = tokio::spawn(async move {
-            let (_tx, mut rx) = ctl.split();
+            let (mut tx, mut rx) = ctl.split();
+            let telemetry_out = async {
+                use futures::SinkExt;
+                while let Some(t) = points.recv().await {
+                    if tx
+                        .send(ControlMessage::new(Kind::Telemetry(t)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await
+            };
             let reader = async {
                 while let Ok(msg) = control::recv(&mut rx).await {
                     if let Some(Kind::KeyframeRequest(_)) = msg.kind {
@@ -108,13 +126,20 @@ impl FakeUnit {
             tokio::select! {
                 _ = reader => {}
                 _ = sender => {}
+                _ = telemetry_out => {}
             }
         });
         Ok(Self {
             keyframe_requests,
+            telemetry,
             task,
             _endpoint: endpoint,
         })
+    }
+
+    /// Sends a telemetry message on the control stream.
+    pub fn telemetry(&self, t: Telemetry) {
+        let _ = self.telemetry.send(t);
     }
 
     pub fn keyframe_requests(&self) -> u64 {

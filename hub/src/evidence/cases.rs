@@ -237,6 +237,7 @@ impl Evidence {
             closed_us: None,
         };
         self.index.create_operation(&row, &units).await?;
+        self.operations_changed.notify_one();
         self.audit.record(
             actor,
             "operation.create",
@@ -260,6 +261,7 @@ impl Evidence {
         }
         let now = unix_us();
         self.index.close_operation(id, now).await?;
+        self.operations_changed.notify_one();
         self.audit.record(
             actor,
             "operation.close",

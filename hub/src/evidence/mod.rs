@@ -30,6 +30,8 @@ pub struct Evidence {
     pub audit: Audit,
     /// Where recordings live.
     pub dir: PathBuf,
+    /// Told when an operation is created or closed (the alarm rules follow at once).
+    pub operations_changed: Arc<tokio::sync::Notify>,
     /// (user, unit, recording) → when its playback was last audited.
     played: Arc<dashmap::DashMap<(String, String, String), std::time::Instant>>,
 }
@@ -78,6 +80,7 @@ impl Evidence {
             audit,
             dir: dir.to_path_buf(),
             played: Arc::default(),
+            operations_changed: Arc::default(),
         })
     }
 

@@ -1,0 +1,255 @@
+//! Telemetry and deviation alarms through a real hub: a scripted unit in an operation walks
+//! out of its geofence, presses SOS and goes offline; bad telemetry is refused and counted
+//! without cutting the unit off; alarms are acknowledged and resolved once, by the right
+//! roles, and every step is stored.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tianwang_proto::v1::{Position, Telemetry};
+use tianwang_tests::unit::FakeUnit;
+use tianwang_tests::*;
+
+const CASE: &str = "(2026)京0113执7号";
+const CENTRE: (f64, f64) = (39.9087, 116.3975);
+
+fn point(lat: f64, lon: f64) -> Telemetry {
+    Telemetry {
+        timestamp_us: unix_now_us(),
+        position: Some(Position {
+            latitude: lat,
+            longitude: lon,
+            accuracy_m: 5.0,
+            ..Default::default()
+        }),
+        battery_percent: 80.0,
+        storage_free_bytes: 10 << 30,
+        recording: true,
+        ..Default::default()
+    }
+}
+
+async fn api(hub: &Hub, token: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{}{path}", hub.http);
+    let req = match method {
+        "POST" => client.post(url).body(body.to_string()),
+        _ => client.get(url),
+    };
+    let r = req
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn alarms(hub: &Hub, token: &str) -> Vec<Value> {
+    let (status, v) = api(hub, token, "GET", "/api/alarms", "").await;
+    assert_eq!(status, 200, "{v}");
+    v["alarms"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_alarm(hub: &Hub, token: &str, rule: &str, timeout: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(a) = alarms(hub, token)
+            .await
+            .into_iter()
+            .find(|a| a["rule"] == rule)
+        {
+            return a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {rule} alarm within {timeout:?}: {:?}\n{}",
+            alarms(hub, token).await,
+            hub.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_leaving_its_fence_pressing_sos_and_going_offline_raises_each_alarm()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(tmp.path(), Some("[alarms]\noffline_grace = \"2s\"\n")).await?;
+    let commander = hub.token("commander", "cmdr-1");
+    let viewer = hub.token("viewer", "v-1");
+    let url = format!("http://{}", hub.http);
+    let case = |args: &[&str]| {
+        let mut all = vec!["case", "--hub", &url, "--token", &commander];
+        all.extend_from_slice(args);
+        let o = std::process::Command::new(bin("hub"))
+            .args(&all)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    case(&["create", "--number", CASE]);
+    case(&[
+        "operation",
+        "--case",
+        CASE,
+        "--id",
+        "op-f",
+        "--units",
+        "bwc-f1",
+        "--lat",
+        "39.9087",
+        "--lon",
+        "116.3975",
+        "--radius",
+        "200",
+    ]);
+    let unit = FakeUnit::start(
+        hub.quic,
+        &hub.trust(),
+        "bwc-f1",
+        &hub.token("device", "bwc-f1"),
+    )
+    .await?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(10), |v| {
+        v == 1.0
+    })
+    .await?;
+
+    // Inside the fence for a few seconds (the hub reads operations every 2 s): no alarm.
+    for _ in 0..10 {
+        unit.telemetry(point(CENTRE.0, CENTRE.1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(alarms(&hub, &commander).await.is_empty());
+
+    // Out of the fence: 0.01° north is 1.1 km. The alarm follows within 2 s.
+    let crossed = tokio::time::Instant::now();
+    let walk = async {
+        loop {
+            unit.telemetry(point(CENTRE.0 + 0.01, CENTRE.1));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let alarm = tokio::select! {
+        a = wait_alarm(&hub, &commander, "left_geofence", Duration::from_secs(5)) => a,
+        _ = walk => unreachable!(),
+    };
+    let took = crossed.elapsed();
+    assert!(took < Duration::from_secs(2), "alarm after {took:?}");
+    assert_eq!(alarm["unit"], "bwc-f1");
+    assert_eq!(alarm["case_number"], CASE);
+    assert_eq!(alarm["operation_id"], "op-f");
+    assert_eq!(alarm["severity"], "warning");
+    assert!(
+        alarm["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("m from the centre")
+    );
+
+    // Bad telemetry: refused and counted, the unit stays on. (A fresh second first: the
+    // rate limit counts every message, good or bad.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    unit.telemetry(point(200.0, 0.0));
+    unit.telemetry(point(f64::NAN, 0.0));
+    let mut future = point(CENTRE.0, CENTRE.1);
+    future.timestamp_us += 3_600_000_000;
+    unit.telemetry(future);
+    let mut empty = point(CENTRE.0, CENTRE.1);
+    empty.battery_percent = 250.0;
+    unit.telemetry(empty);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..20 {
+        unit.telemetry(point(CENTRE.0, CENTRE.1));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = hub.metrics().await?;
+    for (reason, at_least) in [
+        ("position", 2.0),
+        ("future", 1.0),
+        ("battery", 1.0),
+        ("rate", 10.0),
+    ] {
+        let got = m.get(&format!(
+            "tianwang_telemetry_rejected_total{{reason=\"{reason}\"}}"
+        ));
+        assert!(got >= at_least, "{reason}: {got}");
+    }
+    assert_eq!(
+        m.get("tianwang_units_online"),
+        1.0,
+        "bad telemetry does not cut the unit off"
+    );
+
+    // SOS: critical, at once.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut sos = point(CENTRE.0, CENTRE.1);
+    sos.sos = true;
+    unit.telemetry(sos);
+    let a = wait_alarm(&hub, &commander, "sos", Duration::from_secs(2)).await;
+    assert_eq!(a["severity"], "critical");
+
+    // Acknowledge and resolve: by a commander, once each; a viewer may not.
+    let id = alarm["id"].as_str().unwrap();
+    let (status, _) = api(&hub, &viewer, "POST", &format!("/api/alarms/{id}/ack"), "").await;
+    assert_eq!(status, 403);
+    let (status, v) = api(
+        &hub,
+        &commander,
+        "POST",
+        &format!("/api/alarms/{id}/ack"),
+        r#"{"comment":"calling him back"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["state"], "acknowledged");
+    assert_eq!(v["acked_by"], "cmdr-1");
+    let (status, v) = api(
+        &hub,
+        &commander,
+        "POST",
+        &format!("/api/alarms/{id}/ack"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = api(
+        &hub,
+        &commander,
+        "POST",
+        &format!("/api/alarms/{id}/resolve"),
+        r#"{"comment":"back inside"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["state"], "resolved");
+    let (status, _) = api(&hub, &commander, "POST", "/api/alarms/nope/ack", "").await;
+    assert_eq!(status, 404);
+
+    // The stored track of the unit, bound to the case.
+    let (status, v) = api(&hub, &commander, "GET", "/api/telemetry?unit=bwc-f1", "").await;
+    assert_eq!(status, 200);
+    let points = v["points"].as_array().unwrap();
+    assert!(points.len() >= 10, "{}", points.len());
+    assert!(points.iter().all(|p| p["case_number"] == CASE), "{v}");
+    assert!(
+        points
+            .iter()
+            .all(|p| p["latitude"].as_f64().unwrap() <= 90.0)
+    );
+
+    // Offline during the operation: after the 2 s grace.
+    drop(unit);
+    wait_alarm(&hub, &commander, "unit_offline", Duration::from_secs(20)).await;
+    let m = hub.metrics().await?;
+    for rule in ["left_geofence", "sos", "unit_offline"] {
+        assert!(m.get(&format!("tianwang_alarms_raised_total{{rule=\"{rule}\"}}")) >= 1.0);
+    }
+    Ok(())
+}
