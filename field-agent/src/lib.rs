@@ -4,6 +4,7 @@
 
 pub mod broadcast;
 pub mod capture;
+pub mod route;
 pub mod simulate;
 pub mod uplink;
 

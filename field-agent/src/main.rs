@@ -120,6 +120,9 @@ struct RunArgs {
     /// Frames the uplink may trail the encoder before it skips to the newest group.
     #[arg(long, default_value_t = 256)]
     queue_frames: usize,
+    /// A simulated route for the GPS position (`lat,lon` lines, `speed N`, `loop`).
+    #[arg(long)]
+    route: Option<PathBuf>,
     #[command(flatten)]
     encode: Encode,
 }
@@ -139,6 +142,9 @@ struct SimulateArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<u64>,
+    /// A directory of routes: unit UNIT walks UNIT.route if there is one.
+    #[arg(long)]
+    routes: Option<PathBuf>,
     #[command(flatten)]
     encode: Encode,
 }
@@ -201,11 +207,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     stop_on_signal(shutdown.clone());
-    let config = UplinkConfig::new(
+    let mut config = UplinkConfig::new(
         args.link.hub.clone(),
         args.token.clone(),
         args.link.trust()?,
     );
+    if let Some(path) = &args.route {
+        let route = field_agent::route::Route::load(path)?;
+        config.route = Some((Arc::new(route), std::time::Instant::now()));
+    }
     let stats = Arc::new(UplinkStats::default());
     let mut uplink = tokio::spawn(uplink::run(
         config,
@@ -287,7 +297,14 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             offset,
             shutdown.clone(),
         ));
-        let config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());
+        let mut config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());
+        if let Some(dir) = &args.routes {
+            let path = dir.join(format!("{unit}.route"));
+            if path.exists() {
+                let route = field_agent::route::Route::load(&path)?;
+                config.route = Some((Arc::new(route), std::time::Instant::now()));
+            }
+        }
         let stats = Arc::new(UplinkStats::default());
         let stop = shutdown.clone();
         let refused = Arc::clone(&refused);

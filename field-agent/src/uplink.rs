@@ -30,6 +30,8 @@ pub struct UplinkConfig {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     pub limits: Limits,
+    /// A simulated route: its position goes into the telemetry.
+    pub route: Option<(Arc<crate::route::Route>, Instant)>,
 }
 
 impl UplinkConfig {
@@ -45,6 +47,7 @@ impl UplinkConfig {
             },
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            route: None,
             limits: Limits {
                 // Notice a dead link within a few seconds.
                 idle_timeout: Duration::from_secs(6),
@@ -287,7 +290,7 @@ async fn session(
             },
             _ = telemetry.tick() => {
                 use futures::SinkExt;
-                let t = ControlMessage::new(Kind::Telemetry(current_telemetry()));
+                let t = ControlMessage::new(Kind::Telemetry(current_telemetry(config)));
                 if let Err(e) = tx.send(t).await {
                     break Err(classify(e, &conn).await);
                 }
@@ -353,7 +356,7 @@ fn handle_control(broadcast: &LocalBroadcast, msg: ControlMessage) -> Option<Con
 }
 
 /// What the device knows of itself right now.
-fn current_telemetry() -> Telemetry {
+fn current_telemetry(config: &UplinkConfig) -> Telemetry {
     let storage_free_bytes = nix::sys::statvfs::statvfs(".")
         .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .unwrap_or(0);
@@ -362,6 +365,16 @@ fn current_telemetry() -> Telemetry {
         storage_free_bytes,
         recording: true,
         battery_percent: battery_percent().unwrap_or(0.0),
+        position: config.route.as_ref().map(|(route, since)| {
+            let fix = route.fix(since.elapsed());
+            tianwang_proto::v1::Position {
+                latitude: fix.latitude,
+                longitude: fix.longitude,
+                accuracy_m: 5.0,
+                speed_mps: fix.speed_mps as f32,
+                heading_deg: fix.heading_deg as f32,
+            }
+        }),
         ..Default::default()
     }
 }

@@ -88,8 +88,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     crate::files::write_private(&env_path, env.as_bytes())
         .with_context(|| format!("writing {}", env_path.display()))?;
 
+    let routes = absolute(&config.data_dir.join("routes"));
+    write_routes(&routes).with_context(|| format!("writing {}", routes.display()))?;
     let mut child = tokio::process::Command::new(&agent)
         .arg("simulate")
+        .arg("--routes")
+        .arg(&routes)
         .arg("--hub")
         .arg(hub.quic_addr.to_string())
         .arg("--units")
@@ -109,7 +113,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
          \n  Watch a unit and save its video:\n    source {env}\n    \
          {hub} watch --hub \"$TIANWANG_HUB\" --token \"$TIANWANG_TOKEN\" --ca \"$TIANWANG_CA\" --unit sim-1 --duration 10 --out sim-1.h264\n\
          \n  Case {case}: an operation with sim-1 and sim-2 for the next 24 h; whatever\n  \
-         they record is bound to it. Play it back in the console's Cases view, then:\n    \
+         they record is bound to it. sim-1 walks out of the operation's 300 m fence within\n  \
+         30 s: alarm left_geofence (GET /api/alarms). Play it back in the console's Cases view, then:\n    \
          {hub} export --data {data} --case '{case}' --out export-1\n    \
          {hub} verify --export export-1 --key $({hub} key --data {data})\n\
          \n  Console token (commander, 24 h; also in {env}):\n\n{token}\n",
@@ -143,6 +148,57 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     stop_child(&mut child).await;
     hub.shutdown().await;
     outcome
+}
+
+/// Routes for the simulated units around the demo operation's place: sim-1 walks out of
+/// the 300 m fence within 30 s (and back, and out again), sim-2 patrols inside it, sim-3
+/// and sim-4 walk elsewhere in the city.
+fn write_routes(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (lat, lon) = (39.9087, 116.3975);
+    let routes = [
+        (
+            "sim-1",
+            format!(
+                "speed 15\nloop\n{lat},{lon}\n{},{lon}\n{lat},{lon}\n",
+                lat + 0.004
+            ),
+        ),
+        (
+            "sim-2",
+            format!(
+                "speed 1.4\nloop\n{lat},{lon}\n{},{lon}\n{},{}\n{lat},{}\n{lat},{lon}\n",
+                lat + 0.0008,
+                lat + 0.0008,
+                lon + 0.001,
+                lon + 0.001
+            ),
+        ),
+        (
+            "sim-3",
+            format!(
+                "speed 8\nloop\n{},{}\n{},{}\n",
+                lat - 0.01,
+                lon + 0.02,
+                lat - 0.012,
+                lon + 0.025
+            ),
+        ),
+        (
+            "sim-4",
+            format!(
+                "speed 5\nloop\n{},{}\n{},{}\n",
+                lat + 0.015,
+                lon - 0.01,
+                lat + 0.016,
+                lon - 0.014
+            ),
+        ),
+    ];
+    for (unit, text) in routes {
+        std::fs::write(dir.join(format!("{unit}.route")), text)?;
+    }
+    Ok(())
 }
 
 /// The demo's case number.

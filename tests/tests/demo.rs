@@ -88,6 +88,38 @@ async fn the_demo_runs_simulated_units_that_hub_watch_can_see() -> anyhow::Resul
         "{report}"
     );
 
+    // sim-1 walks out of the demo operation's fence within its first 30 s: the alarm shows.
+    let alarms_url = format!("{}/api/alarms", env["TIANWANG_HTTP"]);
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    let mut seen = serde_json::Value::Null;
+    while std::time::Instant::now() < deadline {
+        let r = client
+            .get(&alarms_url)
+            .header("authorization", format!("Bearer {}", env["TIANWANG_TOKEN"]))
+            .send()
+            .await?;
+        seen = serde_json::from_str(&r.text().await?)?;
+        let fence = seen["alarms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["rule"] == "left_geofence" && a["unit"] == "sim-1");
+        if fence {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        seen["alarms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["rule"] == "left_geofence" && a["unit"] == "sim-1"),
+        "{seen}\n{}",
+        log()
+    );
+
     // Ctrl-C (SIGTERM here) ends the demo cleanly.
     terminate(&mut demo);
     let status = demo.wait()?;
