@@ -173,6 +173,29 @@ fn stop_on_signal(token: CancellationToken) {
     });
 }
 
+/// How long one press of the SOS button (SIGUSR1) keeps SOS set in the telemetry.
+const SOS_HOLD: Duration = Duration::from_secs(30);
+
+/// SIGUSR1 is the SOS button (`kill -USR1 <pid>`, or a key daemon on the device).
+fn sos_on_signal(presses: Vec<Arc<std::sync::Mutex<Option<std::time::Instant>>>>) {
+    tokio::spawn(async move {
+        let Ok(mut usr1) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            tracing::warn!("SOS pressed");
+            let until = std::time::Instant::now() + SOS_HOLD;
+            for p in &presses {
+                if let Ok(mut p) = p.lock() {
+                    *p = Some(until);
+                }
+            }
+        }
+    });
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_logging();
@@ -216,6 +239,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let route = field_agent::route::Route::load(path)?;
         config.route = Some((Arc::new(route), std::time::Instant::now()));
     }
+    sos_on_signal(vec![Arc::clone(&config.sos)]);
     let stats = Arc::new(UplinkStats::default());
     let mut uplink = tokio::spawn(uplink::run(
         config,
@@ -304,6 +328,10 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 let route = field_agent::route::Route::load(&path)?;
                 config.route = Some((Arc::new(route), std::time::Instant::now()));
             }
+        }
+        // SIGUSR1 presses the first unit's SOS button.
+        if i == 0 {
+            sos_on_signal(vec![Arc::clone(&config.sos)]);
         }
         let stats = Arc::new(UplinkStats::default());
         let stop = shutdown.clone();

@@ -32,6 +32,8 @@ pub struct UplinkConfig {
     pub limits: Limits,
     /// A simulated route: its position goes into the telemetry.
     pub route: Option<(Arc<crate::route::Route>, Instant)>,
+    /// The SOS button: pressed until this instant (SIGUSR1 presses it for a while).
+    pub sos: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl UplinkConfig {
@@ -48,6 +50,7 @@ impl UplinkConfig {
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             route: None,
+            sos: Arc::default(),
             limits: Limits {
                 // Notice a dead link within a few seconds.
                 idle_timeout: Duration::from_secs(6),
@@ -365,6 +368,11 @@ fn current_telemetry(config: &UplinkConfig) -> Telemetry {
         storage_free_bytes,
         recording: true,
         battery_percent: battery_percent().unwrap_or(0.0),
+        sos: config
+            .sos
+            .lock()
+            .map(|until| until.is_some_and(|u| Instant::now() < u))
+            .unwrap_or(false),
         position: config.route.as_ref().map(|(route, since)| {
             let fix = route.fix(since.elapsed());
             tianwang_proto::v1::Position {

@@ -253,3 +253,31 @@ async fn a_unit_leaving_its_fence_pressing_sos_and_going_offline_raises_each_ala
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sos_button_of_a_simulated_unit_raises_a_critical_alarm() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(tmp.path(), None).await?;
+    let commander = hub.token("commander", "cmdr-1");
+    let tokens = hub.fleet("sim-", 2);
+    let sim = Simulator::start(&hub, 2, &tokens, &[])?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 2.0
+    })
+    .await?;
+    // SIGUSR1 is the button; the simulator wires it to its first unit.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(sim.pid())?),
+        nix::sys::signal::Signal::SIGUSR1,
+    )?;
+    let a = wait_alarm(&hub, &commander, "sos", Duration::from_secs(10)).await;
+    assert_eq!(a["unit"], "sim-1");
+    assert_eq!(a["severity"], "critical");
+    assert!(
+        alarms(&hub, &commander)
+            .await
+            .iter()
+            .all(|a| a["unit"] != "sim-2" || a["rule"] != "sos")
+    );
+    Ok(())
+}
