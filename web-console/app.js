@@ -1,6 +1,8 @@
-// Tianwang command console: sign-in, then the wall or the cases. Plain ES modules, no build
-// step.
+// Tianwang command console: sign-in, then the wall, the map or the cases, with the alarm list
+// beside them. Plain ES modules, no build step.
+import { Alarms } from "./alarms.js";
 import { Cases } from "./cases.js";
+import { MapView } from "./map.js";
 import { Session } from "./session.js";
 import { Wall } from "./wall.js";
 
@@ -24,25 +26,44 @@ function start(token) {
   const session = new Session(token);
   const wall = new Wall(session, $("wall"), $("units"));
   const cases = new Cases(token, $("cases-view"));
+  // Made here, inside the sign-in click when there is one, so its alarm sound may play.
+  const alarms = new Alarms(token, $("alarms-panel"), $("alarm-badge"));
   let view = "wall";
-  // The wall keeps running behind the cases: its tiles are still there on the way back.
+  // The wall keeps running behind the map and the cases: its tiles are still there on the
+  // way back. The alarm list stays beside every view.
   const showView = (name) => {
     view = name;
-    const onCases = name === "cases";
-    $("wall").hidden = onCases;
-    $("units-panel").hidden = onCases;
-    $("layouts").hidden = onCases;
-    $("cases-view").hidden = !onCases;
+    const onWall = name === "wall";
+    $("wall").hidden = !onWall;
+    $("units-panel").hidden = !onWall;
+    $("layouts").hidden = !onWall;
+    $("map-view").hidden = name !== "map";
+    $("cases-view").hidden = name !== "cases";
     document.querySelectorAll("#views button").forEach((b) =>
       b.setAttribute("aria-pressed", String(b.dataset.view === name)));
-    if (onCases) {
-      wall.unenlarge();
-      cases.load().then(() => cases.focusList(), () => {});
+    if (!onWall) wall.unenlarge();
+    if (name === "map") {
+      // Arriving on the map shows everything; a pan or zoom lasts while it stays open.
+      map.show().catch(() => {});
+      map.refit();
     } else {
-      cases.video.pause();
+      map.hide();
     }
+    if (name === "cases") cases.load().then(() => cases.focusList(), () => {});
+    else cases.video.pause();
   };
-  window.tianwang = { session, wall, cases, showView };
+  const map = new MapView(session, wall, token, $("map-view"), {
+    // A unit clicked on the map goes on the wall, where it can be watched.
+    onWatch: (unit) => {
+      showView("wall");
+      const slot = wall.watch(unit);
+      status(`${unit} on tile ${slot + 1}`);
+    },
+    alarmUnits: () => alarms.activeUnits(),
+  });
+  alarms.addEventListener("change", () => map.changed());
+  alarms.start();
+  window.tianwang = { session, wall, cases, map, alarms, showView };
 
   session.addEventListener("ready", (e) => {
     const r = e.detail;
@@ -83,6 +104,7 @@ function start(token) {
   $("signout").onclick = () => {
     sessionStorage.removeItem(TOKEN_KEY);
     session.close();
+    alarms.stop();
     location.reload();
   };
   document.addEventListener("keydown", (e) => {
@@ -90,6 +112,8 @@ function start(token) {
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     if (e.key === "c") return showView("cases");
     if (e.key === "w") return showView("wall");
+    if (e.key === "m") return showView("map");
+    if (e.key === "a") return alarms.focus();
     if (view !== "wall") return;
     const layouts = { 1: 1, 2: 4, 3: 9, 4: 16 };
     if (layouts[e.key]) wall.setLayout(layouts[e.key]);

@@ -2,6 +2,7 @@
 // the session's one PeerConnection (the hub adds and removes transceivers per tile).
 
 const MAX_SLOTS = 16;
+const LAYOUTS = [1, 4, 9, 16];
 
 const fmtRate = (bps) =>
   bps >= 1e6 ? `${(bps / 1e6).toFixed(1)} Mb/s` : `${Math.round((bps || 0) / 1e3)} kb/s`;
@@ -125,6 +126,26 @@ export class Wall {
     slot.overlay.hidden = false;
     slot.close.hidden = false;
     this.session.addTile(slot.tileId, unitId);
+  }
+
+  /// Puts `unitId` on the wall from elsewhere (the map): the tile already showing it, else
+  /// the next free tile, else a larger layout, else the last tile. Returns the slot index.
+  watch(unitId) {
+    // A tile the hub refused keeps its unit but no tile id: that one is tried again.
+    let slot = this.slots.slice(0, this.layout).find((s) => s.unitId === unitId && s.tileId);
+    if (!slot) {
+      // Growing the wall keeps what others are watching; only a full 4×4 gives up a tile.
+      if (!this.freeSlot() && this.layout < MAX_SLOTS) {
+        this.setLayout(LAYOUTS.find((n) => n > this.layout));
+      }
+      slot = this.freeSlot() ?? this.slots[this.layout - 1];
+      this.assign(slot.index, unitId);
+    }
+    // A flash shows where it landed; the reflow restarts the animation on the same tile.
+    slot.tile.classList.remove("flash");
+    void slot.tile.offsetWidth;
+    slot.tile.classList.add("flash");
+    return slot.index;
   }
 
   /// The next visible empty slot, or null.

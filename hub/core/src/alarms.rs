@@ -324,7 +324,14 @@ impl AlarmEngine {
             Some(_) => self.clear(Rule::StorageLow, unit),
             None => {}
         }
+        // A unit that sends telemetry is connected, whether or not the news of it coming
+        // online has arrived yet (the shell's two feeds are not ordered).
         let s = self.units.entry(unit.to_string()).or_default();
+        if !s.online {
+            s.online = true;
+            s.since_us = now;
+            s.last_media_us.get_or_insert(now);
+        }
         if t.recording {
             s.not_recording_since = None;
             self.clear(Rule::RecordingStopped, unit);

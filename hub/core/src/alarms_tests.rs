@@ -212,3 +212,16 @@ fn distances_are_great_circle_metres() {
     assert!((d - 1112.0).abs() < 2.0, "{d}");
     assert_eq!(distance_m((0.0, 0.0), (0.0, 0.0)), 0.0);
 }
+
+#[test]
+fn telemetry_before_the_online_event_does_not_count_as_offline() {
+    let mut e = AlarmEngine::new(AlarmConfig::default());
+    // The operation began a minute ago, longer than the offline grace.
+    let mut o = op(&["bwc-1"]);
+    o.starts_us = T0 - 60 * S;
+    e.handle(T0, Event::Operation(o));
+    e.handle(T0, Event::Telemetry("bwc-1".into(), at(39.9087, 116.3975)));
+    e.handle(T0, Event::Online("bwc-1".into()));
+    let out: Vec<_> = std::iter::from_fn(|| e.poll_alarm()).collect();
+    assert!(out.is_empty(), "{out:?}");
+}
