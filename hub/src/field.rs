@@ -249,42 +249,34 @@ pub async fn settle(
         .ok_or_else(|| SettleError::NotFound(format!("no alarm {id}")))?;
     let now = unix_us();
     let comment = comment.chars().take(500).collect::<String>();
-    if resolve {
-        if a.state == "resolved" {
-            return Err(SettleError::Conflict(format!(
-                "alarm {id} is resolved already"
-            )));
-        }
-        sqlx::query(
-            "UPDATE alarms SET state = 'resolved', resolved_by = $1, resolved_us = $2, comment = $3 \
-             WHERE id = $4",
-        )
-        .bind(user)
-        .bind(now)
-        .bind(&comment)
-        .bind(id)
-        .execute(index.pool())
-        .await
-        .map_err(IndexError::from)?;
+    // Acknowledging needs a raised alarm; resolving, any that is not resolved yet.
+    let settled = if resolve {
+        a.state == "resolved"
     } else {
-        if a.state != "raised" {
-            return Err(SettleError::Conflict(format!(
-                "alarm {id} is {} already",
-                a.state
-            )));
-        }
-        sqlx::query(
-            "UPDATE alarms SET state = 'acknowledged', acked_by = $1, acked_us = $2, comment = $3 \
-             WHERE id = $4",
-        )
-        .bind(user)
-        .bind(now)
-        .bind(&comment)
-        .bind(id)
-        .execute(index.pool())
-        .await
-        .map_err(IndexError::from)?;
+        a.state != "raised"
+    };
+    if settled {
+        return Err(SettleError::Conflict(format!(
+            "alarm {id} is {} already",
+            a.state
+        )));
     }
+    let (state, by, at) = if resolve {
+        ("resolved", "resolved_by", "resolved_us")
+    } else {
+        ("acknowledged", "acked_by", "acked_us")
+    };
+    sqlx::query(&format!(
+        "UPDATE alarms SET state = $1, {by} = $2, {at} = $3, comment = $4 WHERE id = $5"
+    ))
+    .bind(state)
+    .bind(user)
+    .bind(now)
+    .bind(&comment)
+    .bind(id)
+    .execute(index.pool())
+    .await
+    .map_err(IndexError::from)?;
     audit.record(
         user,
         if resolve { "alarm.resolve" } else { "alarm.ack" },
@@ -391,7 +383,7 @@ async fn run(t: FieldTask, mut rx: mpsc::Receiver<(String, v1::Telemetry, u64)>)
             _ = tick.tick() => {
                 let n = now();
                 for b in t.units.list().into_iter().filter(|b| b.is_online()) {
-                    if b.summary().stats.is_some_and(|s| s.framerate > 0.0) {
+                    if b.stats().framerate > 0.0 {
                         engine.handle(n, Event::Media(b.unit_id.clone()));
                     }
                 }
@@ -585,7 +577,7 @@ pub mod http {
 
     use axum::Router;
     use axum::extract::{Path, Query, State};
-    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::http::{HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
     use axum::routing::{get, post};
     use serde::Deserialize;
@@ -613,19 +605,15 @@ pub mod http {
     /// Any console role reads alarms; commanders and officials settle them.
     #[allow(clippy::result_large_err)] // a refusal is built once per refused request
     fn authorize(hub: &HubContext, headers: &HeaderMap, settle: bool) -> Result<Claims, Response> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "Authorization: Bearer <token> required",
-                )
-            })?;
+        let token = crate::console::whep::bearer(headers).ok_or_else(|| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "Authorization: Bearer <token> required",
+            )
+        })?;
         let claims = hub
             .authority
-            .verify(token.trim())
+            .verify(token)
             .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string()))?;
         let allowed = if settle {
             claims.role.can_manage_cases()

@@ -105,8 +105,13 @@ impl Broadcast {
             online: self.is_online(),
             tracks: self.track_infos(),
             subscribers: self.subscriber_count() as u32,
-            stats: Some(lock(&self.rates).stats),
+            stats: Some(self.stats()),
         }
+    }
+
+    /// Bitrate and frame rate as last sampled.
+    pub fn stats(&self) -> UnitStats {
+        lock(&self.rates).stats
     }
 
     /// Recomputes bitrate (all tracks) and frame rate (video) over `elapsed`.

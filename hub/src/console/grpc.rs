@@ -19,7 +19,7 @@ pub struct ConsoleService {
 }
 
 /// The token of a request's `authorization: Bearer` metadata.
-fn bearer<T>(req: &Request<T>) -> Option<String> {
+pub(crate) fn bearer<T>(req: &Request<T>) -> Option<String> {
     let value = req.metadata().get("authorization")?.to_str().ok()?;
     value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
 }

@@ -30,7 +30,8 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer` header (WHEP, and the hub's other HTTP APIs).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()

@@ -394,18 +394,13 @@ impl EvidenceService {
     }
 
     fn authorize<T>(&self, req: &Request<T>, manage: bool) -> Result<Claims, Status> {
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization: Bearer <token> metadata required")
-            })?;
+        let token = crate::console::grpc::bearer(req).ok_or_else(|| {
+            Status::unauthenticated("authorization: Bearer <token> metadata required")
+        })?;
         let claims = self
             .hub
             .authority
-            .verify(token.trim())
+            .verify(&token)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let allowed = if manage {
             claims.role.can_manage_cases()

@@ -15,7 +15,7 @@ use super::audit::unix_us;
 use super::cases::CaseError;
 use super::index::SegmentRow;
 use super::keys::sha256_hex;
-use super::verify::{EXPORT_FORMAT, ExportFile, ExportPart, Manifest, SegmentRowDto};
+use super::verify::{EXPORT_FORMAT, ExportFile, ExportPart, Manifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -101,7 +101,7 @@ impl Evidence {
                     ))
                     .or_default()
                     .push(row),
-                "gap" => gaps.push(SegmentRowDto::from(&row)),
+                "gap" => gaps.push(row),
                 _ => {}
             }
         }
@@ -140,7 +140,7 @@ impl Evidence {
                 parts.push(ExportPart {
                     offset,
                     length: data.len() as u64,
-                    row: SegmentRowDto::from(row),
+                    row: row.clone(),
                 });
                 offset += data.len() as u64;
             }

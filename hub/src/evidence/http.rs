@@ -38,19 +38,15 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 /// a whole response, built once per refused request: its size does not matter.)
 #[allow(clippy::result_large_err)]
 fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<Claims, Response> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            refuse(
-                StatusCode::UNAUTHORIZED,
-                "Authorization: Bearer <token> required",
-            )
-        })?;
+    let token = crate::console::whep::bearer(headers).ok_or_else(|| {
+        refuse(
+            StatusCode::UNAUTHORIZED,
+            "Authorization: Bearer <token> required",
+        )
+    })?;
     let claims = hub
         .authority
-        .verify(token.trim())
+        .verify(token)
         .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string()))?;
     if !claims.role.can_see_recordings() {
         hub.evidence.audit.record(

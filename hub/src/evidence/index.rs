@@ -48,8 +48,9 @@ pub struct OperationRow {
     pub closed_us: Option<i64>,
 }
 
-/// One link of a unit's chain: an init segment, a media segment, or a gap.
-#[derive(Debug, Clone, PartialEq, FromRow, Serialize)]
+/// One link of a unit's chain: an init segment, a media segment, or a gap. Exports carry it
+/// as it is (serde), which is what `hub verify --export` checks signatures against.
+#[derive(Debug, Clone, PartialEq, FromRow, Serialize, serde::Deserialize)]
 pub struct SegmentRow {
     pub unit: String,
     pub seq: i64,
@@ -73,6 +74,8 @@ pub struct SegmentRow {
     pub court: String,
     pub recorded_us: i64,
     pub signature: String,
+    /// Set by retention; not signed, and not part of an export.
+    #[serde(default, skip)]
     pub deleted_us: Option<i64>,
 }
 

@@ -327,89 +327,8 @@ pub struct ExportFile {
 pub struct ExportPart {
     pub offset: u64,
     pub length: u64,
-    pub row: ExportRow,
-}
-
-/// A segment row as exported (the same fields the hub signed).
-pub type ExportRow = SegmentRowDto;
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct SegmentRowDto {
-    pub unit: String,
-    pub seq: i64,
-    pub kind: String,
-    pub recording: String,
-    pub number: i64,
-    pub path: String,
-    pub codecs: String,
-    pub start_us: i64,
-    pub end_us: i64,
-    pub media_start: i64,
-    pub media_duration: i64,
-    pub bytes: i64,
-    pub sha256: String,
-    pub prev_sha256: String,
-    pub case_number: Option<String>,
-    pub operation_id: Option<String>,
-    pub officer: Option<String>,
-    pub court: String,
-    pub recorded_us: i64,
-    pub signature: String,
-}
-
-impl From<&SegmentRow> for SegmentRowDto {
-    fn from(r: &SegmentRow) -> Self {
-        Self {
-            unit: r.unit.clone(),
-            seq: r.seq,
-            kind: r.kind.clone(),
-            recording: r.recording.clone(),
-            number: r.number,
-            path: r.path.clone(),
-            codecs: r.codecs.clone(),
-            start_us: r.start_us,
-            end_us: r.end_us,
-            media_start: r.media_start,
-            media_duration: r.media_duration,
-            bytes: r.bytes,
-            sha256: r.sha256.clone(),
-            prev_sha256: r.prev_sha256.clone(),
-            case_number: r.case_number.clone(),
-            operation_id: r.operation_id.clone(),
-            officer: r.officer.clone(),
-            court: r.court.clone(),
-            recorded_us: r.recorded_us,
-            signature: r.signature.clone(),
-        }
-    }
-}
-
-impl From<&SegmentRowDto> for SegmentRow {
-    fn from(r: &SegmentRowDto) -> Self {
-        Self {
-            unit: r.unit.clone(),
-            seq: r.seq,
-            kind: r.kind.clone(),
-            recording: r.recording.clone(),
-            number: r.number,
-            path: r.path.clone(),
-            codecs: r.codecs.clone(),
-            start_us: r.start_us,
-            end_us: r.end_us,
-            media_start: r.media_start,
-            media_duration: r.media_duration,
-            bytes: r.bytes,
-            sha256: r.sha256.clone(),
-            prev_sha256: r.prev_sha256.clone(),
-            case_number: r.case_number.clone(),
-            operation_id: r.operation_id.clone(),
-            officer: r.officer.clone(),
-            court: r.court.clone(),
-            recorded_us: r.recorded_us,
-            signature: r.signature.clone(),
-            deleted_us: None,
-        }
-    }
+    /// The segment's index row, as the hub signed it.
+    pub row: SegmentRow,
 }
 
 /// The manifest of an export (`manifest.json`, signed in `manifest.sig`).
@@ -421,7 +340,7 @@ pub struct Manifest {
     pub created_us: i64,
     pub files: Vec<ExportFile>,
     /// Gap records of the exported units within the case.
-    pub gaps: Vec<SegmentRowDto>,
+    pub gaps: Vec<SegmentRow>,
     /// The case's audit excerpt.
     pub audit: Vec<AuditRow>,
 }
@@ -490,7 +409,7 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
         }
         let mut expected_offset = 0u64;
         for part in &file.parts {
-            let row = SegmentRow::from(&part.row);
+            let row = part.row.clone();
             if part.offset != expected_offset {
                 report.problems.push(format!(
                     "{}: segment #{} does not follow the one before it in the file",
@@ -533,7 +452,7 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
         }
     }
     for gap in &manifest.gaps {
-        let row = SegmentRow::from(gap);
+        let row = gap.clone();
         if !verifier.verify_hex(&row.signed_bytes(), &row.signature) {
             report.problems.push(format!(
                 "gap record #{} of {} was altered",
