@@ -40,6 +40,7 @@ impl ControlMessage {
             Some(Kind::Close(_)) => "close",
             Some(Kind::SubscribeError(_)) => "subscribe_error",
             Some(Kind::UnitState(_)) => "unit_state",
+            Some(Kind::Catalog(_)) => "catalog",
         }
     }
 }

@@ -88,9 +88,10 @@ pub fn server_endpoint(
     addr: SocketAddr,
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_roots: Option<&[CertificateDer<'static>]>,
     limits: &Limits,
 ) -> Result<Endpoint, EndpointError> {
-    let crypto = tls::server_crypto(certs, key)?;
+    let crypto = tls::server_crypto(certs, key, client_roots)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(limits.transport_config());
     Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
@@ -102,7 +103,17 @@ pub fn client_endpoint(
     limits: &Limits,
     ipv6: bool,
 ) -> Result<Endpoint, EndpointError> {
-    let crypto = tls::client_crypto(trust)?;
+    client_endpoint_with_identity(trust, None, limits, ipv6)
+}
+
+/// A client endpoint that presents a certificate chain (a child hub to its parent).
+pub fn client_endpoint_with_identity(
+    trust: &Trust,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    limits: &Limits,
+    ipv6: bool,
+) -> Result<Endpoint, EndpointError> {
+    let crypto = tls::client_crypto_with_identity(trust, identity)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(limits.transport_config());
     let addr: SocketAddr = if ipv6 {

@@ -3,6 +3,7 @@
 //! field agent, `hub watch` and the load generator all speak through this crate, so the
 //! protocol of `docs/protocol.md` is implemented once.
 
+pub mod ca;
 pub mod client;
 pub mod control;
 pub mod endpoint;
@@ -14,7 +15,9 @@ use tianwang_proto::ErrorCode;
 
 pub use client::{LiveOrder, ReceivedFrame, TrackReceiver};
 pub use control::{Control, ControlError};
-pub use endpoint::{Limits, client_endpoint, connect, server_endpoint};
+pub use endpoint::{
+    Limits, client_endpoint, client_endpoint_with_identity, connect, server_endpoint,
+};
 pub use group::{GroupError, GroupReader, Priority, SendError, send_track};
 pub use tls::{TlsError, Trust};
 

@@ -25,6 +25,10 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+    #[error("CA file: {0}")]
+    NoCa(String),
     #[error("QUIC needs TLS 1.3 with AES-128-GCM: {0}")]
     Quic(String),
 }
@@ -72,14 +76,34 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The hub's TLS. With `client_roots` (the deployment CA), a client may present a
+/// certificate, which must then chain to the CA: child hubs do, field units and consoles
+/// (which authenticate with tokens) do not.
 pub fn server_crypto(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_roots: Option<&[CertificateDer<'static>]>,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for c in roots {
+                store.add(c.clone())?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                store.into(),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.max_early_data_size = 0;
     quinn::crypto::rustls::QuicServerConfig::try_from(config)
@@ -102,20 +126,31 @@ impl Trust {
 }
 
 pub fn client_crypto(trust: &Trust) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+    client_crypto_with_identity(trust, None)
+}
+
+/// A client that presents a certificate chain (a child hub to its parent).
+pub fn client_crypto_with_identity(
+    trust: &Trust,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut config = match trust {
+    let builder = match trust {
         Trust::Roots(certs) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in certs {
                 roots.add(c.clone())?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         Trust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider()))),
+    };
+    let mut config = match identity {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key)?,
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
     quinn::crypto::rustls::QuicClientConfig::try_from(config)

@@ -16,8 +16,8 @@ use tianwang_proto::v1::session_event::Kind as Event;
 use tianwang_proto::v1::session_request::Kind as Request;
 use tianwang_proto::v1::tile_state::State as TileLifecycle;
 use tianwang_proto::v1::{
-    IceCandidate, Pong, SessionDescription, SessionError, SessionEvent, SessionReady,
-    SessionRequest, TileState, TileStats, UnitEvent, UnitSummary,
+    DirectiveRequest, IceCandidate, Pong, SessionDescription, SessionError, SessionEvent,
+    SessionReady, SessionRequest, TileState, TileStats, UnitEvent, UnitSummary,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +78,9 @@ pub enum Action {
     RequestKeyframe {
         tile_id: String,
     },
+    /// Issue a directive for the console's user (the shell checks role and jurisdiction,
+    /// and its states come back as events).
+    Direct(DirectiveRequest),
     /// End the session (the error was sent already).
     Close {
         code: ErrorCode,
@@ -246,6 +249,7 @@ impl ConsoleSession {
             Request::RemoveTile(t) => self.remove_tile(now, &t.tile_id),
             Request::Answer(answer) => self.answer(answer),
             Request::IceCandidate(c) => self.actions.push_back(Action::AddRemoteCandidate(c)),
+            Request::Directive(d) => self.actions.push_back(Action::Direct(d)),
             Request::Keyframe(k) => {
                 if self.tiles.contains_key(&k.tile_id) {
                     self.actions
@@ -475,6 +479,13 @@ impl ConsoleSession {
         }
     }
 
+    /// An event for a signed-in console (court tree changes, directive states).
+    pub fn send_event(&mut self, kind: Event) {
+        if self.principal.is_some() && !self.closed {
+            self.actions.push_back(event(kind));
+        }
+    }
+
     pub fn tile_stats(&mut self, stats: TileStats) {
         if self.tiles.contains_key(&stats.tile_id) && !self.closed {
             self.actions.push_back(event(Event::Stats(stats)));
@@ -494,6 +505,7 @@ impl ConsoleSession {
             role: principal.role.clone(),
             hub_id: hub_id.to_string(),
             units,
+            ..Default::default()
         }
     }
 }
