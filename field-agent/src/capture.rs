@@ -2,7 +2,7 @@
 //! pattern, a V4L2 camera or a file, into the device's local tracks.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, anyhow, bail};
 use futures::StreamExt;
@@ -12,6 +12,7 @@ use gstreamer_app as gst_app;
 use tianwang_proto::v1::TrackKind;
 
 use crate::broadcast::{LocalBroadcast, LocalTrack};
+use crate::directives::{DirectiveError, QualityChange, QualityControl};
 
 /// Where the picture comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,13 +84,26 @@ fn quoted(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// The x264 → Annex-B access units tail of every video branch.
+/// The x264 → Annex-B access units tail of every video branch. The encoder is named
+/// `encoder` so its bitrate can be changed while it plays.
 pub fn h264_encoder(e: &EncodeSettings) -> String {
     format!(
-        "x264enc tune=zerolatency speed-preset=ultrafast bitrate={} key-int-max={} bframes=0 \
+        "x264enc name=encoder tune=zerolatency speed-preset=ultrafast bitrate={} key-int-max={} bframes=0 \
          ! video/x-h264,profile=constrained-baseline ! h264parse config-interval=-1 \
          ! video/x-h264,stream-format=byte-stream,alignment=au",
         e.bitrate, e.keyframe_interval
+    )
+}
+
+/// The agent's video encoder branch, from raw video of the capture's size to H.264 access
+/// units: a scaler whose output size (`capsfilter name=picture`) a QUALITY directive
+/// changes at run time, then the encoder.
+pub fn video_encoder_branch(e: &EncodeSettings) -> String {
+    format!(
+        "videoscale ! capsfilter name=picture caps=\"video/x-raw,width={},height={},pixel-aspect-ratio=1/1\" ! {}",
+        e.width,
+        e.height,
+        h264_encoder(e)
     )
 }
 
@@ -132,7 +146,7 @@ pub fn pipeline_description(
     };
     let mut desc = format!(
         "{video} ! videoconvert ! {} ! appsink name=video {sink_opts} max-buffers=64",
-        h264_encoder(e)
+        video_encoder_branch(e)
     );
     let audio_src = match (audio, source) {
         (Audio::None, _) => None,
@@ -192,13 +206,124 @@ fn connect_sink(
     );
 }
 
+/// The picture size for a target height: no larger than the capture (scaling up adds bits,
+/// not detail), the capture's aspect ratio, even numbers (4:2:0 needs them). Returns the
+/// size and whether the target was above the capture.
+pub fn scaled_size(capture: (u32, u32), height: u32) -> ((u32, u32), bool) {
+    let (cw, ch) = capture;
+    if height >= ch || ch == 0 {
+        return ((cw, ch), height > ch);
+    }
+    let h = (height / 2 * 2).max(2);
+    let w = ((u64::from(h) * u64::from(cw) + u64::from(ch)) / (2 * u64::from(ch))) * 2;
+    ((w.max(2) as u32, h), false)
+}
+
+/// Changes a playing encoder: its bitrate (x264enc takes a new one while it plays) and
+/// the picture size (the caps of the `picture` capsfilter after the scaler: the encoder
+/// restarts on the new size with a keyframe).
+pub struct EncoderControl {
+    encoder: gst::glib::WeakRef<gst::Element>,
+    picture: gst::glib::WeakRef<gst::Element>,
+    capture: (u32, u32),
+    /// bitrate kbit/s, width, height
+    current: Mutex<(u32, u32, u32)>,
+}
+
+impl EncoderControl {
+    /// Finds the `encoder` and `picture` elements of a pipeline built from
+    /// [`video_encoder_branch`] with `settings`.
+    pub fn find(pipeline: &gst::Pipeline, settings: &EncodeSettings) -> anyhow::Result<Self> {
+        let encoder = pipeline
+            .by_name("encoder")
+            .filter(|e| e.has_property_with_type("bitrate", u32::static_type()))
+            .ok_or_else(|| anyhow!("the pipeline has no x264enc named encoder"))?;
+        let picture = pipeline
+            .by_name("picture")
+            .filter(|e| e.has_property_with_type("caps", gst::Caps::static_type()))
+            .ok_or_else(|| anyhow!("the pipeline has no capsfilter named picture"))?;
+        Ok(Self {
+            encoder: encoder.downgrade(),
+            picture: picture.downgrade(),
+            capture: (settings.width, settings.height),
+            current: Mutex::new((settings.bitrate, settings.width, settings.height)),
+        })
+    }
+
+    /// bitrate kbit/s, width, height, as last set.
+    pub fn current(&self) -> (u32, u32, u32) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets a validated target (height 0 keeps the size).
+    pub fn apply(&self, bitrate: u32, height: u32) -> Result<QualityChange, DirectiveError> {
+        let stopped = || DirectiveError::Media("the capture pipeline has stopped".into());
+        let encoder = self.encoder.upgrade().ok_or_else(stopped)?;
+        let picture = self.picture.upgrade().ok_or_else(stopped)?;
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let (old_bitrate, old_w, old_h) = *current;
+        let ((w, h), capped) = if height == 0 {
+            ((old_w, old_h), false)
+        } else {
+            scaled_size(self.capture, height)
+        };
+        encoder.set_property("bitrate", bitrate);
+        if (w, h) != (old_w, old_h) {
+            let caps = gst::Caps::builder("video/x-raw")
+                .field("width", w as i32)
+                .field("height", h as i32)
+                .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+                .build();
+            picture.set_property("caps", caps);
+        }
+        *current = (bitrate, w, h);
+        let size = match (height, (w, h) == (old_w, old_h)) {
+            (0, _) => format!("{w}x{h} kept"),
+            (_, true) => format!("{w}x{h} unchanged"),
+            (_, false) => format!("{old_w}x{old_h} → {w}x{h}"),
+        };
+        let capped = if capped {
+            format!(
+                " (the capture's {}x{} is the largest)",
+                self.capture.0, self.capture.1
+            )
+        } else {
+            String::new()
+        };
+        Ok(QualityChange {
+            bitrate,
+            width: w,
+            height: h,
+            summary: format!("bitrate {old_bitrate} → {bitrate} kbit/s, {size}{capped}"),
+        })
+    }
+}
+
+impl QualityControl for EncoderControl {
+    fn set_quality(
+        self: Arc<Self>,
+        bitrate: u32,
+        height: u32,
+    ) -> futures::future::BoxFuture<'static, Result<QualityChange, DirectiveError>> {
+        Box::pin(std::future::ready(self.apply(bitrate, height)))
+    }
+}
+
 /// A running capture pipeline. Dropping it stops the pipeline.
 pub struct Capture {
     pipeline: gst::Pipeline,
+    encoder: Arc<EncoderControl>,
 }
 
 impl Capture {
-    pub fn start(description: &str, broadcast: &Arc<LocalBroadcast>) -> anyhow::Result<Self> {
+    /// Starts a pipeline made by [`pipeline_description`] (or any with the same named
+    /// elements: appsink `video`, x264enc `encoder`, capsfilter `picture`) encoding with
+    /// `settings`.
+    pub fn start(
+        description: &str,
+        broadcast: &Arc<LocalBroadcast>,
+        settings: &EncodeSettings,
+    ) -> anyhow::Result<Self> {
         gst::init().context("initialising GStreamer")?;
         let pipeline = gst::parse::launch(description)
             .with_context(|| format!("building the pipeline: {description}"))?
@@ -208,6 +333,7 @@ impl Capture {
             .by_name("video")
             .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
             .ok_or_else(|| anyhow!("the pipeline has no appsink named video"))?;
+        let encoder = Arc::new(EncoderControl::find(&pipeline, settings)?);
         connect_sink(&pipeline, &video, broadcast, TrackKind::Video);
         if let Some(audio) = pipeline
             .by_name("audio")
@@ -230,7 +356,12 @@ impl Capture {
         pipeline
             .set_state(gst::State::Playing)
             .context("starting the pipeline (is the source there?)")?;
-        Ok(Self { pipeline })
+        Ok(Self { pipeline, encoder })
+    }
+
+    /// The live encoder's controls (QUALITY directives).
+    pub fn encoder(&self) -> Arc<EncoderControl> {
+        Arc::clone(&self.encoder)
     }
 
     /// Resolves when the pipeline fails or reaches the end of its input.

@@ -10,6 +10,7 @@ use field_agent::broadcast::{LocalBroadcast, audio_info, video_info};
 use field_agent::capture::{
     Audio, Capture, EncodeSettings, Source, pipeline_description, track_kinds,
 };
+use field_agent::directives::{Directives, Executor};
 use field_agent::simulate;
 use field_agent::uplink::{self, UplinkConfig, UplinkStats};
 use tianwang_transport::Trust;
@@ -100,6 +101,17 @@ impl Encode {
     }
 }
 
+/// The default data dir, relative to where the agent starts.
+const DATA_DIR: &str = "field-agent-data";
+
+/// Creates the data dir if needed: the directive log, marks, instructions and snapshots
+/// live there.
+fn data_dir(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("creating the data dir {}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -123,6 +135,9 @@ struct RunArgs {
     /// A simulated route for the GPS position (`lat,lon` lines, `speed N`, `loop`).
     #[arg(long)]
     route: Option<PathBuf>,
+    /// Where the unit keeps directive state, marks, instructions and snapshots.
+    #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
+    data_dir: PathBuf,
     #[command(flatten)]
     encode: Encode,
 }
@@ -145,6 +160,9 @@ struct SimulateArgs {
     /// A directory of routes: unit UNIT walks UNIT.route if there is one.
     #[arg(long)]
     routes: Option<PathBuf>,
+    /// Where the units keep their files: one subdirectory per unit id.
+    #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
+    data_dir: PathBuf,
     #[command(flatten)]
     encode: Encode,
 }
@@ -207,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.encode.settings()?;
+    let dir = data_dir(&args.data_dir)?;
     let audio = args.audio.unwrap_or(match args.source {
         Source::Test => Audio::Test,
         Source::File(_) => Audio::File,
@@ -225,8 +244,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let broadcast = LocalBroadcast::new(&args.unit, infos, args.queue_frames);
     let description = pipeline_description(&args.unit, &args.source, audio, &settings);
-    let capture = Capture::start(&description, &broadcast)?;
-    info!(unit = %args.unit, source = ?args.source, "capturing");
+    let capture = Capture::start(&description, &broadcast, &settings)?;
+    info!(unit = %args.unit, source = ?args.source, data = %dir.display(), "capturing");
+    let executor = Executor::open(&dir, Arc::clone(&broadcast), capture.encoder())
+        .with_context(|| format!("opening the directive log in {}", dir.display()))?;
+    let directives = Directives::start(executor);
 
     let shutdown = CancellationToken::new();
     stop_on_signal(shutdown.clone());
@@ -235,6 +257,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.token.clone(),
         args.link.trust()?,
     );
+    config.data_dir = dir.clone();
     if let Some(path) = &args.route {
         let route = field_agent::route::Route::load(path)?;
         config.route = Some((Arc::new(route), std::time::Instant::now()));
@@ -244,6 +267,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut uplink = tokio::spawn(uplink::run(
         config,
         Arc::clone(&broadcast),
+        directives,
         Arc::clone(&stats),
         shutdown.clone(),
     ));
@@ -268,6 +292,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let settings = args.encode.settings()?;
     let tokens = simulate::read_tokens(&args.tokens)?;
     let trust = args.link.trust()?;
+    let dir = data_dir(&args.data_dir)?;
     let units: Vec<(String, String)> = (1..=args.units)
         .map(|i| {
             let unit = format!("{}{i}", args.prefix);
@@ -278,7 +303,9 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
 
-    let clip = tokio::task::spawn_blocking(move || simulate::encode_clip(&settings, 2))
+    // Renditions for QUALITY directives are encoded later, only when one asks.
+    const GROUPS: u32 = 2;
+    let clip = tokio::task::spawn_blocking(move || simulate::encode_clip(&settings, GROUPS))
         .await
         .context("clip encoder")??;
     info!(
@@ -287,7 +314,8 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         units = units.len(),
         "clip encoded once; starting units"
     );
-    let clip = Arc::new(clip);
+    let renditions = simulate::Renditions::new(clip, GROUPS);
+    let clip = Arc::clone(renditions.base());
     let shutdown = CancellationToken::new();
     stop_on_signal(shutdown.clone());
     if let Some(secs) = args.duration {
@@ -315,13 +343,19 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         ];
         let broadcast = LocalBroadcast::new(&unit, infos, 256);
         let offset = group * i as u32 / n;
+        let video = simulate::UnitVideo::new(Arc::clone(&renditions));
+        let unit_dir = data_dir(&dir.join(field_agent::file_name_for(&unit)))?;
+        let executor = Executor::open(&unit_dir, Arc::clone(&broadcast), video.clone())
+            .with_context(|| format!("opening the directive log in {}", unit_dir.display()))?;
+        let directives = Directives::start(executor);
         tasks.spawn(simulate::play(
-            Arc::clone(&clip),
+            video,
             Arc::clone(&broadcast),
             offset,
             shutdown.clone(),
         ));
         let mut config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());
+        config.data_dir = unit_dir;
         if let Some(dir) = &args.routes {
             let path = dir.join(format!("{unit}.route"));
             if path.exists() {
@@ -337,7 +371,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         let stop = shutdown.clone();
         let refused = Arc::clone(&refused);
         tasks.spawn(async move {
-            if let Err(e) = uplink::run(config, broadcast, stats, stop.clone()).await {
+            if let Err(e) = uplink::run(config, broadcast, directives, stats, stop.clone()).await {
                 tracing::error!(unit = %unit, error = %e, "unit gave up");
                 refused.store(true, std::sync::atomic::Ordering::Relaxed);
                 stop.cancel();

@@ -1,10 +1,15 @@
 //! Simulated units: one clip is encoded once at start-up, then N virtual units replay it at
 //! its own pace, each under its own id and token, with fresh capture timestamps. Nothing is
 //! encoded per unit, so hundreds of units fit on a laptop.
+//!
+//! QUALITY changes a simulated unit for real: it switches, at its next group, to the same
+//! clip encoded at the ladder rendition closest to the target. Renditions are encoded only
+//! when a directive first asks for one, once, and shared by all units, so start-up costs
+//! one encode whatever the number of units.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -16,7 +21,8 @@ use tianwang_proto::v1::TrackKind;
 use tokio_util::sync::CancellationToken;
 
 use crate::broadcast::LocalBroadcast;
-use crate::capture::{EncodeSettings, OPUS_ENCODER, h264_encoder};
+use crate::capture::{EncodeSettings, OPUS_ENCODER, h264_encoder, scaled_size};
+use crate::directives::{DirectiveError, QualityChange, QualityControl};
 
 #[derive(Clone, Debug)]
 pub struct ClipFrame {
@@ -138,13 +144,206 @@ pub fn encode_clip(settings: &EncodeSettings, groups: u32) -> anyhow::Result<Cli
     })
 }
 
-/// Replays the clip into a unit's tracks in real time, looping, until `shutdown`.
+/// The simulated bitrates, kbit/s; a unit's start-up bitrate is one too.
+pub const LADDER_KBPS: [u32; 8] = [150, 300, 600, 1000, 1500, 2500, 4000, 6000];
+/// The simulated picture heights below the start-up one (which is the largest, as a
+/// camera's).
+pub const LADDER_HEIGHTS: [u32; 5] = [144, 240, 360, 480, 720];
+
+/// A rendition, encoded by whoever asks first while the others wait for it.
+type RenditionCell = Arc<tokio::sync::OnceCell<Arc<Clip>>>;
+
+/// The clip at every rendition asked for so far, shared by all simulated units.
+pub struct Renditions {
+    base: Arc<Clip>,
+    groups: u32,
+    /// (bitrate, height) → the clip, encoded once by whoever asks first.
+    encoded: Mutex<HashMap<(u32, u32), RenditionCell>>,
+}
+
+impl Renditions {
+    /// `base` was encoded with `groups` groups; the others will be too.
+    pub fn new(base: Clip, groups: u32) -> Arc<Self> {
+        let base = Arc::new(base);
+        let key = (base.settings.bitrate, base.settings.height);
+        let cell = Arc::new(tokio::sync::OnceCell::new_with(Some(Arc::clone(&base))));
+        Arc::new(Self {
+            base,
+            groups,
+            encoded: Mutex::new(HashMap::from([(key, cell)])),
+        })
+    }
+
+    pub fn base(&self) -> &Arc<Clip> {
+        &self.base
+    }
+
+    /// How many renditions exist (1 until a QUALITY directive asks for another).
+    pub fn encoded(&self) -> usize {
+        self.encoded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|c| c.initialized())
+            .count()
+    }
+
+    /// The ladder rung closest to a target: bitrate by ratio, height by distance (0 keeps
+    /// `current_height`), never above the start-up picture.
+    pub fn closest(&self, bitrate: u32, height: u32, current_height: u32) -> EncodeSettings {
+        let base = &self.base.settings;
+        let by_ratio = |r: &u32| ((f64::from(*r)).ln() - f64::from(bitrate.max(1)).ln()).abs();
+        let kbps = LADDER_KBPS
+            .iter()
+            .chain(std::iter::once(&base.bitrate))
+            .min_by(|a, b| by_ratio(a).total_cmp(&by_ratio(b)))
+            .copied()
+            .unwrap_or(base.bitrate);
+        let want = if height == 0 { current_height } else { height };
+        let h = LADDER_HEIGHTS
+            .iter()
+            .filter(|h| **h < base.height)
+            .chain(std::iter::once(&base.height))
+            .min_by_key(|h| h.abs_diff(want))
+            .copied()
+            .unwrap_or(base.height);
+        let ((width, height), _) = scaled_size((base.width, base.height), h);
+        EncodeSettings {
+            width,
+            height,
+            bitrate: kbps,
+            ..base.clone()
+        }
+    }
+
+    /// The clip at `settings` (a rung from [`Renditions::closest`]), encoded on first use.
+    pub async fn get(&self, settings: &EncodeSettings) -> Result<Arc<Clip>, DirectiveError> {
+        let cell = {
+            let mut encoded = self.encoded.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(
+                encoded
+                    .entry((settings.bitrate, settings.height))
+                    .or_default(),
+            )
+        };
+        let (settings, groups) = (settings.clone(), self.groups);
+        let clip = cell
+            .get_or_try_init(|| async move {
+                tracing::info!(
+                    width = settings.width,
+                    height = settings.height,
+                    kbps = settings.bitrate,
+                    "encoding a rendition of the simulated clip"
+                );
+                let clip = tokio::task::spawn_blocking(move || encode_clip(&settings, groups))
+                    .await
+                    .map_err(|e| DirectiveError::Media(format!("rendition encoder: {e}")))?
+                    .map_err(|e| DirectiveError::Media(format!("{e:#}")))?;
+                Ok::<_, DirectiveError>(Arc::new(clip))
+            })
+            .await?;
+        Ok(Arc::clone(clip))
+    }
+}
+
+/// One simulated unit's video: the rendition it plays, switched by QUALITY.
+pub struct UnitVideo {
+    renditions: Arc<Renditions>,
+    selected: Mutex<Arc<Clip>>,
+}
+
+impl UnitVideo {
+    pub fn new(renditions: Arc<Renditions>) -> Arc<Self> {
+        let base = Arc::clone(renditions.base());
+        Arc::new(Self {
+            renditions,
+            selected: Mutex::new(base),
+        })
+    }
+
+    /// The rendition this unit switches to (or plays) at its next group.
+    pub fn selected(&self) -> Arc<Clip> {
+        Arc::clone(&self.selected.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl QualityControl for UnitVideo {
+    fn set_quality(
+        self: Arc<Self>,
+        bitrate: u32,
+        height: u32,
+    ) -> futures::future::BoxFuture<'static, Result<QualityChange, DirectiveError>> {
+        let unit = self;
+        Box::pin(async move {
+            let before = unit.selected().settings.clone();
+            let target = unit.renditions.closest(bitrate, height, before.height);
+            let clip = unit.renditions.get(&target).await?;
+            *unit.selected.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&clip);
+            let s = &clip.settings;
+            Ok(QualityChange {
+                bitrate: s.bitrate,
+                width: s.width,
+                height: s.height,
+                summary: format!(
+                    "rendition {}x{} at {} kbit/s (closest to {bitrate} kbit/s{}), was {}x{} at {} kbit/s; from the next group",
+                    s.width,
+                    s.height,
+                    s.bitrate,
+                    if height == 0 {
+                        String::new()
+                    } else {
+                        format!(", {height} px")
+                    },
+                    before.width,
+                    before.height,
+                    before.bitrate
+                ),
+            })
+        })
+    }
+}
+
+/// Picks each video frame from the rendition playing, switching to the selected one only
+/// where its frame is a keyframe, so every group is whole and decodable. Renditions share
+/// frame count and timing (same rate, same group length), so frame `i` is the same moment
+/// in each.
+pub struct VideoSelector {
+    unit: Arc<UnitVideo>,
+    playing: Arc<Clip>,
+}
+
+impl VideoSelector {
+    pub fn new(unit: Arc<UnitVideo>) -> Self {
+        let playing = unit.selected();
+        Self { unit, playing }
+    }
+
+    /// The clip's video frame `i` from the rendition playing.
+    pub fn frame(&mut self, i: usize) -> Option<&ClipFrame> {
+        let selected = self.unit.selected();
+        if !Arc::ptr_eq(&selected, &self.playing)
+            && selected.video.get(i).is_some_and(|f| f.keyframe)
+        {
+            self.playing = selected;
+        }
+        self.playing.video.get(i)
+    }
+
+    pub fn playing(&self) -> &Arc<Clip> {
+        &self.playing
+    }
+}
+
+/// Replays the clip into a unit's tracks in real time, looping, until `shutdown`; the
+/// video from the rendition `unit` selects.
 pub async fn play(
-    clip: Arc<Clip>,
+    unit: Arc<UnitVideo>,
     broadcast: Arc<LocalBroadcast>,
     start_delay: Duration,
     shutdown: CancellationToken,
 ) {
+    let clip = Arc::clone(unit.renditions.base());
+    let mut video = VideoSelector::new(unit);
     // Both tracks on one timeline.
     let mut schedule: Vec<(u64, TrackKind, usize)> = clip
         .video
@@ -168,11 +367,11 @@ pub async fn play(
                 _ = tokio::time::sleep_until(base + Duration::from_micros(pts)) => {}
                 _ = shutdown.cancelled() => return,
             }
-            let (frames, track) = match kind {
-                TrackKind::Audio => (&clip.audio, broadcast.track(TrackKind::Audio)),
-                _ => (&clip.video, broadcast.track(TrackKind::Video)),
+            let (frame, track) = match kind {
+                TrackKind::Audio => (clip.audio.get(i), broadcast.track(TrackKind::Audio)),
+                _ => (video.frame(i), broadcast.track(TrackKind::Video)),
             };
-            if let (Some(f), Some(t)) = (frames.get(i), track) {
+            if let (Some(f), Some(t)) = (frame, track) {
                 t.push(&f.payload, crate::unix_now_us(), f.duration_us, f.keyframe);
             }
         }
@@ -198,4 +397,123 @@ pub fn read_tokens(path: &Path) -> anyhow::Result<HashMap<String, String>> {
         }
     }
     Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> EncodeSettings {
+        EncodeSettings {
+            width: 320,
+            height: 180,
+            framerate: 10,
+            bitrate: 1000,
+            keyframe_interval: 10,
+        }
+    }
+
+    /// Bytes of each whole group over `laps` laps of the clip, as a unit plays it.
+    fn group_bytes(video: &mut VideoSelector, frames: usize, laps: usize) -> Vec<usize> {
+        let mut groups: Vec<usize> = Vec::new();
+        for _ in 0..laps {
+            for i in 0..frames {
+                let f = video.frame(i).expect("a frame");
+                if f.keyframe {
+                    groups.push(0);
+                }
+                if let Some(g) = groups.last_mut() {
+                    *g += f.payload.len();
+                }
+            }
+        }
+        groups
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quality_switches_a_unit_to_a_rendition_at_its_next_group() {
+        let base = tokio::task::spawn_blocking(|| encode_clip(&small(), 2))
+            .await
+            .expect("encoder task")
+            .expect("the base clip");
+        let frames = base.video.len();
+        let renditions = Renditions::new(base, 2);
+        assert_eq!(
+            renditions.encoded(),
+            1,
+            "start-up encodes the base clip only"
+        );
+        let unit = UnitVideo::new(Arc::clone(&renditions));
+        let other = UnitVideo::new(Arc::clone(&renditions));
+        let mut video = VideoSelector::new(Arc::clone(&unit));
+        let before = group_bytes(&mut video, frames, 2);
+
+        // Mid-group the unit goes on with the rendition it plays.
+        video.frame(0);
+        video.frame(1);
+        let (done, also) = tokio::join!(
+            Arc::clone(&unit).set_quality(150, 0),
+            Arc::clone(&other).set_quality(160, 0)
+        );
+        let done = done.expect("a rendition");
+        also.expect("the same rendition");
+        assert_eq!(
+            done.summary,
+            "rendition 320x180 at 150 kbit/s (closest to 150 kbit/s), was 320x180 at 1000 kbit/s; from the next group"
+        );
+        assert_eq!(renditions.encoded(), 2, "encoded once for both units");
+        assert!(
+            Arc::ptr_eq(&unit.selected(), &other.selected()),
+            "one rendition shared by both units"
+        );
+        video.frame(2);
+        assert!(Arc::ptr_eq(video.playing(), renditions.base()));
+
+        let after = group_bytes(&mut video, frames, 2);
+        assert!(!Arc::ptr_eq(video.playing(), renditions.base()));
+        let mean = |g: &[usize]| g.iter().sum::<usize>() / g.len().max(1);
+        eprintln!("bytes per group: {before:?} at 1000 kbit/s, {after:?} at 150 kbit/s");
+        assert!(
+            mean(&after) * 3 < mean(&before),
+            "{before:?} at 1000 kbit/s, {after:?} at 150 kbit/s"
+        );
+
+        // A height picks the rung's picture size; the stream's own SPS says so.
+        let done = Arc::clone(&unit)
+            .set_quality(300, 144)
+            .await
+            .expect("a rendition");
+        assert_eq!((done.width, done.height, done.bitrate), (256, 144, 300));
+        let clip = unit.selected();
+        let group: Vec<Bytes> = clip
+            .video
+            .iter()
+            .take(10)
+            .map(|f| f.payload.clone())
+            .collect();
+        let picture = crate::snapshot::jpeg_from_h264(&group).expect("decodes");
+        assert_eq!((picture.width, picture.height), (256, 144));
+        assert_eq!(renditions.encoded(), 3);
+    }
+
+    #[test]
+    fn the_closest_rung_never_exceeds_the_start_up_picture() {
+        let clip = Clip {
+            video: Vec::new(),
+            audio: Vec::new(),
+            duration_us: 0,
+            settings: EncodeSettings::default(),
+        };
+        let r = Renditions::new(clip, 2);
+        let pick = |b, h, cur| {
+            let s = r.closest(b, h, cur);
+            (s.width, s.height, s.bitrate)
+        };
+        assert_eq!(pick(1500, 0, 360), (640, 360, 1500));
+        assert_eq!(pick(5, 0, 360), (640, 360, 150));
+        assert_eq!(pick(350, 0, 240), (426, 240, 300));
+        assert_eq!(pick(8000, 2160, 360), (640, 360, 6000));
+        assert_eq!(pick(800, 200, 360), (426, 240, 1000));
+        assert_eq!(pick(100, 144, 360), (256, 144, 150));
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use tianwang_proto::v1::{self, Ack, Announce, DeviceInfo, DirectiveKind, Hello, Telemetry};
+use tianwang_proto::v1::{self, Announce, DeviceInfo, Hello, Telemetry};
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_transport::client;
 use tianwang_transport::control::{self, ControlError};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::broadcast::LocalBroadcast;
+use crate::directives::Directives;
 
 #[derive(Clone)]
 pub struct UplinkConfig {
@@ -34,6 +35,8 @@ pub struct UplinkConfig {
     pub route: Option<(Arc<crate::route::Route>, Instant)>,
     /// The SOS button: pressed until this instant (SIGUSR1 presses it for a while).
     pub sos: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Where the unit keeps its files: the telemetry's free storage is measured there.
+    pub data_dir: std::path::PathBuf,
 }
 
 impl UplinkConfig {
@@ -51,6 +54,7 @@ impl UplinkConfig {
             max_backoff: Duration::from_secs(10),
             route: None,
             sos: Arc::default(),
+            data_dir: ".".into(),
             limits: Limits {
                 // Notice a dead link within a few seconds.
                 idle_timeout: Duration::from_secs(6),
@@ -78,10 +82,12 @@ pub struct UplinkStats {
 }
 
 /// Keeps the unit connected until `shutdown`. Returns early only when the hub refuses the
-/// unit's identity (bad token, wrong unit), which reconnecting would not fix.
+/// unit's identity (bad token, wrong unit), which reconnecting would not fix. Directives
+/// go to `directives`; their Acks go out on whichever session is up.
 pub async fn run(
     config: UplinkConfig,
     broadcast: Arc<LocalBroadcast>,
+    directives: Arc<Directives>,
     stats: Arc<UplinkStats>,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
@@ -95,7 +101,7 @@ pub async fn run(
             }
             let started = Instant::now();
             let outcome = tokio::select! {
-                r = session(&config, &broadcast, &stats, &mut endpoint, &shutdown) => r,
+                r = session(&config, &broadcast, &directives, &stats, &mut endpoint, &shutdown) => r,
                 _ = shutdown.cancelled() => return Ok(()),
             };
             match outcome {
@@ -206,6 +212,7 @@ impl From<String> for Ended {
 async fn session(
     config: &UplinkConfig,
     broadcast: &Arc<LocalBroadcast>,
+    directives: &Directives,
     stats: &Arc<UplinkStats>,
     endpoint: &mut Option<(bool, quinn::Endpoint)>,
     shutdown: &CancellationToken,
@@ -271,6 +278,8 @@ async fn session(
     }
 
     let (mut tx, mut rx) = control.split();
+    // One session at a time: this lock is never contended.
+    let mut acks = directives.acks().lock().await;
     let mut telemetry = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
@@ -281,19 +290,18 @@ async fn session(
                 break Ok(());
             }
             msg = control::recv(&mut rx) => match msg {
-                Ok(m) => {
-                    if let Some(reply) = handle_control(broadcast, m) {
-                        use futures::SinkExt;
-                        if let Err(e) = tx.send(reply).await {
-                            break Err(classify(e, &conn).await);
-                        }
-                    }
-                }
+                Ok(m) => handle_control(broadcast, directives, m),
                 Err(e) => break Err(classify(e, &conn).await),
             },
+            Some(ack) = acks.recv() => {
+                use futures::SinkExt;
+                if let Err(e) = tx.send(ControlMessage::new(Kind::Ack(ack))).await {
+                    break Err(classify(e, &conn).await);
+                }
+            }
             _ = telemetry.tick() => {
                 use futures::SinkExt;
-                let t = ControlMessage::new(Kind::Telemetry(current_telemetry(config)));
+                let t = ControlMessage::new(Kind::Telemetry(current_telemetry(config, broadcast)));
                 if let Err(e) = tx.send(t).await {
                     break Err(classify(e, &conn).await);
                 }
@@ -318,55 +326,33 @@ async fn session(
     result
 }
 
-fn handle_control(broadcast: &LocalBroadcast, msg: ControlMessage) -> Option<ControlMessage> {
+fn handle_control(broadcast: &LocalBroadcast, directives: &Directives, msg: ControlMessage) {
     match msg.kind {
         Some(Kind::KeyframeRequest(k)) => {
             debug!(track = k.track_id, "keyframe requested");
             broadcast.request_keyframe(k.track_id);
-            None
         }
-        Some(Kind::Directive(d)) => {
-            let (ok, message) = match d.kind() {
-                DirectiveKind::Keyframe => {
-                    for t in &broadcast.tracks {
-                        broadcast.request_keyframe(t.info.id);
-                    }
-                    (true, "keyframe requested".to_string())
-                }
-                DirectiveKind::Message => {
-                    info!(directive = %d.id, text = %d.text, "instruction from the command centre");
-                    (true, "shown".to_string())
-                }
-                other => (
-                    false,
-                    format!("{other:?} is not supported by this agent yet"),
-                ),
-            };
-            Some(ControlMessage::new(Kind::Ack(Ack {
-                directive_id: d.id,
-                ok,
-                message,
-            })))
-        }
+        Some(Kind::Directive(d)) => directives.submit(d),
         other => {
             debug!(
                 kind = ControlMessage { kind: other }.kind_name(),
                 "ignoring control message"
             );
-            None
         }
     }
 }
 
 /// What the device knows of itself right now.
-fn current_telemetry(config: &UplinkConfig) -> Telemetry {
-    let storage_free_bytes = nix::sys::statvfs::statvfs(".")
+fn current_telemetry(config: &UplinkConfig, broadcast: &LocalBroadcast) -> Telemetry {
+    let storage_free_bytes = nix::sys::statvfs::statvfs(&config.data_dir)
         .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .unwrap_or(0);
     Telemetry {
         timestamp_us: crate::unix_now_us(),
         storage_free_bytes,
-        recording: true,
+        // Nothing records on the device yet (no spool): off live, nothing is recorded
+        // anywhere, and the hub should know.
+        recording: broadcast.is_live(),
         battery_percent: battery_percent().unwrap_or(0.0),
         sos: config
             .sos
