@@ -30,6 +30,11 @@ impl Role {
         matches!(self, Role::Viewer | Role::Commander | Role::Official)
     }
 
+    /// Issues directives to units.
+    pub fn can_direct(self) -> bool {
+        matches!(self, Role::Commander | Role::Official)
+    }
+
     /// Opens and closes cases and operations.
     pub fn can_manage_cases(self) -> bool {
         matches!(self, Role::Commander | Role::Official)

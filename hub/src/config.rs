@@ -22,6 +22,76 @@ pub struct Config {
     pub console: ConsoleConfig,
     pub evidence: EvidenceConfig,
     pub alarms: AlarmsConfig,
+    pub court: CourtConfig,
+    pub cascade: CascadeConfig,
+}
+
+/// The court this hub serves, and its place in the tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CourtConfig {
+    /// Unique in the deployment (e.g. "京0113"): recorded with every segment, the court of
+    /// this hub's units, the jurisdiction of its tokens.
+    pub code: String,
+    pub name: String,
+    pub tier: Tier,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Supreme,
+    High,
+    Intermediate,
+}
+
+impl Tier {
+    pub fn wire(self) -> tianwang_proto::v1::Tier {
+        match self {
+            Tier::Supreme => tianwang_proto::v1::Tier::Supreme,
+            Tier::High => tianwang_proto::v1::Tier::High,
+            Tier::Intermediate => tianwang_proto::v1::Tier::Intermediate,
+        }
+    }
+}
+
+impl Default for CourtConfig {
+    fn default() -> Self {
+        Self {
+            code: "local".into(),
+            name: String::new(),
+            tier: Tier::Intermediate,
+        }
+    }
+}
+
+/// Linking hubs into the court tree (see `docs/cascade.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeConfig {
+    /// The deployment CA's certificate (`hub ca init`). Set: child hubs may link here with a
+    /// certificate it issued, and this hub's `quic.cert` must be one it issued too.
+    pub ca: Option<PathBuf>,
+    /// The parent hub's QUIC address, host:port (the host is checked against its
+    /// certificate). Unset: this hub is the root of its tree.
+    pub parent: Option<String>,
+    /// A unit pulled from a child hub is released this long after its last viewer here left.
+    #[serde(with = "humantime_serde")]
+    pub release_grace: Duration,
+    /// Longest wait between attempts to reach the parent.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        Self {
+            ca: None,
+            parent: None,
+            release_grace: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The deviation rules' thresholds (see `docs/evidence.md`, alarms).
@@ -92,8 +162,6 @@ impl AlarmsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvidenceConfig {
-    /// The court this hub serves (its code, e.g. "京0113"): recorded with every segment.
-    pub court: String,
     /// Record every online unit, watched or not.
     pub record: bool,
     /// The index database: `sqlite://…` or `postgres://…`. Empty: SQLite in the data dir.
@@ -134,7 +202,6 @@ pub struct RetentionRule {
 impl Default for EvidenceConfig {
     fn default() -> Self {
         Self {
-            court: "local".into(),
             record: true,
             index_url: None,
             dir: None,
@@ -259,6 +326,8 @@ impl Default for Config {
             console: ConsoleConfig::default(),
             evidence: EvidenceConfig::default(),
             alarms: AlarmsConfig::default(),
+            court: CourtConfig::default(),
+            cascade: CascadeConfig::default(),
         }
     }
 }
@@ -377,8 +446,18 @@ impl Config {
         {
             return bad("evidence.segment_target must be within 500ms ..= 60s".into());
         }
-        if self.evidence.court.trim().is_empty() {
-            return bad("evidence.court is empty".into());
+        if self.court.code.trim().is_empty() || self.court.code.len() > 64 {
+            return bad("court.code must be 1 to 64 bytes".into());
+        }
+        if self.cascade.parent.is_some() && self.cascade.ca.is_none() {
+            return bad(
+                "cascade.parent needs cascade.ca (hubs link with CA-issued certificates)".into(),
+            );
+        }
+        if self.cascade.ca.is_some() && self.quic.cert.is_none() {
+            return bad(
+                "cascade.ca needs quic.cert and quic.key issued by that CA (`hub ca issue`)".into(),
+            );
         }
         if let Some(name) = self
             .alarms

@@ -632,6 +632,15 @@ pub mod http {
                 format!("a {:?} token cannot do this with alarms", claims.role),
             ));
         }
+        if let Err(reason) = hub.check_own_court(&claims) {
+            hub.evidence.audit.record(
+                &claims.sub,
+                "denied",
+                "alarms",
+                serde_json::json!({ "reason": reason }),
+            );
+            return Err(refuse(StatusCode::FORBIDDEN, reason));
+        }
         Ok(claims)
     }
 

@@ -4,9 +4,11 @@
 //! `docs/ARCHITECTURE.md` maps the modules.
 
 pub mod auth;
+pub mod cascade;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod directives;
 pub mod evidence;
 pub mod field;
 pub mod files;

@@ -56,6 +56,40 @@ enum Command {
         #[command(flatten)]
         hub: HubOverrides,
     },
+    /// The deployment CA that vouches for hubs linking in the court tree.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new CA: DIR/ca.crt (give it to every hub and agent) and DIR/ca.key (keep safe).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "Tianwang deployment CA")]
+        name: String,
+    },
+    /// Issue a hub's certificate for its court: OUT/hub.crt and OUT/hub.key, for the hub's
+    /// quic.cert and quic.key.
+    Issue {
+        /// The CA's directory (from `hub ca init`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The hub's court code.
+        #[arg(long)]
+        court: String,
+        /// The parent court's code; leave out for the root (the supreme court's hub).
+        #[arg(long, default_value = "")]
+        parent: String,
+        /// A DNS name or IP address the hub is reached by (repeat for each).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -189,7 +223,11 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Simulated units, named sim-1 .. sim-N.
+    /// 1: one hub. 3: a court tree on loopback (supreme, high, two intermediate courts),
+    /// simulated units under each intermediate, one env file per hub.
+    #[arg(long, default_value_t = 1)]
+    tiers: u8,
+    /// Simulated units, named sim-1 .. sim-N (per intermediate court with --tiers 3).
     #[arg(long, default_value_t = 4)]
     units: usize,
     /// Seconds to run; without it, until Ctrl-C.
@@ -263,7 +301,8 @@ enum TokenCommand {
         /// The unit (for a device) or the user.
         #[arg(long)]
         subject: String,
-        /// The court the token belongs to.
+        /// The court the token belongs to (its holder sees that court and those below);
+        /// default: the hub's.
         #[arg(long)]
         court: Option<String>,
         /// Lifetime, e.g. 12h, 30days.
@@ -317,6 +356,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             hub::demo::run(hub::demo::DemoOptions {
+                tiers: args.tiers,
                 units: args.units,
                 duration: args.duration.map(Duration::from_secs),
                 data_dir: args.data,
@@ -365,6 +405,24 @@ async fn main() -> anyhow::Result<()> {
             evidence_command(EvidenceCommand::Export { hub, case, out }).await
         }
         Command::Key { hub } => evidence_command(EvidenceCommand::Key { hub }).await,
+        Command::Ca { command } => match command {
+            CaCommand::Init { dir, name } => {
+                hub::cascade::cli::init(&dir, &name)?;
+                println!("{}", dir.join("ca.crt").display());
+                Ok(())
+            }
+            CaCommand::Issue {
+                ca_dir,
+                court,
+                parent,
+                names,
+                out,
+            } => {
+                hub::cascade::cli::issue(&ca_dir, &court, &parent, &names, &out)?;
+                println!("{}", out.join("hub.crt").display());
+                Ok(())
+            }
+        },
         Command::Token { command } => match command {
             TokenCommand::Issue {
                 hub,
@@ -376,10 +434,9 @@ async fn main() -> anyhow::Result<()> {
                 let config = hub.load()?;
                 check_ttl(&config, ttl)?;
                 let authority = hub::server::load_authority(&config)?;
-                println!(
-                    "{}",
-                    authority.issue(role, &subject, court.as_deref(), ttl)?
-                );
+                // A token always names its court: the hub's own unless told otherwise.
+                let court = court.unwrap_or_else(|| config.court.code.clone());
+                println!("{}", authority.issue(role, &subject, Some(&court), ttl)?);
                 Ok(())
             }
             TokenCommand::Fleet {

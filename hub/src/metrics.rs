@@ -32,6 +32,15 @@ pub struct Metrics {
     pub retention_deleted: IntCounter,
     pub alarms_raised: IntCounterVec,
     pub telemetry_rejected: IntCounterVec,
+    /// Units pulled from child hubs right now (one per unit, however many watch here).
+    pub cascade_pulls: IntGauge,
+    pub cascade_pulls_started: IntCounter,
+    /// Subscriptions the parent hub holds here right now.
+    pub cascade_served: IntGauge,
+    pub cascade_children: IntGauge,
+    /// 1 while this hub is linked to its parent.
+    pub cascade_uplink: IntGauge,
+    pub directives: IntCounterVec,
 }
 
 /// Reads the units registry and the relay core's counters when scraped.
@@ -273,7 +282,43 @@ impl Metrics {
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(sessions_closed.clone()))?;
         registry.register(Box::new(telemetry.clone()))?;
+        let cascade_pulls = IntGauge::new(
+            "tianwang_cascade_pulls",
+            "Units pulled from child hubs now (one upstream stream each)",
+        )?;
+        let cascade_pulls_started = IntCounter::new(
+            "tianwang_cascade_pulls_total",
+            "Pulls of units from child hubs started",
+        )?;
+        let cascade_served = IntGauge::new(
+            "tianwang_cascade_served",
+            "Units the parent hub pulls from this hub now",
+        )?;
+        let cascade_children = IntGauge::new("tianwang_cascade_children", "Child hubs linked now")?;
+        let cascade_uplink = IntGauge::new(
+            "tianwang_cascade_uplink",
+            "1 while this hub is linked to its parent",
+        )?;
+        let directives = IntCounterVec::new(
+            Opts::new(
+                "tianwang_directives_total",
+                "Directives issued here, by kind",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(cascade_pulls.clone()))?;
+        registry.register(Box::new(cascade_pulls_started.clone()))?;
+        registry.register(Box::new(cascade_served.clone()))?;
+        registry.register(Box::new(cascade_children.clone()))?;
+        registry.register(Box::new(cascade_uplink.clone()))?;
+        registry.register(Box::new(directives.clone()))?;
         Ok(Self {
+            cascade_pulls,
+            cascade_pulls_started,
+            cascade_served,
+            cascade_children,
+            cascade_uplink,
+            directives,
             registry,
             frames_out,
             bytes_out,

@@ -33,7 +33,7 @@ impl Drop for DetachOnDrop<'_> {
 }
 
 pub(crate) async fn run(
-    hub: &HubContext,
+    hub: &Arc<HubContext>,
     conn: &quinn::Connection,
     session: u64,
     unit: &str,
@@ -85,6 +85,7 @@ pub(crate) async fn run(
         old.replaced.cancel();
     }
     info!(tracks = announce.tracks.len(), "unit online");
+    crate::directives::resend_open(hub, unit);
 
     let ingest = Arc::new(Ingest {
         tracks,
@@ -137,7 +138,7 @@ pub(crate) async fn run(
 }
 
 fn publisher_message(
-    hub: &HubContext,
+    hub: &Arc<HubContext>,
     unit: &str,
     limit: &mut crate::field::RateLimit,
     msg: ControlMessage,
@@ -165,13 +166,7 @@ fn publisher_message(
             Ok(())
         }
         Some(Kind::Ack(ack)) => {
-            info!(directive = %ack.directive_id, ok = ack.ok, message = %ack.message, "directive acknowledged");
-            hub.evidence.audit.record(
-                unit,
-                "directive.ack",
-                &ack.directive_id,
-                serde_json::json!({ "ok": ack.ok, "message": ack.message }),
-            );
+            crate::directives::report(hub, unit, ack);
             Ok(())
         }
         other => Err(SessionError::protocol(format!(
@@ -215,7 +210,7 @@ async fn ingest_group(recv: quinn::RecvStream, ingest: Arc<Ingest>) -> Result<()
         GroupReader::open(recv, ingest.max_frame),
     )
     .await;
-    let (header, mut reader) = match opened {
+    let (header, reader) = match opened {
         Ok(Ok(r)) => r,
         Err(_) => {
             return Err(SessionError::new(
@@ -240,7 +235,16 @@ async fn ingest_group(recv: quinn::RecvStream, ingest: Arc<Ingest>) -> Result<()
         reader.stop(STREAM_STALE);
         return Ok(());
     }
-    let broadcast = &ingest.broadcast;
+    relay_group(reader, entry, &ingest.broadcast).await
+}
+
+/// Relays one group stream, frame by frame, into its track (a device's, or a unit pulled
+/// from a child hub).
+pub(crate) async fn relay_group(
+    mut reader: GroupReader,
+    entry: &TrackEntry,
+    broadcast: &Broadcast,
+) -> Result<(), SessionError> {
     let mut group = entry.track.begin_group();
     broadcast.keyframe_arrived(entry);
     loop {

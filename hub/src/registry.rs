@@ -46,6 +46,10 @@ pub struct Broadcast {
     online: AtomicBool,
     keyframe_interval: Duration,
     rates: Mutex<Rates>,
+    /// Pulled from a child hub: the court the unit is connected to. Such a broadcast is
+    /// relayed here but neither recorded nor watched by the alarm rules (its own hub does
+    /// both), and its coming and going is the cascade's news, not the registry's.
+    remote: Option<String>,
 }
 
 /// Rates over the last sampling period, and the totals they were computed from.
@@ -62,6 +66,8 @@ pub struct UnitChange {
     pub unit_id: String,
     pub online: bool,
     pub tracks: Vec<TrackInfo>,
+    /// The unit's court; empty for a unit of this hub.
+    pub court: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -72,6 +78,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Broadcast {
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The court of a pulled unit.
+    pub fn remote_court(&self) -> Option<&str> {
+        self.remote.as_deref()
+    }
+
+    /// Sends a control message to the live publisher (a device, or the child hub a pulled
+    /// unit comes from) without waiting: false if there is none or its queue is full.
+    pub fn send_control(&self, msg: ControlMessage) -> bool {
+        lock(&self.publisher)
+            .as_ref()
+            .is_some_and(|l| l.control.try_send(msg).is_ok())
+    }
+
+    /// The publisher's ids for the tracks, by name (a child hub names them in Subscribed).
+    pub fn set_track_ids(&self, ids: HashMap<String, u32>) {
+        if let Some(link) = lock(&self.publisher).as_mut() {
+            link.track_ids = ids;
+        }
     }
 
     /// The officer of the unit's live publisher, if it said.
@@ -106,6 +136,7 @@ impl Broadcast {
             tracks: self.track_infos(),
             subscribers: self.subscriber_count() as u32,
             stats: Some(self.stats()),
+            court: self.remote.clone().unwrap_or_default(),
         }
     }
 
@@ -321,6 +352,7 @@ impl Units {
             unit_id: b.unit_id.clone(),
             online: b.is_online(),
             tracks: b.track_infos(),
+            court: String::new(),
         });
     }
 
@@ -328,7 +360,8 @@ impl Units {
     /// subscription may end a moment after its session let go); the hub calls this once a
     /// second.
     pub fn sample_rates(&self, elapsed: Duration) {
-        for b in self.list() {
+        let all: Vec<_> = self.map.iter().map(|e| Arc::clone(e.value())).collect();
+        for b in all {
             b.sample(elapsed);
             if !b.is_online() {
                 self.release_if_idle(&b.unit_id);
@@ -390,9 +423,34 @@ impl Units {
     /// A publisher announced its tracks: make it the unit's live publisher. Tracks keep
     /// their identity across reconnects when name, kind and codec stay the same.
     pub fn attach(&self, unit: &str, announced: &[TrackInfo], link: PublisherLink) -> Attached {
+        // Only a pull can be refused.
+        self.attach_as(unit, None, announced, link)
+            .expect("a device's attach always succeeds")
+    }
+
+    /// A unit of a child hub is pulled here. Refused (with what was attached undone) if a
+    /// unit of that id is connected to this hub itself: unit ids are unique in the tree,
+    /// and a local one wins.
+    pub fn attach_remote(
+        &self,
+        unit: &str,
+        court: &str,
+        tracks: &[TrackInfo],
+        link: PublisherLink,
+    ) -> Option<Attached> {
+        self.attach_as(unit, Some(court.to_string()), tracks, link)
+    }
+
+    fn attach_as(
+        &self,
+        unit: &str,
+        remote: Option<String>,
+        announced: &[TrackInfo],
+        link: PublisherLink,
+    ) -> Option<Attached> {
         // The entry stays locked until the broadcast is online: release_if_idle cannot
         // forget it half way.
-        let entry = self.map.entry(unit.to_string()).or_insert_with(|| {
+        let mut entry = self.map.entry(unit.to_string()).or_insert_with(|| {
             Arc::new(Broadcast {
                 unit_id: unit.to_string(),
                 tracks: RwLock::new(Vec::new()),
@@ -400,8 +458,30 @@ impl Units {
                 online: AtomicBool::new(false),
                 keyframe_interval: self.keyframe_interval,
                 rates: Mutex::new(Rates::default()),
+                remote: remote.clone(),
             })
         });
+        if entry.value().remote != remote {
+            if remote.is_some() && !entry.value().is_remote() {
+                // A local unit of that id exists: the pull is refused.
+                return None;
+            }
+            // A device of this hub takes the id over from a pulled unit (or the unit moved
+            // to another court): a new broadcast.
+            let old = Arc::clone(entry.value());
+            *entry.value_mut() = Arc::new(Broadcast {
+                unit_id: unit.to_string(),
+                tracks: RwLock::new(Vec::new()),
+                publisher: Mutex::new(None),
+                online: AtomicBool::new(false),
+                keyframe_interval: self.keyframe_interval,
+                rates: Mutex::new(Rates::default()),
+                remote: None,
+            });
+            for t in old.tracks() {
+                t.track.close();
+            }
+        }
         let broadcast = Arc::clone(entry.value());
         let mut by_device_id = HashMap::new();
         {
@@ -448,12 +528,14 @@ impl Units {
         let replaced = lock(&broadcast.publisher).replace(link);
         broadcast.online.store(true, Ordering::Release);
         drop(entry);
-        self.tell(&broadcast);
-        Attached {
+        if !broadcast.is_remote() {
+            self.tell(&broadcast);
+        }
+        Some(Attached {
             broadcast,
             tracks: by_device_id,
             replaced,
-        }
+        })
     }
 
     /// The publisher's session `session` ended. Unless a newer one took over, the unit is
@@ -472,7 +554,7 @@ impl Units {
                 }
             }
         }
-        if !b.is_online() {
+        if !b.is_online() && !b.is_remote() {
             self.tell(&b);
         }
         self.release_if_idle(unit);
@@ -490,12 +572,29 @@ impl Units {
         }
     }
 
+    /// The units connected to this hub (not those pulled from child hubs).
     pub fn list(&self) -> Vec<Arc<Broadcast>> {
-        self.map.iter().map(|e| Arc::clone(e.value())).collect()
+        self.map
+            .iter()
+            .filter(|e| !e.value().is_remote())
+            .map(|e| Arc::clone(e.value()))
+            .collect()
+    }
+
+    /// Units pulled from child hubs.
+    pub fn pulled(&self) -> Vec<Arc<Broadcast>> {
+        self.map
+            .iter()
+            .filter(|e| e.value().is_remote())
+            .map(|e| Arc::clone(e.value()))
+            .collect()
     }
 
     pub fn online_count(&self) -> usize {
-        self.map.iter().filter(|e| e.value().is_online()).count()
+        self.map
+            .iter()
+            .filter(|e| e.value().is_online() && !e.value().is_remote())
+            .count()
     }
 }
 

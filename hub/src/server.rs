@@ -80,8 +80,31 @@ impl RunningHub {
             idle_timeout: config.quic.idle_timeout,
             ..Limits::default()
         };
-        let endpoint =
-            tianwang_transport::server_endpoint(config.quic.listen, certs, key, &limits)?;
+        // With a deployment CA, this hub's certificate says where it sits in the tree.
+        let (client_roots, parent_court) = match &config.cascade.ca {
+            Some(ca) => {
+                let roots = tls::load_certs(ca)?;
+                let leaf = certs.first().context("quic.cert holds no certificate")?;
+                let identity = tianwang_transport::ca::identity(leaf)
+                    .with_context(|| format!("quic.cert {}", cert_path.display()))?;
+                if identity.court != config.court.code {
+                    anyhow::bail!(
+                        "quic.cert is issued for court {:?} but court.code is {:?}",
+                        identity.court,
+                        config.court.code
+                    );
+                }
+                (Some(roots), identity.parent)
+            }
+            None => (None, String::new()),
+        };
+        let endpoint = tianwang_transport::server_endpoint(
+            config.quic.listen,
+            certs,
+            key,
+            client_roots.as_deref(),
+            &limits,
+        )?;
         let quic_addr = endpoint.local_addr()?;
         let http = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -109,7 +132,7 @@ impl RunningHub {
             "hub",
             "hub.start",
             &config.hub_id,
-            serde_json::json!({ "court": config.evidence.court }),
+            serde_json::json!({ "court": config.court.code }),
         );
         let (field, field_task) = crate::field::start(crate::field::FieldTask {
             index: evidence.index.clone(),
@@ -120,6 +143,11 @@ impl RunningHub {
             shutdown: shutdown.clone(),
             operations_changed: Arc::clone(&evidence.operations_changed),
         });
+        let cascade = Arc::new(crate::cascade::Cascade::new(
+            crate::cascade::uplink::court_info(&config, &parent_court),
+            config.cascade.release_grace,
+            Arc::clone(&metrics),
+        ));
         let context = Arc::new(HubContext::new(
             Arc::new(config),
             authority,
@@ -128,6 +156,7 @@ impl RunningHub {
             shutdown.clone(),
             evidence,
             field,
+            cascade,
         ));
         let mut tasks = tokio::task::JoinSet::new();
         // The recorder finishes its open segments after the listeners stop, so it has its
@@ -138,7 +167,7 @@ impl RunningHub {
                 config: recorder::RecorderConfig {
                     dir: context.evidence.dir.clone(),
                     target: context.config.evidence.segment_target,
-                    court: context.config.evidence.court.clone(),
+                    court: context.config.court.code.clone(),
                 },
                 index: context.evidence.index.clone(),
                 signer: Arc::clone(&context.evidence.signer),
@@ -160,6 +189,9 @@ impl RunningHub {
             }
         });
         tasks.spawn(session::serve(Arc::clone(&context), endpoint));
+        if let Some(parent) = context.config.cascade.parent.clone() {
+            tasks.spawn(crate::cascade::uplink::run(Arc::clone(&context), parent));
+        }
         tasks.spawn(sample_rates(Arc::clone(&context)));
         let router = crate::http::router(Arc::clone(&context))?;
         let stop = shutdown.clone();

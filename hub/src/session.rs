@@ -37,11 +37,16 @@ pub struct HubContext {
     pub evidence: crate::evidence::Evidence,
     /// Telemetry storage and the alarm rules.
     pub field: crate::field::Field,
+    /// The court tree: child hubs' catalogs, pulls, jurisdiction.
+    pub cascade: Arc<crate::cascade::Cascade>,
+    pub directives: crate::directives::Directives,
     next_session: AtomicU64,
     next_console: AtomicU64,
 }
 
 impl HubContext {
+    // One argument per part of the hub, called once at start.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         authority: Arc<Authority>,
@@ -50,8 +55,16 @@ impl HubContext {
         shutdown: CancellationToken,
         evidence: crate::evidence::Evidence,
         field: crate::field::Field,
+        cascade: Arc<crate::cascade::Cascade>,
     ) -> Self {
+        let directives = crate::directives::Directives::new(
+            evidence.index.clone(),
+            evidence.audit.clone(),
+            &config.hub_id,
+        );
         Self {
+            cascade,
+            directives,
             config,
             authority,
             units,
@@ -67,6 +80,37 @@ impl HubContext {
 
     pub fn next_console_id(&self) -> u64 {
         self.next_console.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The court a token speaks for: its `court` claim, or this hub's court for tokens
+    /// without one. Refused when the court is neither this hub's nor one below it.
+    pub fn scope_of(&self, claims: &crate::auth::Claims) -> Result<String, String> {
+        let scope = claims
+            .court
+            .clone()
+            .unwrap_or_else(|| self.config.court.code.clone());
+        if self.cascade.knows_court(&scope) {
+            Ok(scope)
+        } else {
+            Err(format!(
+                "the token is for court {scope}, outside this hub's jurisdiction ({})",
+                self.config.court.code
+            ))
+        }
+    }
+
+    /// For this hub's own records (recordings, cases, alarms, telemetry): the token's court
+    /// must be this hub's. A token for a court below sees that court's hub's records there.
+    pub fn check_own_court(&self, claims: &crate::auth::Claims) -> Result<(), String> {
+        let scope = self.scope_of(claims)?;
+        let own = &self.config.court.code;
+        if self.cascade.covers(&scope, own) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the token is for court {scope}; the records here are court {own}'s"
+            ))
+        }
     }
 }
 
@@ -175,7 +219,7 @@ async fn handle(hub: Arc<HubContext>, incoming: quinn::Incoming) {
     }
 }
 
-async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), SessionError> {
+async fn run(hub: &Arc<HubContext>, conn: &quinn::Connection, id: u64) -> Result<(), SessionError> {
     let timeout = hub.config.quic.hello_timeout;
     let mut control = tokio::time::timeout(timeout, Control::accept(conn))
         .await
@@ -198,6 +242,21 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
             hello.protocol_version
         )));
     }
+    let welcome = ControlMessage::new(Kind::Welcome(Welcome {
+        session_id: format!("{id}"),
+        hub_time_us: now_us(),
+        hub_id: hub.config.hub_id.clone(),
+        court: Some(hub.cascade.own().clone()),
+    }));
+    if hello.role() == WireRole::Hub {
+        let court = child_hub(hub, conn, &hello)?;
+        hub.metrics.sessions.with_label_values(&["hub"]).inc();
+        control.send(welcome).await?;
+        let span = tracing::info_span!("child", court = %court.code);
+        return crate::cascade::child::run(hub, conn, control, court)
+            .instrument(span)
+            .await;
+    }
     let claims = hub.authority.verify(&hello.token).map_err(|e| {
         hub.evidence.audit.record(
             "?",
@@ -213,11 +272,6 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
         "quic",
         serde_json::json!({ "via": "quic", "role": claims.role, "unit": hello.unit_id }),
     );
-    let welcome = ControlMessage::new(Kind::Welcome(Welcome {
-        session_id: format!("{id}"),
-        hub_time_us: now_us(),
-        hub_id: hub.config.hub_id.clone(),
-    }));
     match hello.role() {
         WireRole::Publisher => {
             if !valid_unit_id(&hello.unit_id) {
@@ -263,18 +317,89 @@ async fn run(hub: &HubContext, conn: &quinn::Connection, id: u64) -> Result<(), 
                     format!("a {:?} token cannot watch live", claims.role),
                 ));
             }
+            let scope = hub.scope_of(&claims).map_err(|reason| {
+                hub.evidence.audit.record(
+                    &claims.sub,
+                    "login.refused",
+                    "quic",
+                    serde_json::json!({ "via": "quic", "reason": reason }),
+                );
+                SessionError::new(ErrorCode::Forbidden, "forbidden", reason)
+            })?;
             hub.metrics
                 .sessions
                 .with_label_values(&["subscriber"])
                 .inc();
             control.send(welcome).await?;
             let span = tracing::info_span!("subscriber", user = %claims.sub);
-            crate::subscriber::run(hub, conn, control)
+            crate::subscriber::run(hub, conn, control, scope)
                 .instrument(span)
                 .await
         }
+        WireRole::Hub => Err(SessionError::protocol("hub hello handled above")),
         WireRole::Unspecified => Err(SessionError::protocol("hello without a role")),
     }
+}
+
+/// Checks a child hub's hello against its certificate: the CA vouches for its court and
+/// places it under this hub's court. Refusals are audited.
+fn child_hub(
+    hub: &HubContext,
+    conn: &quinn::Connection,
+    hello: &tianwang_proto::v1::Hello,
+) -> Result<tianwang_proto::v1::CourtInfo, SessionError> {
+    let claimed = hello.court.clone().unwrap_or_default();
+    let refuse = |code: ErrorCode, label: &'static str, reason: String| {
+        hub.evidence.audit.record(
+            &format!("hub:{}", claimed.code.chars().take(64).collect::<String>()),
+            "hub.link.refused",
+            "quic",
+            serde_json::json!({ "reason": reason }),
+        );
+        SessionError::new(code, label, reason)
+    };
+    if hub.config.cascade.ca.is_none() {
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            "forbidden",
+            "this hub takes no child hubs (cascade.ca is not set)".into(),
+        ));
+    }
+    let identity = tianwang_transport::ca::peer_identity(conn).map_err(|e| {
+        refuse(
+            ErrorCode::Unauthorized,
+            "unauthorized",
+            format!("a child hub needs a certificate from the deployment CA: {e}"),
+        )
+    })?;
+    if identity.court != claimed.code {
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            "forbidden",
+            format!(
+                "the hello claims court {:?} but the certificate is for {:?}",
+                claimed.code, identity.court
+            ),
+        ));
+    }
+    let own = &hub.config.court.code;
+    if &identity.parent != own || claimed.parent != *own {
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            "forbidden",
+            format!(
+                "court {:?} is not below court {own:?} (its certificate places it under {:?})",
+                identity.court, identity.parent
+            ),
+        ));
+    }
+    hub.evidence.audit.record(
+        &format!("hub:{}", identity.court),
+        "hub.link",
+        "quic",
+        serde_json::json!({ "court": identity.court, "name": claimed.name }),
+    );
+    Ok(claimed)
 }
 
 /// A unit id names directories of recordings: plain characters only, never `..` or `/`.

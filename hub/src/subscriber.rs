@@ -27,22 +27,26 @@ struct Active {
     aliases: Vec<u32>,
 }
 
-/// What a subscriber session holds.
-struct Session<'a> {
+/// What a subscriber session holds (a program watching, or the parent hub's link).
+pub(crate) struct Session<'a> {
     hub: &'a HubContext,
     conn: &'a quinn::Connection,
+    /// The court whose units this subscriber may watch; None for the parent hub (this
+    /// hub's whole subtree).
+    scope: Option<String>,
     active: HashMap<u64, Active>,
     /// Our track id → the broadcast and the track's name, for keyframe requests.
     aliases: HashMap<u32, (Arc<Broadcast>, String)>,
     next_alias: u32,
     priority: Priority,
-    senders: JoinSet<()>,
+    pub(crate) senders: JoinSet<()>,
 }
 
 pub(crate) async fn run(
     hub: &HubContext,
     conn: &quinn::Connection,
     control: Control,
+    scope: String,
 ) -> Result<(), SessionError> {
     let (tx, mut rx) = control.split();
     // Replies and notices go out from their own task through a bounded queue: a subscriber
@@ -50,15 +54,7 @@ pub(crate) async fn run(
     let (out, outgoing) = mpsc::channel(64);
     let mut writer = JoinSet::new();
     writer.spawn(control::pump(tx, outgoing));
-    let mut session = Session {
-        hub,
-        conn,
-        active: HashMap::new(),
-        aliases: HashMap::new(),
-        next_alias: 0,
-        priority: Priority::default(),
-        senders: JoinSet::new(),
-    };
+    let mut session = Session::new(hub, conn, Some(scope));
     let mut changes = hub.units.changes();
     let result = loop {
         tokio::select! {
@@ -74,7 +70,7 @@ pub(crate) async fn run(
                         break Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
                     }
                 };
-                if session.active.values().any(|a| a.broadcast.unit_id == change.unit_id) {
+                if session.watches(&change.unit_id) {
                     let state = ControlMessage::new(Kind::UnitState(v1::UnitState {
                         unit_id: change.unit_id,
                         online: change.online,
@@ -110,10 +106,7 @@ pub(crate) async fn run(
             }
         }
     };
-    session.senders.shutdown().await;
-    for (_, a) in session.active.drain() {
-        hub.units.release_if_idle(&a.broadcast.unit_id);
-    }
+    session.finish().await;
     result
 }
 
@@ -133,12 +126,50 @@ fn refuse(request_id: u64, code: ErrorCode, reason: &str) -> ControlMessage {
     }))
 }
 
-impl Session<'_> {
-    fn handle(&mut self, msg: ControlMessage) -> Result<Option<ControlMessage>, SessionError> {
+impl<'a> Session<'a> {
+    pub(crate) fn new(
+        hub: &'a HubContext,
+        conn: &'a quinn::Connection,
+        scope: Option<String>,
+    ) -> Self {
+        Session {
+            hub,
+            conn,
+            scope,
+            active: HashMap::new(),
+            aliases: HashMap::new(),
+            next_alias: 0,
+            priority: Priority::default(),
+            senders: JoinSet::new(),
+        }
+    }
+
+    /// Stops every sender and lets go of the units.
+    pub(crate) async fn finish(&mut self) {
+        self.senders.shutdown().await;
+        for (_, a) in self.active.drain() {
+            if self.scope.is_none() {
+                self.hub.metrics.cascade_served.dec();
+            }
+            self.hub.units.release_if_idle(&a.broadcast.unit_id);
+        }
+    }
+
+    pub(crate) fn watches(&self, unit: &str) -> bool {
+        self.active.values().any(|a| a.broadcast.unit_id == unit)
+    }
+
+    pub(crate) fn handle(
+        &mut self,
+        msg: ControlMessage,
+    ) -> Result<Option<ControlMessage>, SessionError> {
         match msg.kind {
             Some(Kind::Subscribe(s)) => Ok(Some(self.subscribe(&s))),
             Some(Kind::Unsubscribe(u)) => {
                 if let Some(a) = self.active.remove(&u.request_id) {
+                    if self.scope.is_none() {
+                        self.hub.metrics.cascade_served.dec();
+                    }
                     a.senders.iter().for_each(AbortHandle::abort);
                     for alias in &a.aliases {
                         self.aliases.remove(alias);
@@ -190,6 +221,22 @@ impl Session<'_> {
     }
 
     fn start(&mut self, s: &v1::Subscribe) -> Result<Subscribed, (ErrorCode, String)> {
+        let cascade = &self.hub.cascade;
+        if let Some(scope) = &self.scope {
+            match cascade.unit_court(&self.hub.units, &s.unit_id) {
+                Some(court) if !cascade.covers(scope, &court) => {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        format!(
+                            "unit {:?} belongs to court {court}, outside this token's court {scope}",
+                            s.unit_id
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        cascade.ensure_pulled(&self.hub.units, &s.unit_id);
         let (broadcast, chosen) = self
             .hub
             .units
@@ -245,6 +292,9 @@ impl Session<'_> {
             active.senders.push(handle);
         }
         self.active.insert(s.request_id, active);
+        if self.scope.is_none() {
+            self.hub.metrics.cascade_served.inc();
+        }
         Ok(answer)
     }
 }

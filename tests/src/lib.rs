@@ -186,23 +186,23 @@ impl Hub {
         Trust::from_ca_file(&self.ca()).expect("hub certificate")
     }
 
-    /// Issues a token with `hub token issue`.
+    /// Issues a token with `hub token issue` (for the hub's own court).
     pub fn token(&self, role: &str, subject: &str) -> String {
-        let out = Command::new(bin("hub"))
-            .args([
-                "token",
-                "issue",
-                "--role",
-                role,
-                "--subject",
-                subject,
-                "--ttl",
-                "1h",
-                "--data",
-            ])
-            .arg(self.dir.join("data"))
-            .output()
-            .expect("hub token issue");
+        self.token_with(role, subject, &[])
+    }
+
+    /// Issues a token with `hub token issue` and extra arguments (`--court`, `--ttl`).
+    pub fn token_with(&self, role: &str, subject: &str, extra: &[&str]) -> String {
+        let mut cmd = Command::new(bin("hub"));
+        cmd.args(["token", "issue", "--role", role, "--subject", subject]);
+        if !extra.contains(&"--ttl") {
+            cmd.args(["--ttl", "1h"]);
+        }
+        cmd.args(extra).arg("--data").arg(self.dir.join("data"));
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let out = cmd.output().expect("hub token issue");
         assert!(
             out.status.success(),
             "{}",
@@ -245,6 +245,8 @@ impl Drop for Hub {
         self.stop();
     }
 }
+
+pub mod tree;
 
 /// Prometheus text, as name{labels} → value.
 #[derive(Debug, Default)]
@@ -306,6 +308,8 @@ impl Agent {
             ])
             .arg(ca)
             .args(source)
+            .arg("--data-dir")
+            .arg(dir.join(format!("agent-{unit}")))
             .args(extra)
             .env("RUST_LOG", "info,field_agent=debug,quinn=warn")
             .stdout(log_file(&log)?)
@@ -512,6 +516,8 @@ impl Simulator {
             .arg(tokens)
             .arg("--ca")
             .arg(hub.ca())
+            .arg("--data-dir")
+            .arg(hub.dir.join("agents"))
             .args(extra)
             .stdout(log_file(&log)?)
             .stderr(log_file(&log)?)

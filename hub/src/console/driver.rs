@@ -34,6 +34,11 @@ struct Driver {
     transport: &'static str,
     /// The signed-in user, for the audit trail.
     user: Option<String>,
+    /// Their role, and the court they see (with the courts below it).
+    role: Option<crate::auth::Role>,
+    scope: Option<String>,
+    /// Where a directive's first answer comes back from its task.
+    directed: Option<tokio::sync::mpsc::Sender<SessionEvent>>,
     /// Tiles on view: tile → (unit, since), so each view is audited with its length.
     views: std::collections::HashMap<String, (String, Instant)>,
 }
@@ -57,6 +62,9 @@ pub async fn run(
         id,
         transport,
         user: None,
+        role: None,
+        scope: None,
+        directed: None,
         views: Default::default(),
     };
     async move {
@@ -86,6 +94,10 @@ pub async fn run(
 impl Driver {
     async fn run(&mut self) -> &'static str {
         let mut changes = self.hub.units.changes();
+        let mut tree = self.hub.cascade.changes();
+        let mut directives = self.hub.directives.changes();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<SessionEvent>(16);
+        self.directed = Some(done_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -114,16 +126,33 @@ impl Driver {
                 _ = sleep => self.session.handle_timeout(Instant::now()),
                 Some(event) = next_peer_event(&mut self.peer_events) => self.peer_event(event),
                 change = changes.recv() => match change {
-                    Ok(c) => self.session.unit_event(UnitEvent {
-                        unit_id: c.unit_id,
-                        online: c.online,
-                        tracks: c.tracks,
-                        ..Default::default()
-                    }),
-                    // Missed some: the console re-reads the list on its next ListUnits.
+                    Ok(c) => {
+                        let court = self.hub.cascade.own().code.clone();
+                        self.unit_changed(c, court);
+                    }
+                    // Missed some: the next refresh lists every unit again.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
                 },
+                change = tree.recv() => match change {
+                    Ok(crate::cascade::TreeChange::Unit(c)) => {
+                        let court = c.court.clone();
+                        self.unit_changed(c, court);
+                    }
+                    Ok(crate::cascade::TreeChange::Courts) => self.courts_changed(),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.courts_changed(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
+                },
+                change = directives.recv() => match change {
+                    Ok(c) => self.directive_changed(c.update),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
+                },
+                Some(event) = done_rx.recv() => {
+                    if let Err(Stop::Closed) = self.execute(Action::Send(event)).await {
+                        return "closed";
+                    }
+                }
                 _ = tick.tick() => {
                     self.stats();
                     ticks += 1;
@@ -152,17 +181,55 @@ impl Driver {
         }
     }
 
-    /// Every unit with its rates, for the console's unit list.
+    /// Every unit the console may see, with its rates, for its unit list.
     fn refresh_units(&mut self) {
-        for b in self.hub.units.list() {
-            let summary = b.summary();
+        let Some(scope) = self.scope.clone() else {
+            return;
+        };
+        for summary in self.hub.cascade.visible_units(&self.hub.units, &scope) {
             self.session.unit_event(UnitEvent {
                 unit_id: summary.unit_id,
                 online: summary.online,
                 tracks: summary.tracks,
                 stats: summary.stats,
                 subscribers: summary.subscribers,
+                court: summary.court,
             });
+        }
+    }
+
+    fn unit_changed(&mut self, c: crate::registry::UnitChange, court: String) {
+        let Some(scope) = &self.scope else { return };
+        if self.hub.cascade.covers(scope, &court) {
+            self.session.unit_event(UnitEvent {
+                unit_id: c.unit_id,
+                online: c.online,
+                tracks: c.tracks,
+                court,
+                ..Default::default()
+            });
+        }
+    }
+
+    fn courts_changed(&mut self) {
+        let Some(scope) = &self.scope else { return };
+        let courts = self.hub.cascade.courts_under(scope);
+        self.session
+            .send_event(tianwang_proto::v1::session_event::Kind::Courts(
+                tianwang_proto::v1::ListCourtsResponse { courts },
+            ));
+    }
+
+    fn directive_changed(&mut self, update: tianwang_proto::v1::DirectiveUpdate) {
+        let Some(scope) = &self.scope else { return };
+        let visible = self
+            .hub
+            .cascade
+            .unit_court(&self.hub.units, &update.unit_id)
+            .is_some_and(|court| self.hub.cascade.covers(scope, &court));
+        if visible {
+            self.session
+                .send_event(tianwang_proto::v1::session_event::Kind::Directive(update));
         }
     }
 
@@ -212,6 +279,25 @@ impl Driver {
             },
             Action::Authenticate { token } => self.authenticate(&token),
             Action::AttachTile { tile_id, unit_id } => {
+                let scope = self.scope.clone().unwrap_or_default();
+                let cascade = &self.hub.cascade;
+                if let Some(court) = cascade.unit_court(&self.hub.units, &unit_id)
+                    && !cascade.covers(&scope, &court)
+                {
+                    let reason = format!(
+                        "unit {unit_id:?} belongs to court {court}, outside your court {scope}"
+                    );
+                    self.hub.evidence.audit.record(
+                        self.user.as_deref().unwrap_or("?"),
+                        "view.refused",
+                        &unit_id,
+                        serde_json::json!({ "console": self.id, "reason": reason }),
+                    );
+                    self.session
+                        .tile_failed(&tile_id, ErrorCode::Forbidden, &reason);
+                    return Ok(());
+                }
+                cascade.ensure_pulled(&self.hub.units, &unit_id);
                 let subscribed = self.hub.units.subscribe(&unit_id, &[]);
                 let (broadcast, tracks) = match subscribed {
                     Ok(s) => s,
@@ -284,6 +370,33 @@ impl Driver {
                     b.request_keyframe("video");
                 }
             }
+            Action::Direct(req) => {
+                let (Some(user), Some(role), Some(scope)) =
+                    (self.user.clone(), self.role, self.scope.clone())
+                else {
+                    return Ok(());
+                };
+                let hub = Arc::clone(&self.hub);
+                let Some(done) = self.directed.clone() else {
+                    return Ok(());
+                };
+                // The index write must not hold up the session's media signalling.
+                tokio::spawn(async move {
+                    let event = match crate::directives::direct(&hub, &user, role, &scope, &req)
+                        .await
+                    {
+                        Ok(update) => tianwang_proto::v1::session_event::Kind::Directive(update),
+                        Err((code, message)) => tianwang_proto::v1::session_event::Kind::Error(
+                            tianwang_proto::v1::SessionError {
+                                code: code as i32,
+                                message,
+                                tile_id: String::new(),
+                            },
+                        ),
+                    };
+                    let _ = done.send(SessionEvent { kind: Some(event) }).await;
+                });
+            }
             Action::Close { code, reason } => {
                 info!(?code, %reason, "closing console session");
                 return Err(Stop::Closed);
@@ -337,19 +450,35 @@ impl Driver {
             "console",
             serde_json::json!({ "via": self.transport, "role": claims.role, "console": self.id }),
         );
+        let scope = match self.hub.scope_of(&claims) {
+            Ok(s) => s,
+            Err(reason) => {
+                audit.record(
+                    &claims.sub,
+                    "login.refused",
+                    "console",
+                    serde_json::json!({ "via": self.transport, "reason": reason }),
+                );
+                self.session.auth_failed(&reason);
+                return;
+            }
+        };
         self.user = Some(claims.sub.clone());
+        self.role = Some(claims.role);
         let principal = Principal {
             user: claims.sub.clone(),
             role: format!("{:?}", claims.role).to_lowercase(),
         };
-        let mut units: Vec<_> = self.hub.units.list().iter().map(|b| b.summary()).collect();
-        units.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
-        let ready = ConsoleSession::ready(
+        let units = self.hub.cascade.visible_units(&self.hub.units, &scope);
+        let mut ready = ConsoleSession::ready(
             &self.id.to_string(),
             &principal,
             &self.hub.config.hub_id,
             units,
         );
+        ready.courts = self.hub.cascade.courts_under(&scope);
+        ready.court = scope.clone();
+        self.scope = Some(scope);
         info!(user = %principal.user, role = %principal.role, "console signed in");
         self.session.authenticated(Instant::now(), principal, ready);
     }

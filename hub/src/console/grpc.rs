@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use tianwang_proto::v1::console_server::{Console, ConsoleServer};
-use tianwang_proto::v1::{ListUnitsRequest, ListUnitsResponse, SessionEvent, SessionRequest};
+use tianwang_proto::v1::{
+    DirectiveRequest, DirectiveUpdate, ListCourtsRequest, ListCourtsResponse,
+    ListDirectivesRequest, ListDirectivesResponse, ListUnitsRequest, ListUnitsResponse,
+    SessionEvent, SessionRequest,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -29,22 +33,37 @@ impl ConsoleService {
         Self { hub }
     }
 
-    fn authorize<T>(&self, req: &Request<T>) -> Result<crate::auth::Claims, Status> {
+    /// The caller's claims and the court they see; refusals are audited.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(crate::auth::Claims, String), Status> {
         let token = bearer(req).ok_or_else(|| {
             Status::unauthenticated("authorization: Bearer <token> metadata required")
         })?;
-        let claims = self
-            .hub
-            .authority
-            .verify(&token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let audit = &self.hub.evidence.audit;
+        let claims = self.hub.authority.verify(&token).map_err(|e| {
+            audit.record(
+                "?",
+                "login.refused",
+                "console",
+                serde_json::json!({ "via": "grpc", "reason": e.to_string() }),
+            );
+            Status::unauthenticated(e.to_string())
+        })?;
         if !claims.role.can_watch_live() {
             return Err(Status::permission_denied(format!(
                 "a {:?} token cannot use the console",
                 claims.role
             )));
         }
-        Ok(claims)
+        let scope = self.hub.scope_of(&claims).map_err(|reason| {
+            audit.record(
+                &claims.sub,
+                "login.refused",
+                "console",
+                serde_json::json!({ "via": "grpc", "reason": reason }),
+            );
+            Status::permission_denied(reason)
+        })?;
+        Ok((claims, scope))
     }
 }
 
@@ -54,10 +73,61 @@ impl Console for ConsoleService {
         &self,
         req: Request<ListUnitsRequest>,
     ) -> Result<Response<ListUnitsResponse>, Status> {
-        self.authorize(&req)?;
-        let mut units: Vec<_> = self.hub.units.list().iter().map(|b| b.summary()).collect();
-        units.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
+        let (_, scope) = self.authorize(&req)?;
+        let units = self.hub.cascade.visible_units(&self.hub.units, &scope);
         Ok(Response::new(ListUnitsResponse { units }))
+    }
+
+    async fn list_courts(
+        &self,
+        req: Request<ListCourtsRequest>,
+    ) -> Result<Response<ListCourtsResponse>, Status> {
+        let (_, scope) = self.authorize(&req)?;
+        Ok(Response::new(ListCourtsResponse {
+            courts: self.hub.cascade.courts_under(&scope),
+        }))
+    }
+
+    async fn direct(
+        &self,
+        req: Request<DirectiveRequest>,
+    ) -> Result<Response<DirectiveUpdate>, Status> {
+        let (claims, scope) = self.authorize(&req)?;
+        let req = req.into_inner();
+        crate::directives::direct(&self.hub, &claims.sub, claims.role, &scope, &req)
+            .await
+            .map(Response::new)
+            .map_err(|(code, reason)| match code {
+                tianwang_proto::ErrorCode::Forbidden => Status::permission_denied(reason),
+                tianwang_proto::ErrorCode::UnknownUnit => Status::not_found(reason),
+                tianwang_proto::ErrorCode::Protocol => Status::invalid_argument(reason),
+                _ => Status::internal(reason),
+            })
+    }
+
+    async fn list_directives(
+        &self,
+        req: Request<ListDirectivesRequest>,
+    ) -> Result<Response<ListDirectivesResponse>, Status> {
+        let (_, scope) = self.authorize(&req)?;
+        let req = req.into_inner();
+        let limit = if req.limit == 0 { 100 } else { req.limit };
+        let all = self
+            .hub
+            .directives
+            .list(&req.unit_id, limit)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let cascade = &self.hub.cascade;
+        let directives = all
+            .into_iter()
+            .filter(|d| {
+                cascade
+                    .unit_court(&self.hub.units, &d.unit_id)
+                    .is_some_and(|c| cascade.covers(&scope, &c))
+            })
+            .collect();
+        Ok(Response::new(ListDirectivesResponse { directives }))
     }
 
     type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Send>>;

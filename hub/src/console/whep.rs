@@ -41,7 +41,10 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Checks the bearer token: the refusal (status and reason) if it does not allow watching.
-fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<String, (StatusCode, String)> {
+fn authorize(
+    hub: &HubContext,
+    headers: &HeaderMap,
+) -> Result<(String, String), (StatusCode, String)> {
     let Some(token) = bearer(headers) else {
         return Err((
             StatusCode::UNAUTHORIZED,
@@ -58,7 +61,16 @@ fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<String, (StatusCod
             format!("a {:?} token cannot watch live", claims.role),
         ));
     }
-    Ok(claims.sub)
+    let scope = hub.scope_of(&claims).map_err(|reason| {
+        hub.evidence.audit.record(
+            &claims.sub,
+            "login.refused",
+            "whep",
+            serde_json::json!({ "via": "whep", "reason": reason }),
+        );
+        (StatusCode::FORBIDDEN, reason)
+    })?;
+    Ok((claims.sub, scope))
 }
 
 /// POST /whep/{unit}
@@ -68,10 +80,22 @@ pub async fn start(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let user = match authorize(&hub, &headers) {
-        Ok(user) => user,
+    let (user, scope) = match authorize(&hub, &headers) {
+        Ok(who) => who,
         Err((status, reason)) => return problem(status, reason),
     };
+    if let Some(court) = hub.cascade.unit_court(&hub.units, &unit)
+        && !hub.cascade.covers(&scope, &court)
+    {
+        let reason = format!("unit {unit:?} belongs to court {court}, outside your court {scope}");
+        hub.evidence.audit.record(
+            &user,
+            "view.refused",
+            &unit,
+            serde_json::json!({ "via": "whep", "reason": reason }),
+        );
+        return problem(StatusCode::FORBIDDEN, reason);
+    }
     let sdp_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -95,6 +119,7 @@ pub async fn start(
             "the offer has no H.264 video: this hub relays H.264 (constrained baseline) and Opus",
         );
     }
+    hub.cascade.ensure_pulled(&hub.units, &unit);
     let (broadcast, tracks) = match hub.units.subscribe(&unit, &[]) {
         Ok(s) => s,
         Err(e) => return problem(StatusCode::NOT_FOUND, e.to_string()),

@@ -13,7 +13,11 @@ use crate::auth::Role;
 use crate::config::Config;
 use crate::server::{RunningHub, termination};
 
+pub mod tiers;
+
 pub struct DemoOptions {
+    /// 1: one hub; 3: a court tree (see `tiers`).
+    pub tiers: u8,
     pub units: usize,
     pub duration: Option<Duration>,
     pub data_dir: PathBuf,
@@ -41,13 +45,18 @@ pub fn find_field_agent() -> anyhow::Result<PathBuf> {
     bail!("the field-agent binary is neither beside hub nor on PATH: build it (cargo build --bins)")
 }
 
-fn absolute(p: &Path) -> PathBuf {
+pub(crate) fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     if opts.units == 0 || opts.units > 1000 {
         bail!("--units must be within 1 ..= 1000");
+    }
+    match opts.tiers {
+        1 => {}
+        3 => return tiers::run(opts).await,
+        n => bail!("--tiers {n}: 1 (one hub) or 3 (supreme, high, two intermediates)"),
     }
     let agent = find_field_agent()?;
     let config = Config {
@@ -102,6 +111,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .arg(&tokens_path)
         .arg("--ca")
         .arg(&ca)
+        .arg("--data-dir")
+        .arg(absolute(&config.data_dir.join("agents")))
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", agent.display()))?;
@@ -153,7 +164,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 /// Routes for the simulated units around the demo operation's place: sim-1 walks out of
 /// the 300 m fence within 30 s (and back, and out again), sim-2 patrols inside it, sim-3
 /// and sim-4 walk elsewhere in the city.
-fn write_routes(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn write_routes(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (lat, lon) = (39.9087, 116.3975);
     let routes = [
@@ -209,7 +220,7 @@ pub const DEMO_CASE: &str = "(2026)京0113执1234号";
 async fn demo_case(hub: &RunningHub, units: usize) -> String {
     use tianwang_proto::v1::{CreateCaseRequest, CreateOperationRequest};
     let evidence = &hub.context.evidence;
-    let court = hub.context.config.evidence.court.clone();
+    let court = hub.context.config.court.code.clone();
     if evidence.get_case(DEMO_CASE).await.is_err() {
         let created = evidence
             .create_case(
@@ -247,7 +258,7 @@ async fn demo_case(hub: &RunningHub, units: usize) -> String {
 }
 
 /// Asks the child to stop (SIGTERM), then kills it if it has not after a few seconds.
-async fn stop_child(child: &mut tokio::process::Child) {
+pub(crate) async fn stop_child(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let pid = nix::unistd::Pid::from_raw(pid);
         if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok()

@@ -424,6 +424,15 @@ impl EvidenceService {
                 }
             )));
         }
+        if let Err(reason) = self.hub.check_own_court(&claims) {
+            self.hub.evidence.audit.record(
+                &claims.sub,
+                "denied",
+                "evidence",
+                serde_json::json!({ "reason": reason }),
+            );
+            return Err(Status::permission_denied(reason));
+        }
         Ok(claims)
     }
 }
@@ -432,7 +441,7 @@ impl EvidenceService {
 impl EvidenceApi for EvidenceService {
     async fn create_case(&self, req: Request<CreateCaseRequest>) -> Result<Response<Case>, Status> {
         let who = self.authorize(&req, true)?;
-        let court = self.hub.config.evidence.court.clone();
+        let court = self.hub.config.court.code.clone();
         Ok(Response::new(
             self.hub
                 .evidence

@@ -60,6 +60,15 @@ fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<Claims, Response> 
             format!("a {:?} token cannot see recordings", claims.role),
         ));
     }
+    if let Err(reason) = hub.check_own_court(&claims) {
+        hub.evidence.audit.record(
+            &claims.sub,
+            "denied",
+            "recordings",
+            serde_json::json!({ "reason": reason }),
+        );
+        return Err(refuse(StatusCode::FORBIDDEN, reason));
+    }
     Ok(claims)
 }
 

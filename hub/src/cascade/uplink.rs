@@ -1,0 +1,240 @@
+//! The child's side of the link to its parent hub: connect with this hub's CA-issued
+//! certificate, push the catalog and its changes, serve the parent's pulls like any
+//! subscriber's, take directives for units below and send their states back up. The link
+//! is re-made with backoff and jitter for as long as the hub runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tianwang_proto::v1::{Catalog, CatalogUnit, CourtInfo, Hello, Role as WireRole};
+use tianwang_proto::{ControlMessage, ErrorCode, Kind};
+use tianwang_transport::control::{self, ControlError};
+use tianwang_transport::{Limits, Trust, tls};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::TreeChange;
+use crate::directives;
+use crate::session::HubContext;
+use crate::subscriber::Session;
+
+/// Links to the parent until shutdown.
+pub async fn run(hub: Arc<HubContext>, parent: String) {
+    let min = Duration::from_millis(200);
+    let mut backoff = min;
+    loop {
+        let linked_at = tokio::time::Instant::now();
+        match link(&hub, &parent).await {
+            Ok(()) => info!(%parent, "link to the parent hub ended"),
+            Err(e) => warn!(%parent, error = %format!("{e:#}"), "link to the parent hub failed"),
+        }
+        hub.metrics.cascade_uplink.set(0);
+        if hub.shutdown.is_cancelled() {
+            return;
+        }
+        if linked_at.elapsed() > Duration::from_secs(10) {
+            backoff = min;
+        }
+        // Full jitter: children of a restarted parent do not all come back at once.
+        let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        backoff = (backoff * 2).min(hub.config.cascade.max_backoff.max(min));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = hub.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn link(hub: &Arc<HubContext>, parent: &str) -> anyhow::Result<()> {
+    let config = &hub.config;
+    let ca = config
+        .cascade
+        .ca
+        .as_ref()
+        .context("cascade.parent needs cascade.ca")?;
+    let (cert_path, key_path) = config.cert_paths();
+    let identity = (tls::load_certs(&cert_path)?, tls::load_key(&key_path)?);
+    let trust = Trust::from_ca_file(ca)?;
+    let target = tianwang_transport::endpoint::resolve(parent).await?;
+    let endpoint = tianwang_transport::client_endpoint_with_identity(
+        &trust,
+        Some(identity),
+        &Limits {
+            idle_timeout: config.quic.idle_timeout,
+            ..Limits::default()
+        },
+        target.is_ipv6(),
+    )?;
+    let conn = tianwang_transport::connect(&endpoint, parent).await?;
+    let own = hub.cascade.own().clone();
+    let hello = Hello {
+        role: WireRole::Hub as i32,
+        court: Some(own.clone()),
+        ..Default::default()
+    };
+    let (control, welcome) =
+        tianwang_transport::client::hello(&conn, hello, config.quic.hello_timeout).await?;
+    let parent_court = welcome.court.unwrap_or_default();
+    if parent_court.code != own.parent {
+        tianwang_transport::client::close(&conn, None, "wrong parent").await;
+        bail!(
+            "{parent} serves court {:?}, but this hub's certificate places it under {:?}",
+            parent_court.code,
+            own.parent
+        );
+    }
+    info!(parent = %parent_court.code, hub = %welcome.hub_id, "linked to the parent hub");
+    hub.metrics.cascade_uplink.set(1);
+    let result = serve(hub, &conn, control).await;
+    conn.close(
+        tianwang_transport::close_code(ErrorCode::Shutdown),
+        b"link ends",
+    );
+    endpoint.wait_idle().await;
+    result
+}
+
+async fn serve(
+    hub: &Arc<HubContext>,
+    conn: &quinn::Connection,
+    control: tianwang_transport::Control,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = control.split();
+    let (out, outgoing) = mpsc::channel(1024);
+    let mut writer = JoinSet::new();
+    writer.spawn(control::pump(tx, outgoing));
+    // Subscribe to changes before the snapshot, so none falls between the two.
+    let mut local = hub.units.changes();
+    let mut tree = hub.cascade.changes();
+    let mut states = hub.directives.changes();
+    send(&out, Kind::Catalog(hub.cascade.catalog(&hub.units)))?;
+    let mut session = Session::new(hub, conn, None);
+    let own = hub.cascade.own().code.clone();
+    let result = loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => break Ok(()),
+            change = local.recv() => match change {
+                Ok(c) => send(&out, Kind::Catalog(Catalog {
+                    units: vec![CatalogUnit {
+                        unit_id: c.unit_id,
+                        online: c.online,
+                        tracks: c.tracks,
+                        court: own.clone(),
+                        removed: false,
+                    }],
+                    ..Default::default()
+                }))?,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    send(&out, Kind::Catalog(hub.cascade.catalog(&hub.units)))?;
+                }
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
+            },
+            change = tree.recv() => match change {
+                Ok(TreeChange::Unit(c)) => send(&out, Kind::Catalog(Catalog {
+                    units: vec![CatalogUnit {
+                        unit_id: c.unit_id,
+                        online: c.online,
+                        tracks: c.tracks,
+                        court: c.court,
+                        removed: false,
+                    }],
+                    ..Default::default()
+                }))?,
+                // Courts below changed, or we missed news: the whole catalog again.
+                Ok(TreeChange::Courts) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    send(&out, Kind::Catalog(hub.cascade.catalog(&hub.units)))?;
+                }
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
+            },
+            change = states.recv() => match change {
+                Ok(c) if c.from_parent => {
+                    send(&out, Kind::Ack(directives::ack_for(&c.update)))?;
+                }
+                Ok(_) => {}
+                // Missed states go up when the parent sends those directives again.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
+            },
+            msg = control::recv(&mut rx) => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(ControlError::Closed) => break Ok(()),
+                    Err(e) => break Err(anyhow::Error::new(e).context("the parent's control stream")),
+                };
+                match msg.kind {
+                    Some(Kind::Directive(d)) => directive_from_parent(hub, &out, d),
+                    kind => match session.handle(ControlMessage { kind }) {
+                        Ok(Some(reply)) => send(&out, reply.kind.context("empty reply")?)?,
+                        Ok(None) => {}
+                        Err(e) => break Err(anyhow::anyhow!("{}", e.reason)),
+                    },
+                }
+            }
+            Some(_) = session.senders.join_next(), if !session.senders.is_empty() => {}
+            Some(written) = writer.join_next() => {
+                break match written {
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("writing to the parent")),
+                    _ => Ok(()),
+                };
+            }
+        }
+    };
+    session.finish().await;
+    result
+}
+
+/// A control message to the parent, without waiting: a parent that does not read is cut.
+fn send(out: &mpsc::Sender<ControlMessage>, kind: Kind) -> anyhow::Result<()> {
+    out.try_send(ControlMessage::new(kind))
+        .map_err(|_| anyhow::anyhow!("the parent does not read its control stream"))
+}
+
+/// A directive for a unit below: stored, then passed down; a repeat is answered with its
+/// state (and passed down again if the unit has not confirmed it).
+fn directive_from_parent(
+    hub: &Arc<HubContext>,
+    out: &mpsc::Sender<ControlMessage>,
+    d: tianwang_proto::v1::Directive,
+) {
+    let hub = Arc::clone(hub);
+    let out = out.clone();
+    tokio::spawn(async move {
+        match hub.directives.from_parent(&d).await {
+            Ok(None) => {
+                directives::deliver(&hub, &d);
+            }
+            Ok(Some((state, undelivered))) => {
+                let _ = out.try_send(ControlMessage::new(Kind::Ack(state)));
+                if undelivered {
+                    directives::deliver(&hub, &d);
+                }
+            }
+            Err(e @ directives::DirectiveError::Index(_)) => {
+                // Not the directive's fault: the parent sends it again later.
+                warn!(error = %e, directive = %d.id, "storing a directive from the parent");
+            }
+            Err(e) => {
+                debug!(error = %e, directive = %d.id, "a directive from the parent refused");
+                let _ = out.try_send(ControlMessage::new(Kind::Ack(tianwang_proto::v1::Ack {
+                    directive_id: d.id.clone(),
+                    ok: false,
+                    message: e.to_string(),
+                    state: tianwang_proto::v1::DirectiveState::Failed as i32,
+                    unit_id: d.unit_id.clone(),
+                })));
+            }
+        }
+    });
+}
+
+/// This hub's court as the tree knows it.
+pub fn court_info(config: &crate::config::Config, parent: &str) -> CourtInfo {
+    CourtInfo {
+        code: config.court.code.clone(),
+        name: config.court.name.clone(),
+        tier: config.court.tier.wire() as i32,
+        parent: parent.to_string(),
+    }
+}

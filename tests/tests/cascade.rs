@@ -1,0 +1,477 @@
+//! Three tiers of real hub processes on loopback (supreme → high → two intermediates) with
+//! real agents under the intermediates: watching across the tree, one upstream copy per hop,
+//! jurisdiction, directives down and their states back up, a child hub refused, and the
+//! middle hub killed and restarted.
+
+use std::time::Duration;
+
+use tianwang_proto::v1::{
+    DirectiveKind, DirectiveRequest, DirectiveState, ListCourtsRequest, ListDirectivesRequest,
+    TrackKind,
+};
+use tianwang_tests::tree::{self, Tree, authed, console, wait_units_online};
+use tianwang_tests::{Agent, Hub, Subscriber, assert_whole_groups, collect, track_id};
+use tianwang_transport::Limits;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+async fn directive_state(
+    hub: &Hub,
+    token: &str,
+    id: &str,
+) -> anyhow::Result<Option<tianwang_proto::v1::DirectiveUpdate>> {
+    let mut c = console(hub).await?;
+    let list = c
+        .list_directives(authed(
+            token,
+            ListDirectivesRequest {
+                unit_id: String::new(),
+                limit: 100,
+            },
+        ))
+        .await?
+        .into_inner();
+    Ok(list.directives.into_iter().find(|d| d.directive_id == id))
+}
+
+async fn wait_state(
+    hub: &Hub,
+    token: &str,
+    id: &str,
+    state: DirectiveState,
+) -> tianwang_proto::v1::DirectiveUpdate {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let seen = directive_state(hub, token, id).await.ok().flatten();
+        if let Some(d) = &seen
+            && d.state == state as i32
+        {
+            return d.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "directive {id} at {} did not reach {state:?}: {seen:?}",
+            hub.http
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The unit's bitrate as its own hub measures it, averaged over a few samples.
+async fn bitrate(hub: &Hub, token: &str, unit: &str) -> f64 {
+    let mut sum = 0.0;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let units = tree::list_units(hub, token).await.expect("ListUnits");
+        let s = units
+            .iter()
+            .find(|u| u.unit_id == unit)
+            .expect("unit listed");
+        sum += s.stats.as_ref().map_or(0, |s| s.bitrate_bps) as f64;
+    }
+    sum / 4.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_supreme_console_watches_and_directs_units_two_levels_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::start(dir.path()).await.unwrap();
+    let [i1, i2] = &t.intermediate;
+    let ca = t.ca_cert();
+    let _a1 = Agent::start(
+        &format!("localhost:{}", i1.quic.port()),
+        &ca,
+        "bwc-1",
+        &i1.token("device", "bwc-1"),
+        dir.path(),
+        &["--bitrate", "2000"],
+    )
+    .unwrap();
+    let _a2 = Agent::start(
+        &format!("localhost:{}", i2.quic.port()),
+        &ca,
+        "bwc-2",
+        &i2.token("device", "bwc-2"),
+        dir.path(),
+        &[],
+    )
+    .unwrap();
+    let top = t.supreme.token("commander", "president");
+    let listed = wait_units_online(&t.supreme, &top, &["bwc-1", "bwc-2"], SETTLE)
+        .await
+        .unwrap();
+    let court = |u: &str| {
+        listed
+            .iter()
+            .find(|s| s.unit_id == u)
+            .unwrap()
+            .court
+            .clone()
+    };
+    assert_eq!(court("bwc-1"), tree::INTERMEDIATE_1);
+    assert_eq!(court("bwc-2"), tree::INTERMEDIATE_2);
+
+    // The court tree as the top sees it.
+    let courts = console(&t.supreme)
+        .await
+        .unwrap()
+        .list_courts(authed(&top, ListCourtsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .courts;
+    let codes: Vec<&str> = courts.iter().map(|c| c.code.as_str()).collect();
+    for c in [
+        tree::SUPREME,
+        tree::HIGH,
+        tree::INTERMEDIATE_1,
+        tree::INTERMEDIATE_2,
+    ] {
+        assert!(codes.contains(&c), "{c} missing from {codes:?}");
+    }
+
+    // A unit of each intermediate, watched from the top: whole groups, in order.
+    for unit in ["bwc-1", "bwc-2"] {
+        let mut sub = Subscriber::connect(t.supreme.quic, &t.trust(), &top, &Limits::default())
+            .await
+            .unwrap();
+        let (s, mut rx) = sub.subscribe(unit, 256).await.unwrap();
+        let video = track_id(&s, TrackKind::Video);
+        let frames = collect(&mut rx, video, 60, SETTLE).await.unwrap();
+        assert_whole_groups(&frames);
+        assert!(
+            frames
+                .windows(2)
+                .all(|w| (w[0].group, w[0].index) < (w[1].group, w[1].index)),
+            "{unit}: frames out of order"
+        );
+    }
+
+    // Fan-in: ten viewers at the top, one upstream stream on each hop.
+    for hub in [&t.supreme, &t.high] {
+        hub.wait_metric("tianwang_cascade_pulls", SETTLE, |v| v == 0.0)
+            .await
+            .unwrap();
+    }
+    let started = t
+        .supreme
+        .metrics()
+        .await
+        .unwrap()
+        .get("tianwang_cascade_pulls_total");
+    let mut viewers = Vec::new();
+    for _ in 0..10 {
+        let mut sub = Subscriber::connect(t.supreme.quic, &t.trust(), &top, &Limits::default())
+            .await
+            .unwrap();
+        let (s, mut rx) = sub.subscribe("bwc-1", 256).await.unwrap();
+        let video = track_id(&s, TrackKind::Video);
+        collect(&mut rx, video, 5, SETTLE).await.unwrap();
+        viewers.push((sub, rx));
+    }
+    let m = t.supreme.metrics().await.unwrap();
+    assert_eq!(m.get("tianwang_cascade_pulls"), 1.0, "one pull at the top");
+    assert_eq!(
+        m.get("tianwang_cascade_pulls_total") - started,
+        1.0,
+        "pulled once"
+    );
+    let m = t.high.metrics().await.unwrap();
+    assert_eq!(
+        m.get("tianwang_cascade_pulls"),
+        1.0,
+        "one pull at the high court"
+    );
+    assert_eq!(
+        m.get("tianwang_cascade_served"),
+        1.0,
+        "one stream served up by the high court"
+    );
+    let m = i1.metrics().await.unwrap();
+    assert_eq!(
+        m.get("tianwang_cascade_served"),
+        1.0,
+        "one stream served up by the intermediate"
+    );
+
+    // Released a grace period after the last viewer leaves, on every hop.
+    drop(viewers);
+    t.supreme
+        .wait_metric("tianwang_cascade_pulls", SETTLE, |v| v == 0.0)
+        .await
+        .unwrap();
+    t.high
+        .wait_metric("tianwang_cascade_pulls", SETTLE, |v| v == 0.0)
+        .await
+        .unwrap();
+    i1.wait_metric("tianwang_cascade_served", SETTLE, |v| v == 0.0)
+        .await
+        .unwrap();
+
+    // Jurisdiction: an intermediate console sees its own units only.
+    let local = i1.token("commander", "officer-in-charge");
+    let seen = tree::list_units(i1, &local).await.unwrap();
+    assert!(seen.iter().any(|u| u.unit_id == "bwc-1"));
+    assert!(!seen.iter().any(|u| u.unit_id == "bwc-2"));
+    // A high-court token for one intermediate court: that court's units, nothing else.
+    let narrow = t.high.token_with(
+        "commander",
+        "district-desk",
+        &["--court", tree::INTERMEDIATE_1],
+    );
+    let seen = tree::list_units(&t.high, &narrow).await.unwrap();
+    assert!(seen.iter().any(|u| u.unit_id == "bwc-1"));
+    assert!(!seen.iter().any(|u| u.unit_id == "bwc-2"), "{seen:?}");
+    let mut sub = Subscriber::connect(t.high.quic, &t.trust(), &narrow, &Limits::default())
+        .await
+        .unwrap();
+    let refused = match sub.subscribe("bwc-2", 16).await {
+        Ok(_) => panic!("a unit of another court was granted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("outside"), "{refused}");
+    let refused = console(&t.high)
+        .await
+        .unwrap()
+        .direct(authed(
+            &narrow,
+            DirectiveRequest {
+                unit_id: "bwc-2".into(),
+                kind: DirectiveKind::Keyframe as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    // A directive from the top: quality down, acted on by the agent, its states visible at
+    // every tier, and the encoder's bitrate really falls.
+    let before = bitrate(i1, &local, "bwc-1").await;
+    let sent = console(&t.supreme)
+        .await
+        .unwrap()
+        .direct(authed(
+            &top,
+            DirectiveRequest {
+                unit_id: "bwc-1".into(),
+                kind: DirectiveKind::Quality as i32,
+                // Below what the test pattern needs, and a smaller picture.
+                bitrate: 100,
+                height: 144,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.state, DirectiveState::Sent as i32);
+    let done = wait_state(&t.supreme, &top, &sent.directive_id, DirectiveState::Done).await;
+    assert_eq!(done.issued_by, "president");
+    let high_token = t.high.token("viewer", "watch-officer");
+    wait_state(
+        &t.high,
+        &high_token,
+        &sent.directive_id,
+        DirectiveState::Done,
+    )
+    .await;
+    wait_state(i1, &local, &sent.directive_id, DirectiveState::Done).await;
+    let after = bitrate(i1, &local, "bwc-1").await;
+    assert!(
+        after < before * 0.7,
+        "bitrate {before:.0} → {after:.0} b/s after a 100 kbit/s directive ({})",
+        done.reason
+    );
+    // A viewer may not direct.
+    let refused = console(&t.high)
+        .await
+        .unwrap()
+        .direct(authed(
+            &high_token,
+            DirectiveRequest {
+                unit_id: "bwc-1".into(),
+                kind: DirectiveKind::Keyframe as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_and_child_hubs_outside_the_tree_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tree::make_ca(dir.path()).unwrap();
+    let tls = dir.path().join("high-tls");
+    tree::issue(&ca, tree::HIGH, "", &tls).unwrap();
+    let high = Hub::start(
+        &dir.path().join("high"),
+        Some(&tree::config(
+            tree::HIGH,
+            "high",
+            &tls,
+            &ca,
+            None,
+            "[auth]\nclock_leeway = \"0s\"\n",
+        )),
+    )
+    .await
+    .unwrap();
+
+    // A child whose certificate comes from another CA: the TLS handshake refuses it.
+    let other = tree::make_ca(&dir.path().join("other")).unwrap();
+    let tls = dir.path().join("rogue-tls");
+    tree::issue(&other, tree::INTERMEDIATE_1, tree::HIGH, &tls).unwrap();
+    let rogue = Hub::start(
+        &dir.path().join("rogue"),
+        Some(&tree::config(
+            tree::INTERMEDIATE_1,
+            "intermediate",
+            &tls,
+            &other,
+            Some(&high),
+            "",
+        )),
+    )
+    .await
+    .unwrap();
+    // A child the CA placed under another court.
+    let tls = dir.path().join("stray-tls");
+    tree::issue(&ca, "沪01", "沪", &tls).unwrap();
+    let stray = Hub::start(
+        &dir.path().join("stray"),
+        Some(&tree::config(
+            "沪01",
+            "intermediate",
+            &tls,
+            &ca,
+            Some(&high),
+            "",
+        )),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let log = stray.log();
+        if log.contains("not below court") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stray child not refused: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = high.metrics().await.unwrap();
+    assert_eq!(m.get("tianwang_cascade_children"), 0.0);
+    assert!(m.get("tianwang_sessions_closed_total{reason=\"forbidden\"}") >= 1.0);
+    assert!(m.get("tianwang_sessions_closed_total{reason=\"handshake\"}") >= 1.0);
+    assert_eq!(
+        rogue
+            .metrics()
+            .await
+            .unwrap()
+            .get("tianwang_cascade_uplink"),
+        0.0
+    );
+
+    // Tokens: another court, expired, forged. Each refused with its reason.
+    let other_court = high.token_with("commander", "x", &["--court", "沪"]);
+    let err = tree::list_units(&high, &other_court).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("outside this hub's jurisdiction"),
+        "{err:?}"
+    );
+    let forged = stray.token("commander", "x");
+    let err = tree::list_units(&high, &forged).await.unwrap_err();
+    assert!(format!("{err:?}").contains("bad signature"), "{err:?}");
+    let expired = high.token_with("commander", "x", &["--ttl", "1s"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = tree::list_units(&high, &expired).await.unwrap_err();
+    assert!(format!("{err:?}").contains("expired"), "{err:?}");
+    let log = high.log();
+    assert!(log.contains("not below court"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_middle_hub_killed_and_restarted_the_chain_reforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Tree::start(dir.path()).await.unwrap();
+    let i1 = &t.intermediate[0];
+    let ca = t.ca_cert();
+    let _a1 = Agent::start(
+        &format!("localhost:{}", i1.quic.port()),
+        &ca,
+        "bwc-1",
+        &i1.token("device", "bwc-1"),
+        dir.path(),
+        &[],
+    )
+    .unwrap();
+    let top = t.supreme.token("commander", "president");
+    wait_units_online(&t.supreme, &top, &["bwc-1"], SETTLE)
+        .await
+        .unwrap();
+    let mut sub = Subscriber::connect(t.supreme.quic, &t.trust(), &top, &Limits::default())
+        .await
+        .unwrap();
+    let (s, mut rx) = sub.subscribe("bwc-1", 512).await.unwrap();
+    let video = track_id(&s, TrackKind::Video);
+    collect(&mut rx, video, 30, SETTLE).await.unwrap();
+
+    t.high.kill();
+    // Issued while the middle hub is down: kept at the top, delivered when it returns.
+    let sent = console(&t.supreme)
+        .await
+        .unwrap()
+        .direct(authed(
+            &top,
+            DirectiveRequest {
+                unit_id: "bwc-1".into(),
+                kind: DirectiveKind::Message as i32,
+                text: "hold position".into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    // The unit may already be gone from the top's catalog (the link dropped): then the
+    // directive is refused as unknown, which is also an honest answer. Re-issue after.
+    t.high.start_again().await.unwrap();
+    wait_units_online(&t.supreme, &top, &["bwc-1"], SETTLE)
+        .await
+        .unwrap();
+    // The viewer resumes without subscribing again.
+    let resumed = collect(&mut rx, video, 30, SETTLE).await.unwrap();
+    assert_whole_groups(&resumed[resumed.iter().position(|f| f.index == 0).unwrap()..]);
+
+    let id = match sent {
+        Ok(r) => r.into_inner().directive_id,
+        Err(_) => {
+            console(&t.supreme)
+                .await
+                .unwrap()
+                .direct(authed(
+                    &top,
+                    DirectiveRequest {
+                        unit_id: "bwc-1".into(),
+                        kind: DirectiveKind::Message as i32,
+                        text: "hold position".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .directive_id
+        }
+    };
+    wait_state(&t.supreme, &top, &id, DirectiveState::Done).await;
+    let local = i1.token("commander", "desk");
+    wait_state(i1, &local, &id, DirectiveState::Done).await;
+    // Executed once: the agent shows the instruction once, however often it was sent.
+    let shown = _a1.log().matches("hold position").count();
+    assert_eq!(shown, 1, "instruction shown {shown} times:\n{}", _a1.log());
+}
