@@ -268,6 +268,11 @@ async fn a_supreme_console_watches_and_directs_units_two_levels_down() {
     assert_eq!(sent.state, DirectiveState::Sent as i32);
     let done = wait_state(&t.supreme, &top, &sent.directive_id, DirectiveState::Done).await;
     assert_eq!(done.issued_by, "president");
+    // Both times are the top hub's clock: issued, and the DONE state recorded there.
+    eprintln!(
+        "directive round trip, supreme → agent three hops down → DONE at the supreme: {:.1} ms",
+        (done.updated_at_us - done.issued_at_us) as f64 / 1000.0
+    );
     let high_token = t.high.token("viewer", "watch-officer");
     wait_state(
         &t.high,
