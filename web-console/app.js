@@ -2,6 +2,8 @@
 // beside them. Plain ES modules, no build step.
 import { Alarms } from "./alarms.js";
 import { Cases } from "./cases.js";
+import { CourtTree } from "./courts.js";
+import { Directives } from "./directives.js";
 import { MapView } from "./map.js";
 import { Session } from "./session.js";
 import { Wall } from "./wall.js";
@@ -63,7 +65,21 @@ function start(token) {
   });
   alarms.addEventListener("change", () => map.changed());
   alarms.start();
-  window.tianwang = { session, wall, cases, map, alarms, showView };
+  // Directives to one unit, opened from the court tree, a tile's header or key d.
+  const directives = new Directives(session, $("directives-panel"), {
+    units: () => [...wall.units.values()],
+    onSelect: (unit) => courts.select(unit),
+  });
+  const courts = new CourtTree(session, $("court-tree"), $("court-count"), {
+    // A unit anywhere below the user's court goes on the wall like one of the list.
+    onWatch: (unit) => {
+      const slot = wall.watch(unit);
+      status(`${unit} on tile ${slot + 1}`);
+    },
+    onDirect: (unit) => directives.open(unit),
+  });
+  wall.onDirect = (unit) => directives.open(unit);
+  window.tianwang = { session, wall, cases, map, alarms, courts, directives, showView };
 
   session.addEventListener("ready", (e) => {
     const r = e.detail;
@@ -100,6 +116,7 @@ function start(token) {
   $("unit-filter").oninput = (e) => {
     wall.filter = e.target.value.trim().toLowerCase();
     wall.renderUnits();
+    courts.setFilter(e.target.value);
   };
   $("signout").onclick = () => {
     sessionStorage.removeItem(TOKEN_KEY);
@@ -108,13 +125,25 @@ function start(token) {
     location.reload();
   };
   document.addEventListener("keydown", (e) => {
-    if (e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement) return;
+    if (e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement
+        || e.target instanceof HTMLSelectElement) return;
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     if (e.key === "c") return showView("cases");
     if (e.key === "w") return showView("wall");
     if (e.key === "m") return showView("map");
     if (e.key === "a") return alarms.focus();
+    if (e.key === "d") {
+      // The enlarged tile's unit, else the one open already, else the first online.
+      const unit = wall.enlargedUnit() ?? directives.unitId
+        ?? [...wall.units.values()].find((u) => u.online)?.unitId;
+      if (unit) directives.open(unit);
+      return;
+    }
     if (view !== "wall") return;
+    if (e.key === "t") {
+      $("courts-section").open = true;
+      return courts.focus();
+    }
     const layouts = { 1: 1, 2: 4, 3: 9, 4: 16 };
     if (layouts[e.key]) wall.setLayout(layouts[e.key]);
     else if (e.key === "Escape") wall.unenlarge();

@@ -35,8 +35,11 @@ export class Session extends EventTarget {
     this.pc?.close();
   }
 
+  /// False when the session is not open (the message is dropped).
   send(message) {
-    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+    if (this.ws?.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
   }
 
   emit(type, detail) {
@@ -53,6 +56,12 @@ export class Session extends EventTarget {
 
   requestKeyframe(tileId) {
     this.send({ keyframe: { tileId } });
+  }
+
+  /// Issues a directive ({ unitId, kind: "DIRECTIVE_KIND_…", text, bitrate, height }); its
+  /// states come back as "directive" events, a refusal as an "error" event.
+  direct(request) {
+    return this.send({ directive: request });
   }
 
   ensurePeer() {
@@ -84,6 +93,8 @@ export class Session extends EventTarget {
     else if (event.tile) this.emit("tile", event.tile);
     else if (event.stats) this.emit("stats", event.stats);
     else if (event.error) this.emit("error", event.error);
+    else if (event.directive) this.emit("directive", event.directive);
+    else if (event.courts) this.emit("courts", event.courts.courts ?? []);
     else if (event.offer) await this.answer(event.offer);
     else if (event.iceCandidate) await this.remoteCandidate(event.iceCandidate);
   }

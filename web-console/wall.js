@@ -23,6 +23,8 @@ export class Wall {
     this.slots = [];
     this.generation = 0;
     this.filter = "";
+    // Set by the app: opens the directives of a unit (the ⚑ in a tile's header).
+    this.onDirect = () => {};
     for (let i = 0; i < MAX_SLOTS; i++) this.slots.push(this.makeSlot(i));
     this.setLayout(Number(root.dataset.layout) || 4);
     session.addEventListener("tile", (e) => this.onTile(e.detail));
@@ -49,7 +51,15 @@ export class Wall {
     const rate = el("span", "rate");
     const fps = el("span", "fps");
     const delay = el("span", "delay");
-    overlay.append(name, state, el("span", "spacer"), rate, fps, delay);
+    // The header's one control: the directives of the tile's unit.
+    const direct = el("button", "direct", "⚑");
+    direct.hidden = true;
+    direct.onclick = (e) => {
+      e.stopPropagation();
+      if (slot.unitId) this.onDirect(slot.unitId);
+    };
+    direct.addEventListener("dblclick", (e) => e.stopPropagation());
+    overlay.append(name, state, direct, el("span", "spacer"), rate, fps, delay);
     const close = el("button", "close", "×");
     close.title = "Clear this tile";
     close.onclick = (e) => {
@@ -72,8 +82,9 @@ export class Wall {
     });
     tile.addEventListener("dblclick", () => this.toggleEnlarge(index));
     this.root.append(tile);
-    return { index, tile, video, empty, overlay, close, name, state, rate, fps, delay,
-      tileId: null, unitId: null, status: "empty", hubDelayMs: null, bufferMs: null };
+    const slot = { index, tile, video, empty, overlay, close, direct, name, state, rate, fps,
+      delay, tileId: null, unitId: null, status: "empty", hubDelayMs: null, bufferMs: null };
+    return slot;
   }
 
   setLayout(n) {
@@ -104,6 +115,11 @@ export class Wall {
     }
   }
 
+  /// The unit of the enlarged tile, if one is enlarged.
+  enlargedUnit() {
+    return this.slots.find((s) => s.tile.classList.contains("big"))?.unitId ?? null;
+  }
+
   unenlarge() {
     this.root.classList.remove("enlarged");
     this.slots.forEach((s) => {
@@ -125,6 +141,9 @@ export class Wall {
     slot.empty.hidden = true;
     slot.overlay.hidden = false;
     slot.close.hidden = false;
+    slot.direct.hidden = false;
+    slot.direct.title = `Directives for ${unitId} (d)`;
+    slot.direct.setAttribute("aria-label", `Directives for ${unitId}`);
     this.session.addTile(slot.tileId, unitId);
   }
 
@@ -162,6 +181,7 @@ export class Wall {
     slot.empty.hidden = false;
     slot.overlay.hidden = true;
     slot.close.hidden = true;
+    slot.direct.hidden = true;
     this.setStatus(slot, "empty");
   }
 
