@@ -1,6 +1,9 @@
 // The alarm list: the hub's deviation alarms (/api/alarms, polled), newest first, with
 // Acknowledge and Resolve, each with a comment. A new critical alarm beeps once and stays
-// highlighted until someone acknowledges it. Rows are the hub's, in snake_case.
+// highlighted until someone acknowledges it. Rows are the hub's, in snake_case. Alarms of
+// the courts below come too (`below`, with their `court`); one escalated here because
+// nobody there acknowledged it in time beeps like a critical one, and acknowledging it
+// goes down to its court's hub (`?court=`).
 import { fmtTime } from "./cases.js";
 import { HubError, hubFetch } from "./player.js";
 
@@ -32,6 +35,7 @@ export class Alarms extends EventTarget {
     this.items = new Map();
     this.seen = new Set();
     this.sounded = new Set();
+    this.escalated = new Set();
     this.beepLog = [];
     this.blocked = 0;
     this.errors = [];
@@ -93,7 +97,11 @@ export class Alarms extends EventTarget {
     for (const a of fresh) this.seen.add(a.id);
     // Only a critical alarm nobody has taken yet calls for a sound: acknowledged or resolved
     // ones (another console's work, or before this sign-in) are there to read, not to hear.
-    const loud = fresh.filter((a) => a.severity === "critical" && a.state === "raised");
+    const escalated = rows.filter((a) => a.below && a.escalated && a.state === "raised"
+      && !this.escalated.has(a.id));
+    for (const a of escalated) this.escalated.add(a.id);
+    const loud = fresh.filter((a) => a.severity === "critical" && a.state === "raised")
+      .concat(escalated.filter((a) => !(a.severity === "critical" && fresh.includes(a))));
     if (loud.length) {
       for (const a of loud) this.sounded.add(a.id);
       this.beep(loud.map((a) => a.id));
@@ -242,8 +250,13 @@ export class Alarms extends EventTarget {
     item.time.textContent = when(a.raised_us);
     item.time.dateTime = new Date(Number(a.raised_us) / 1000).toISOString();
     item.evidence.textContent = readable(a.evidence);
-    item.meta.textContent = [a.case_number, a.operation_id && `operation ${a.operation_id}`]
-      .filter(Boolean).join(" · ");
+    item.meta.textContent = [
+      a.below && `court ${a.court}`,
+      a.escalated && (a.below ? "escalated here: not acknowledged in time"
+        : "escalated to the parent court"),
+      a.case_number, a.operation_id && `operation ${a.operation_id}`,
+    ].filter(Boolean).join(" · ");
+    li.classList.toggle("escalated", Boolean(a.below && a.escalated && a.state === "raised"));
     const parts = [a.state];
     if (a.acked_by) parts.push(`acknowledged by ${a.acked_by} ${when(a.acked_us)}`);
     if (a.resolved_by) parts.push(`resolved by ${a.resolved_by} ${when(a.resolved_us)}`);
@@ -304,7 +317,9 @@ export class Alarms extends EventTarget {
   /// POSTs an acknowledgement or a resolution. The hub's refusal (403 role, 404 unknown, 409
   /// settled already) is shown and returned, never thrown: it is an answer, not a fault.
   async settle(id, action, comment) {
-    const url = `/api/alarms/${encodeURIComponent(id)}/${action}`;
+    const row = this.list.find((a) => a.id === id);
+    const court = row?.below ? `?court=${encodeURIComponent(row.court)}` : "";
+    const url = `/api/alarms/${encodeURIComponent(id)}/${action}${court}`;
     let status = 0;
     let body = null;
     try {
@@ -317,6 +332,13 @@ export class Alarms extends EventTarget {
       body = await res.json().catch(() => null);
     } catch (e) {
       body = { error: e.message };
+    }
+    if (status === 202 && body?.forwarded) {
+      // Settled by the alarm's own hub; its new state comes back with the next polls.
+      this.q("#alarms-error").textContent = "";
+      this.closeFormById(id);
+      this.poll().catch(() => {});
+      return { ok: true, status, forwarded: true };
     }
     if (status === 200 && body?.id) {
       this.list = this.list.map((a) => (a.id === body.id ? body : a));
@@ -333,6 +355,11 @@ export class Alarms extends EventTarget {
     const item = this.items.get(id);
     if (item) item.error.textContent = message;
     return { ok: false, status, message };
+  }
+
+  closeFormById(id) {
+    const item = this.items.get(id);
+    if (item?.action) this.closeForm(item, false);
   }
 
   /// Keyboard: the badge (or key a) lands on the newest alarm; arrows move along the list.

@@ -119,6 +119,10 @@ pub struct AlarmsConfig {
     /// `missing_evidence`: unrecorded time in an operation's window beyond this.
     #[serde(with = "humantime_serde")]
     pub evidence_tolerance: Duration,
+    /// An alarm not acknowledged this long escalates to the parent court's hub (when
+    /// `cascade.parent` is set).
+    #[serde(with = "humantime_serde")]
+    pub escalate_after: Duration,
 }
 
 impl Default for AlarmsConfig {
@@ -134,6 +138,7 @@ impl Default for AlarmsConfig {
             battery_low_percent: d.battery_low_percent,
             storage_low_bytes: d.storage_low_bytes,
             evidence_tolerance: Duration::from_micros(d.evidence_tolerance_us),
+            escalate_after: Duration::from_secs(120),
         }
     }
 }

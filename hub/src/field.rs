@@ -104,9 +104,19 @@ impl RateLimit {
 #[derive(Clone, Debug)]
 pub struct Field {
     tx: mpsc::Sender<(String, v1::Telemetry, u64)>,
+    /// Every alarm raised, settled or escalated here (the uplink tells the parent).
+    alarm_changes: tokio::sync::broadcast::Sender<AlarmRow>,
 }
 
 impl Field {
+    pub fn alarm_changes(&self) -> tokio::sync::broadcast::Receiver<AlarmRow> {
+        self.alarm_changes.subscribe()
+    }
+
+    pub fn alarm_changed(&self, row: &AlarmRow) {
+        let _ = self.alarm_changes.send(row.clone());
+    }
+
     /// A unit's telemetry point (validated by the caller). Never waits.
     pub fn telemetry(&self, metrics: &Metrics, unit: &str, t: v1::Telemetry) {
         if self
@@ -158,6 +168,65 @@ pub struct AlarmRow {
     pub resolved_by: Option<String>,
     pub resolved_us: Option<i64>,
     pub comment: Option<String>,
+    /// When it was escalated to the parent court, not acknowledged in time.
+    pub escalated_us: Option<i64>,
+}
+
+impl AlarmRow {
+    /// The alarm as a parent hub's catalog carries it.
+    pub fn catalog(&self, court: &str) -> v1::CatalogAlarm {
+        v1::CatalogAlarm {
+            id: self.id.clone(),
+            rule: self.rule.clone(),
+            severity: self.severity.clone(),
+            unit_id: self.unit.clone(),
+            case_number: self.case_number.clone().unwrap_or_default(),
+            court: court.to_string(),
+            raised_us: self.raised_us.max(0) as u64,
+            state: self.state.clone(),
+            escalated: self.escalated_us.is_some(),
+            evidence: self.evidence.clone(),
+            acked_by: self.acked_by.clone().unwrap_or_default(),
+            resolved_by: self.resolved_by.clone().unwrap_or_default(),
+            comment: self.comment.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Alarms not yet resolved, oldest first (a parent's catalog).
+pub async fn open_alarms(index: &Index) -> Result<Vec<AlarmRow>, IndexError> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM alarms WHERE state <> 'resolved' ORDER BY raised_us LIMIT 1000",
+    )
+    .fetch_all(index.pool())
+    .await?)
+}
+
+/// Alarms raised before `before_us`, still not acknowledged and not yet escalated: marked
+/// escalated now, and returned.
+async fn escalate(index: &Index, before_us: i64, now_us: i64) -> Result<Vec<AlarmRow>, IndexError> {
+    let due: Vec<AlarmRow> = sqlx::query_as(
+        "SELECT * FROM alarms WHERE state = 'raised' AND escalated_us IS NULL AND raised_us <= $1",
+    )
+    .bind(before_us)
+    .fetch_all(index.pool())
+    .await?;
+    let mut out = Vec::with_capacity(due.len());
+    for mut a in due {
+        let changed = sqlx::query(
+            "UPDATE alarms SET escalated_us = $1 WHERE id = $2 AND escalated_us IS NULL",
+        )
+        .bind(now_us)
+        .bind(&a.id)
+        .execute(index.pool())
+        .await?
+        .rows_affected();
+        if changed == 1 {
+            a.escalated_us = Some(now_us);
+            out.push(a);
+        }
+    }
+    Ok(out)
 }
 
 /// The queries of this module, on the evidence index.
@@ -333,12 +402,19 @@ pub struct FieldTask {
     pub shutdown: CancellationToken,
     /// Operations created or closed: read them now rather than at the next poll.
     pub operations_changed: Arc<tokio::sync::Notify>,
+    /// Alarms not acknowledged this long escalate to the parent court (None: no parent).
+    pub escalate_after: Option<Duration>,
+    pub alarm_changes: tokio::sync::broadcast::Sender<AlarmRow>,
 }
 
 /// Starts the field task; returns its handle.
 pub fn start(task: FieldTask) -> (Field, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    (Field { tx }, tokio::spawn(run(task, rx)))
+    let field = Field {
+        tx,
+        alarm_changes: task.alarm_changes.clone(),
+    };
+    (field, tokio::spawn(run(task, rx)))
 }
 
 async fn run(t: FieldTask, mut rx: mpsc::Receiver<(String, v1::Telemetry, u64)>) {
@@ -388,6 +464,21 @@ async fn run(t: FieldTask, mut rx: mpsc::Receiver<(String, v1::Telemetry, u64)>)
                     }
                 }
                 engine.handle_timeout(n);
+                if let Some(after) = t.escalate_after {
+                    let before = n.saturating_sub(after.as_micros() as u64) as i64;
+                    match escalate(&t.index, before, n as i64).await {
+                        Ok(rows) => {
+                            for a in rows {
+                                t.metrics.alarms_escalated.with_label_values(&[&a.rule]).inc();
+                                info!(alarm = %a.id, rule = %a.rule, unit = %a.unit, "alarm escalated to the parent court");
+                                t.audit.record("hub", "alarm.escalate", &a.unit,
+                                    serde_json::json!({ "alarm": a.id, "rule": a.rule }));
+                                let _ = t.alarm_changes.send(a);
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "escalating alarms"),
+                    }
+                }
             }
             _ = t.operations_changed.notified() => {
                 match planned_operations(&t.index).await {
@@ -487,6 +578,7 @@ async fn raise(t: &FieldTask, a: alarms::Alarm) {
         resolved_by: None,
         resolved_us: None,
         comment: None,
+        escalated_us: None,
     };
     let stored = sqlx::query(
         "INSERT INTO alarms (id, rule, severity, unit, case_number, operation_id, raised_us, \
@@ -513,6 +605,7 @@ async fn raise(t: &FieldTask, a: alarms::Alarm) {
         serde_json::json!({ "alarm": row.id, "rule": rule, "case": row.case_number,
             "operation": row.operation_id, "evidence": row.evidence }),
     );
+    let _ = t.alarm_changes.send(row);
 }
 
 async fn flush(t: &FieldTask, batch: &mut Vec<TelemetryRow>) {
@@ -604,7 +697,11 @@ pub mod http {
 
     /// Any console role reads alarms; commanders and officials settle them.
     #[allow(clippy::result_large_err)] // a refusal is built once per refused request
-    fn authorize(hub: &HubContext, headers: &HeaderMap, settle: bool) -> Result<Claims, Response> {
+    fn authorize(
+        hub: &HubContext,
+        headers: &HeaderMap,
+        settle: bool,
+    ) -> Result<(Claims, String), Response> {
         let token = crate::console::whep::bearer(headers).ok_or_else(|| {
             refuse(
                 StatusCode::UNAUTHORIZED,
@@ -632,16 +729,33 @@ pub mod http {
                 format!("a {:?} token cannot do this with alarms", claims.role),
             ));
         }
-        if let Err(reason) = hub.check_own_court(&claims) {
+        let scope = hub.scope_of(&claims).map_err(|reason| {
             hub.evidence.audit.record(
                 &claims.sub,
                 "denied",
                 "alarms",
                 serde_json::json!({ "reason": reason }),
             );
-            return Err(refuse(StatusCode::FORBIDDEN, reason));
+            refuse(StatusCode::FORBIDDEN, reason)
+        })?;
+        Ok((claims, scope))
+    }
+
+    /// This hub's own records need a token of this hub's court (or above).
+    #[allow(clippy::result_large_err)]
+    fn own_court(hub: &HubContext, claims: &Claims, scope: &str) -> Result<(), Response> {
+        let own = &hub.config.court.code;
+        if hub.cascade.covers(scope, own) {
+            return Ok(());
         }
-        Ok(claims)
+        let reason = format!("the token is for court {scope}; the records here are court {own}'s");
+        hub.evidence.audit.record(
+            &claims.sub,
+            "denied",
+            "alarms",
+            serde_json::json!({ "reason": reason }),
+        );
+        Err(refuse(StatusCode::FORBIDDEN, reason))
     }
 
     #[derive(Deserialize)]
@@ -654,13 +768,41 @@ pub mod http {
         headers: HeaderMap,
         Query(q): Query<ListQuery>,
     ) -> Response {
-        if let Err(r) = authorize(&hub, &headers, false) {
-            return r;
+        let (_, scope) = match authorize(&hub, &headers, false) {
+            Ok(who) => who,
+            Err(r) => return r,
+        };
+        let own = hub.config.court.code.clone();
+        // This hub's alarms (for its own court and above), then those of the courts below.
+        let mut out: Vec<serde_json::Value> = Vec::new();
+        if hub.cascade.covers(&scope, &own) {
+            match super::alarms(&hub.evidence.index, q.state.as_deref()).await {
+                Ok(rows) => out.extend(rows.into_iter().map(|r| {
+                    let escalated = r.escalated_us.is_some();
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    v["court"] = serde_json::json!(own);
+                    v["escalated"] = serde_json::json!(escalated);
+                    v
+                })),
+                Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
         }
-        match super::alarms(&hub.evidence.index, q.state.as_deref()).await {
-            Ok(rows) => axum::Json(serde_json::json!({ "alarms": rows })).into_response(),
-            Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        for a in hub.cascade.alarms_under(&scope) {
+            if q.state.as_deref().is_some_and(|s| s != a.state) {
+                continue;
+            }
+            let text = |s: String| (!s.is_empty()).then_some(s);
+            out.push(serde_json::json!({
+                "id": a.id, "rule": a.rule, "severity": a.severity, "unit": a.unit_id,
+                "case_number": text(a.case_number), "operation_id": null,
+                "raised_us": a.raised_us, "evidence": a.evidence, "state": a.state,
+                "acked_by": text(a.acked_by), "acked_us": null,
+                "resolved_by": text(a.resolved_by), "resolved_us": null,
+                "comment": text(a.comment), "court": a.court, "escalated": a.escalated,
+                "below": true,
+            }));
         }
+        axum::Json(serde_json::json!({ "alarms": out })).into_response()
     }
 
     #[derive(Deserialize, Default)]
@@ -669,14 +811,21 @@ pub mod http {
         comment: String,
     }
 
+    /// `?court=` names the court of an alarm below; without it, the alarm is this hub's.
+    #[derive(Deserialize, Default)]
+    struct CourtQuery {
+        court: Option<String>,
+    }
+
     async fn settle(
-        hub: &HubContext,
+        hub: &Arc<HubContext>,
         headers: &HeaderMap,
         id: &str,
+        court: Option<String>,
         body: &[u8],
         resolve: bool,
     ) -> Response {
-        let who = match authorize(hub, headers, true) {
+        let (who, scope) = match authorize(hub, headers, true) {
             Ok(c) => c,
             Err(r) => return r,
         };
@@ -693,6 +842,46 @@ pub mod http {
                 }
             }
         };
+        let own = hub.config.court.code.clone();
+        if let Some(court) = court.filter(|c| *c != own) {
+            // An alarm below: passed down to its hub, which settles it and reports back.
+            if !hub.cascade.covers(&scope, &court) || !hub.cascade.knows_court(&court) {
+                let reason = format!("court {court} is not within your court {scope}");
+                hub.evidence.audit.record(
+                    &who.sub,
+                    "denied",
+                    "alarms",
+                    serde_json::json!({ "reason": reason }),
+                );
+                return refuse(StatusCode::FORBIDDEN, reason);
+            }
+            let action = tianwang_proto::v1::AlarmAction {
+                alarm_id: id.to_string(),
+                court: court.clone(),
+                resolve,
+                by: format!("{} ({scope})", who.sub),
+                comment: form.comment.chars().take(500).collect(),
+            };
+            hub.evidence.audit.record(
+                &who.sub,
+                if resolve {
+                    "alarm.resolve"
+                } else {
+                    "alarm.ack"
+                },
+                id,
+                serde_json::json!({ "court": court, "comment": action.comment, "forwarded": true }),
+            );
+            crate::cascade::uplink::alarm_action(hub, action);
+            return (
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({ "id": id, "court": court, "forwarded": true })),
+            )
+                .into_response();
+        }
+        if let Err(r) = own_court(hub, &who, &scope) {
+            return r;
+        }
         match super::settle(
             &hub.evidence.index,
             &hub.evidence.audit,
@@ -703,7 +892,10 @@ pub mod http {
         )
         .await
         {
-            Ok(row) => axum::Json(row).into_response(),
+            Ok(row) => {
+                hub.field.alarm_changed(&row);
+                axum::Json(row).into_response()
+            }
             Err(SettleError::NotFound(m)) => refuse(StatusCode::NOT_FOUND, m),
             Err(SettleError::Conflict(m)) => refuse(StatusCode::CONFLICT, m),
             Err(SettleError::Index(e)) => refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -714,18 +906,20 @@ pub mod http {
         State(hub): State<Arc<HubContext>>,
         headers: HeaderMap,
         Path(id): Path<String>,
+        Query(q): Query<CourtQuery>,
         body: axum::body::Bytes,
     ) -> Response {
-        settle(&hub, &headers, &id, &body, false).await
+        settle(&hub, &headers, &id, q.court, &body, false).await
     }
 
     async fn resolve(
         State(hub): State<Arc<HubContext>>,
         headers: HeaderMap,
         Path(id): Path<String>,
+        Query(q): Query<CourtQuery>,
         body: axum::body::Bytes,
     ) -> Response {
-        settle(&hub, &headers, &id, &body, true).await
+        settle(&hub, &headers, &id, q.court, &body, true).await
     }
 
     #[derive(Deserialize)]
@@ -742,7 +936,12 @@ pub mod http {
         headers: HeaderMap,
         Query(q): Query<TelemetryQuery>,
     ) -> Response {
-        if let Err(r) = authorize(&hub, &headers, false) {
+        let (who, scope) = match authorize(&hub, &headers, false) {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        // Telemetry is kept by the unit's own hub.
+        if let Err(r) = own_court(&hub, &who, &scope) {
             return r;
         }
         let to = q.to_us.unwrap_or(i64::MAX);

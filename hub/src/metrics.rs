@@ -31,6 +31,8 @@ pub struct Metrics {
     pub recording_lag: Histogram,
     pub retention_deleted: IntCounter,
     pub alarms_raised: IntCounterVec,
+    /// Escalated here to the parent court (not acknowledged in time), by rule.
+    pub alarms_escalated: IntCounterVec,
     pub telemetry_rejected: IntCounterVec,
     /// Units pulled from child hubs right now (one per unit, however many watch here).
     pub cascade_pulls: IntGauge,
@@ -261,6 +263,14 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(alarms_raised.clone()))?;
+        let alarms_escalated = IntCounterVec::new(
+            Opts::new(
+                "tianwang_alarms_escalated_total",
+                "Alarms escalated to the parent court, not acknowledged in time, by rule",
+            ),
+            &["rule"],
+        )?;
+        registry.register(Box::new(alarms_escalated.clone()))?;
         registry.register(Box::new(telemetry_rejected.clone()))?;
         for c in [
             &recorded_segments,
@@ -336,6 +346,7 @@ impl Metrics {
             recording_lag,
             retention_deleted,
             alarms_raised,
+            alarms_escalated,
             telemetry_rejected,
         })
     }

@@ -142,6 +142,12 @@ impl RunningHub {
             config: config.alarms.engine(),
             shutdown: shutdown.clone(),
             operations_changed: Arc::clone(&evidence.operations_changed),
+            escalate_after: config
+                .cascade
+                .parent
+                .as_ref()
+                .map(|_| config.alarms.escalate_after),
+            alarm_changes: tokio::sync::broadcast::channel(256).0,
         });
         let cascade = Arc::new(crate::cascade::Cascade::new(
             crate::cascade::uplink::court_info(&config, &parent_court),

@@ -41,6 +41,7 @@ impl ControlMessage {
             Some(Kind::SubscribeError(_)) => "subscribe_error",
             Some(Kind::UnitState(_)) => "unit_state",
             Some(Kind::Catalog(_)) => "catalog",
+            Some(Kind::AlarmAction(_)) => "alarm_action",
         }
     }
 }

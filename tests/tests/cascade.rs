@@ -442,8 +442,8 @@ async fn the_middle_hub_killed_and_restarted_the_chain_reforms() {
             },
         ))
         .await;
-    // The unit may already be gone from the top's catalog (the link dropped): then the
-    // directive is refused as unknown, which is also an honest answer. Re-issue after.
+    // The unit stays known at the top (offline): the directive waits there.
+    let id = sent.unwrap().into_inner().directive_id;
     t.high.start_again().await.unwrap();
     wait_units_online(&t.supreme, &top, &["bwc-1"], SETTLE)
         .await
@@ -452,31 +452,153 @@ async fn the_middle_hub_killed_and_restarted_the_chain_reforms() {
     let resumed = collect(&mut rx, video, 30, SETTLE).await.unwrap();
     assert_whole_groups(&resumed[resumed.iter().position(|f| f.index == 0).unwrap()..]);
 
-    let id = match sent {
-        Ok(r) => r.into_inner().directive_id,
-        Err(_) => {
-            console(&t.supreme)
-                .await
-                .unwrap()
-                .direct(authed(
-                    &top,
-                    DirectiveRequest {
-                        unit_id: "bwc-1".into(),
-                        kind: DirectiveKind::Message as i32,
-                        text: "hold position".into(),
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .directive_id
-        }
-    };
     wait_state(&t.supreme, &top, &id, DirectiveState::Done).await;
     let local = i1.token("commander", "desk");
     wait_state(i1, &local, &id, DirectiveState::Done).await;
     // Executed once: the agent shows the instruction once, however often it was sent.
     let shown = _a1.log().matches("hold position").count();
     assert_eq!(shown, 1, "instruction shown {shown} times:\n{}", _a1.log());
+}
+
+async fn alarms_at(hub: &Hub, token: &str) -> Vec<serde_json::Value> {
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/api/alarms", hub.http))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .expect("GET /api/alarms");
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.expect("the alarm list");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the alarm list is JSON");
+    v["alarms"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_alarm_where(
+    hub: &Hub,
+    token: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let list = alarms_at(hub, token).await;
+        if let Some(a) = list.iter().find(|a| pred(a)) {
+            return a.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alarm_nobody_acknowledges_escalates_and_is_acknowledged_from_above() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tree::make_ca(dir.path()).unwrap();
+    let tls = dir.path().join("high-tls");
+    tree::issue(&ca, tree::HIGH, "", &tls).unwrap();
+    let high = Hub::start(
+        &dir.path().join("high"),
+        Some(&tree::config(tree::HIGH, "high", &tls, &ca, None, "")),
+    )
+    .await
+    .unwrap();
+    let tls = dir.path().join("i1-tls");
+    tree::issue(&ca, tree::INTERMEDIATE_1, tree::HIGH, &tls).unwrap();
+    let i1 = Hub::start(
+        &dir.path().join("i1"),
+        Some(&tree::config(
+            tree::INTERMEDIATE_1,
+            "intermediate",
+            &tls,
+            &ca,
+            Some(&high),
+            "[alarms]\nescalate_after = \"2s\"\n",
+        )),
+    )
+    .await
+    .unwrap();
+    let trust = tianwang_transport::Trust::from_ca_file(&ca.join("ca.crt")).unwrap();
+    let unit = tianwang_tests::unit::FakeUnit::start(
+        i1.quic,
+        &trust,
+        "bwc-9",
+        &i1.token("device", "bwc-9"),
+    )
+    .await
+    .unwrap();
+    let above = high.token("commander", "duty-officer");
+    wait_units_online(&high, &above, &["bwc-9"], SETTLE)
+        .await
+        .unwrap();
+    unit.telemetry(tianwang_proto::v1::Telemetry {
+        timestamp_us: tianwang_tests::unix_now_us(),
+        sos: true,
+        battery_percent: 80.0,
+        storage_free_bytes: 10 << 30,
+        recording: true,
+        ..Default::default()
+    });
+    // Seen above at once (the catalog carries it), escalated once nobody acknowledged it.
+    let below = wait_alarm_where(&high, &above, "the sos alarm from below", |a| {
+        a["rule"] == "sos" && a["below"] == true
+    })
+    .await;
+    assert_eq!(below["court"], tree::INTERMEDIATE_1);
+    let escalated = wait_alarm_where(&high, &above, "the sos alarm escalated", |a| {
+        a["rule"] == "sos" && a["escalated"] == true
+    })
+    .await;
+    let id = escalated["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        i1.metrics()
+            .await
+            .unwrap()
+            .get("tianwang_alarms_escalated_total{rule=\"sos\"}"),
+        1.0
+    );
+
+    // Acknowledged from above: settled by the intermediate hub, the new state comes back up.
+    let court = tree::INTERMEDIATE_1;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/alarms/{id}/ack?court={court}",
+            high.http
+        ))
+        .header("authorization", format!("Bearer {above}"))
+        .body(r#"{"comment":"team sent"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let local = i1.token("commander", "desk");
+    let settled = wait_alarm_where(&i1, &local, "acknowledged at its own hub", |a| {
+        a["id"] == id.as_str() && a["state"] == "acknowledged"
+    })
+    .await;
+    assert!(
+        settled["acked_by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("duty-officer")),
+        "{settled}"
+    );
+    wait_alarm_where(&high, &above, "acknowledged, seen above", |a| {
+        a["id"] == id.as_str() && a["state"] == "acknowledged"
+    })
+    .await;
+    // An intermediate court's token cannot settle alarms through the high court's hub for
+    // another court.
+    let narrow = high.token_with("commander", "x", &["--court", tree::INTERMEDIATE_1]);
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/alarms/{id}/resolve?court=沪01",
+            high.http
+        ))
+        .header("authorization", format!("Bearer {narrow}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
 }

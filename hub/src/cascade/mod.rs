@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tianwang_proto::v1::{
-    Catalog, CatalogUnit, CourtInfo, Subscribe, TrackInfo, UnitSummary, Unsubscribe,
+    Catalog, CatalogAlarm, CatalogUnit, CourtInfo, Subscribe, TrackInfo, UnitSummary, Unsubscribe,
 };
 use tianwang_proto::{ControlMessage, Kind};
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -43,6 +43,8 @@ pub enum TreeChange {
     Unit(UnitChange),
     /// Courts were added or removed below.
     Courts,
+    /// An alarm below was raised, settled or escalated.
+    Alarm(CatalogAlarm),
 }
 
 pub struct Cascade {
@@ -50,6 +52,8 @@ pub struct Cascade {
     /// The courts below, with the child link each is reached through.
     courts: DashMap<String, (CourtInfo, u64)>,
     remote: DashMap<String, RemoteUnit>,
+    /// Alarms below, by (court, id), with the link they came through.
+    alarms: DashMap<(String, String), (CatalogAlarm, u64)>,
     children: DashMap<u64, Arc<ChildLink>>,
     changes: broadcast::Sender<TreeChange>,
     next_link: AtomicU64,
@@ -97,6 +101,7 @@ impl Cascade {
             own,
             courts: DashMap::new(),
             remote: DashMap::new(),
+            alarms: DashMap::new(),
             children: DashMap::new(),
             changes: broadcast::channel(1024).0,
             next_link: AtomicU64::new(1),
@@ -225,7 +230,35 @@ impl Cascade {
             });
         }
         out.courts = self.courts_under(&self.own.code);
+        out.alarms = self
+            .alarms
+            .iter()
+            .filter(|a| a.0.state != "resolved")
+            .map(|a| a.0.clone())
+            .collect();
         out
+    }
+
+    /// Alarms below that `scope` covers, newest first.
+    pub fn alarms_under(&self, scope: &str) -> Vec<CatalogAlarm> {
+        let mut out: Vec<CatalogAlarm> = self
+            .alarms
+            .iter()
+            .filter(|a| self.covers(scope, &a.0.court))
+            .map(|a| a.0.clone())
+            .collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.raised_us));
+        out
+    }
+
+    /// Sends a message to the child hub through which `court` is reached.
+    pub fn send_to_court(&self, court: &str, msg: ControlMessage) -> bool {
+        let Some(link) = self.courts.get(court).map(|c| c.1) else {
+            return false;
+        };
+        self.children
+            .get(&link)
+            .is_some_and(|l| l.control.try_send(msg).is_ok())
     }
 
     /// Makes sure a unit below is being pulled here (before subscribing to it). Nothing
@@ -351,8 +384,9 @@ impl Cascade {
         link
     }
 
-    /// A child link ended: what it reported is gone, its pulls end (their viewers stay
-    /// on the broadcast and carry on when the unit is pulled again).
+    /// A child link ended: its pulls end (their viewers stay on the broadcast and carry on
+    /// when the unit is pulled again) and its units are offline. They stay known, with
+    /// their courts, so directives for them are still taken and wait for the link to return.
     fn remove_link(&self, link: &ChildLink, units: &Units) {
         link.closed.cancel();
         self.children.remove(&link.id);
@@ -363,21 +397,15 @@ impl Cascade {
         for r in requests {
             link.end_pull(r, units, &self.metrics, false);
         }
-        let gone: Vec<String> = self
-            .remote
-            .iter()
-            .filter(|r| r.link == link.id)
-            .map(|r| r.key().clone())
-            .collect();
-        for unit in gone {
-            if let Some((unit, r)) = self.remote.remove_if(&unit, |_, r| r.link == link.id) {
-                self.tell_unit(&unit, false, Vec::new(), &r.court);
+        let mut offline = Vec::new();
+        for mut r in self.remote.iter_mut() {
+            if r.link == link.id && r.online {
+                r.online = false;
+                offline.push((r.key().clone(), r.court.clone()));
             }
         }
-        let before = self.courts.len();
-        self.courts.retain(|_, (_, via)| *via != link.id);
-        if self.courts.len() != before {
-            let _ = self.changes.send(TreeChange::Courts);
+        for (unit, court) in offline {
+            self.tell_unit(&unit, false, Vec::new(), &court);
         }
     }
 
@@ -480,17 +508,54 @@ impl Cascade {
             self.tell_unit(&u.unit_id, u.online, u.tracks, &u.court);
         }
         if c.full {
-            let stale: Vec<String> = self
+            // Alarms resolved while the link was down are simply not listed any more.
+            self.alarms.retain(|(court, _), (_, via)| {
+                let through_this = *via == link.id
+                    || (!self.children.contains_key(via)
+                        && self.courts.get(court).is_some_and(|c| c.1 == link.id));
+                !through_this
+            });
+        }
+        for a in c.alarms {
+            let in_subtree = self.courts.get(&a.court).is_some_and(|e| e.1 == link.id);
+            if !in_subtree || a.id.is_empty() || a.id.len() > 128 {
+                warn!(court = %a.court, child = %link.court.code,
+                    "a child hub reported an alarm outside its subtree: ignored");
+                continue;
+            }
+            let key = (a.court.clone(), a.id.clone());
+            let newly_escalated = a.escalated
+                && a.court == link.court.code
+                && !self.alarms.get(&key).is_some_and(|old| old.0.escalated);
+            if newly_escalated {
+                warn!(alarm = %a.id, rule = %a.rule, unit = %a.unit_id, court = %a.court,
+                    "an alarm below was not acknowledged in time: escalated here");
+            }
+            if a.state == "resolved" {
+                self.alarms.remove(&key);
+            } else {
+                self.alarms.insert(key, (a.clone(), link.id));
+            }
+            let _ = self.changes.send(TreeChange::Alarm(a));
+        }
+        if c.full {
+            // Units this child (or its predecessor link) reported before and not now: not
+            // online below any more. They stay known until the child says `removed`.
+            let stale: Vec<(String, String)> = self
                 .remote
                 .iter()
-                .filter(|r| r.link == link.id && !seen.contains(r.key()))
-                .map(|r| r.key().clone())
+                .filter(|r| {
+                    let ours = r.link == link.id || !self.children.contains_key(&r.link);
+                    ours && r.online && !seen.contains(r.key())
+                })
+                .map(|r| (r.key().clone(), r.court.clone()))
                 .collect();
-            for unit in stale {
-                if let Some((unit, r)) = self.remote.remove(&unit) {
-                    self.unit_went_away(link, units, &unit);
-                    self.tell_unit(&unit, false, Vec::new(), &r.court);
+            for (unit, court) in stale {
+                if let Some(mut r) = self.remote.get_mut(&unit) {
+                    r.online = false;
                 }
+                self.unit_went_away(link, units, &unit);
+                self.tell_unit(&unit, false, Vec::new(), &court);
             }
         }
         online_now

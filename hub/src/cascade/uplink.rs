@@ -109,7 +109,8 @@ async fn serve(
     let mut local = hub.units.changes();
     let mut tree = hub.cascade.changes();
     let mut states = hub.directives.changes();
-    send(&out, Kind::Catalog(hub.cascade.catalog(&hub.units)))?;
+    let mut alarms = hub.field.alarm_changes();
+    send(&out, Kind::Catalog(full_catalog(hub).await))?;
     let mut session = Session::new(hub, conn, None);
     let own = hub.cascade.own().code.clone();
     let result = loop {
@@ -127,7 +128,17 @@ async fn serve(
                     ..Default::default()
                 }))?,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    send(&out, Kind::Catalog(hub.cascade.catalog(&hub.units)))?;
+                    send(&out, Kind::Catalog(full_catalog(hub).await))?;
+                }
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
+            },
+            change = alarms.recv() => match change {
+                Ok(a) => send(&out, Kind::Catalog(Catalog {
+                    alarms: vec![a.catalog(&own)],
+                    ..Default::default()
+                }))?,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    send(&out, Kind::Catalog(full_catalog(hub).await))?;
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
@@ -142,9 +153,13 @@ async fn serve(
                     }],
                     ..Default::default()
                 }))?,
+                Ok(TreeChange::Alarm(a)) => send(&out, Kind::Catalog(Catalog {
+                    alarms: vec![a],
+                    ..Default::default()
+                }))?,
                 // Courts below changed, or we missed news: the whole catalog again.
                 Ok(TreeChange::Courts) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    send(&out, Kind::Catalog(hub.cascade.catalog(&hub.units)))?;
+                    send(&out, Kind::Catalog(full_catalog(hub).await))?;
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
@@ -165,6 +180,7 @@ async fn serve(
                 };
                 match msg.kind {
                     Some(Kind::Directive(d)) => directive_from_parent(hub, &out, d),
+                    Some(Kind::AlarmAction(a)) => alarm_action(hub, a),
                     kind => match session.handle(ControlMessage { kind }) {
                         Ok(Some(reply)) => send(&out, reply.kind.context("empty reply")?)?,
                         Ok(None) => {}
@@ -183,6 +199,50 @@ async fn serve(
     };
     session.finish().await;
     result
+}
+
+/// The whole catalog: units, courts, and alarms not yet resolved (this hub's and below).
+async fn full_catalog(hub: &HubContext) -> Catalog {
+    let mut c = hub.cascade.catalog(&hub.units);
+    match crate::field::open_alarms(&hub.evidence.index).await {
+        Ok(rows) => {
+            let own = &hub.cascade.own().code;
+            c.alarms.extend(rows.iter().map(|a| a.catalog(own)));
+        }
+        // The units and courts still go up; the alarms with their next change.
+        Err(e) => warn!(error = %e, "reading alarms for the parent"),
+    }
+    c
+}
+
+/// A user above acknowledges or resolves an alarm: settled here if it is this hub's,
+/// else passed down towards its court.
+pub(crate) fn alarm_action(hub: &Arc<HubContext>, a: tianwang_proto::v1::AlarmAction) {
+    if a.court != hub.cascade.own().code {
+        if !hub
+            .cascade
+            .send_to_court(&a.court, ControlMessage::new(Kind::AlarmAction(a.clone())))
+        {
+            warn!(court = %a.court, alarm = %a.alarm_id, "no link towards the alarm's court");
+        }
+        return;
+    }
+    let hub = Arc::clone(hub);
+    tokio::spawn(async move {
+        let settled = crate::field::settle(
+            &hub.evidence.index,
+            &hub.evidence.audit,
+            &a.alarm_id,
+            &a.by,
+            a.resolve,
+            &a.comment,
+        )
+        .await;
+        match settled {
+            Ok(row) => hub.field.alarm_changed(&row),
+            Err(e) => debug!(error = %e, alarm = %a.alarm_id, "an alarm action from above"),
+        }
+    });
 }
 
 /// A control message to the parent, without waiting: a parent that does not read is cut.

@@ -140,6 +140,8 @@ impl Driver {
                         self.unit_changed(c, court);
                     }
                     Ok(crate::cascade::TreeChange::Courts) => self.courts_changed(),
+                    // The console reads alarms from /api/alarms.
+                    Ok(crate::cascade::TreeChange::Alarm(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.courts_changed(),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
                 },
