@@ -60,6 +60,8 @@ pub struct Cascade {
     next_pull: AtomicU64,
     release_grace: Duration,
     metrics: Arc<Metrics>,
+    /// Held while deciding to pull, so viewers arriving together cause one pull.
+    pull_lock: Mutex<()>,
 }
 
 /// One pull of a unit from a child hub.
@@ -81,6 +83,8 @@ pub struct ChildLink {
     /// The child's track ids (from its Subscribed answers) → our tracks.
     aliases: Mutex<HashMap<u32, Arc<TrackEntry>>>,
     aliases_changed: Notify,
+    /// Units named so far by a full catalog that arrives in parts.
+    full_seen: Mutex<Option<std::collections::HashSet<String>>>,
     /// The newest group sequence seen per alias: an overtaken group is not relayed.
     newest: Mutex<HashMap<u32, u64>>,
     next_request: AtomicU64,
@@ -108,6 +112,7 @@ impl Cascade {
             next_pull: AtomicU64::new(PULL_SESSION_BASE),
             release_grace,
             metrics,
+            pull_lock: Mutex::new(()),
         }
     }
 
@@ -267,6 +272,10 @@ impl Cascade {
         if units.get(unit).is_some_and(|b| b.is_online()) {
             return;
         }
+        let _deciding = lock(&self.pull_lock);
+        if units.get(unit).is_some_and(|b| b.is_online()) {
+            return;
+        }
         let Some(r) = self.remote.get(unit).map(|r| r.clone()) else {
             return;
         };
@@ -365,6 +374,7 @@ impl Cascade {
             aliases: Mutex::new(HashMap::new()),
             aliases_changed: Notify::new(),
             newest: Mutex::new(HashMap::new()),
+            full_seen: Mutex::new(None),
             next_request: AtomicU64::new(1),
             closed: CancellationToken::new(),
         });
@@ -459,7 +469,14 @@ impl Cascade {
         if courts_changed {
             let _ = self.changes.send(TreeChange::Courts);
         }
-        let mut seen = std::collections::HashSet::new();
+        // A full catalog may come in parts: the units of every part count as seen.
+        let pending = if c.full {
+            Some(std::collections::HashSet::new())
+        } else {
+            lock(&link.full_seen).take()
+        };
+        let in_full = pending.is_some();
+        let mut seen = pending.unwrap_or_default();
         let mut online_now = Vec::new();
         for u in c.units {
             let in_subtree = self.courts.get(&u.court).is_some_and(|e| e.1 == link.id);
@@ -538,7 +555,11 @@ impl Cascade {
             }
             let _ = self.changes.send(TreeChange::Alarm(a));
         }
-        if c.full {
+        if in_full && c.more {
+            *lock(&link.full_seen) = Some(seen);
+            return online_now;
+        }
+        if in_full {
             // Units this child (or its predecessor link) reported before and not now: not
             // online below any more. They stay known until the child says `removed`.
             let stale: Vec<(String, String)> = self
@@ -652,5 +673,117 @@ impl ChildLink {
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tianwang_core::TrackConfig;
+
+    fn court(code: &str, parent: &str) -> CourtInfo {
+        CourtInfo {
+            code: code.into(),
+            parent: parent.into(),
+            ..Default::default()
+        }
+    }
+
+    fn unit(id: &str, online: bool) -> CatalogUnit {
+        CatalogUnit {
+            unit_id: id.into(),
+            online,
+            court: "京01".into(),
+            ..Default::default()
+        }
+    }
+
+    fn setup() -> (
+        Cascade,
+        Arc<Units>,
+        Arc<ChildLink>,
+        mpsc::Receiver<ControlMessage>,
+    ) {
+        let units = Arc::new(Units::new(
+            Arc::default(),
+            TrackConfig::default(),
+            Duration::from_millis(500),
+        ));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&units)).expect("metrics"));
+        let cascade = Cascade::new(court("京", "最高法"), Duration::from_secs(1), metrics);
+        let (tx, rx) = mpsc::channel(16);
+        let link = cascade.add_link(court("京01", "京"), tx);
+        (cascade, units, link, rx)
+    }
+
+    #[test]
+    fn courts_and_units_outside_the_childs_subtree_are_ignored() {
+        let (cascade, units, link, _rx) = setup();
+        cascade.apply_catalog(
+            &link,
+            &units,
+            Catalog {
+                full: true,
+                courts: vec![
+                    court("京01", "京"),
+                    court("沪", "最高法"),
+                    court("京01-a", "京01"),
+                ],
+                units: vec![
+                    unit("bwc-1", true),
+                    CatalogUnit {
+                        court: "沪".into(),
+                        ..unit("bwc-x", true)
+                    },
+                ],
+                ..Default::default()
+            },
+        );
+        assert!(cascade.knows_court("京01") && cascade.knows_court("京01-a"));
+        assert!(!cascade.knows_court("沪"));
+        assert!(cascade.covers("京", "京01-a") && cascade.covers("京01", "京01-a"));
+        assert!(!cascade.covers("京01-a", "京01"));
+        assert_eq!(cascade.unit_court(&units, "bwc-1").as_deref(), Some("京01"));
+        assert_eq!(cascade.unit_court(&units, "bwc-x"), None);
+    }
+
+    #[test]
+    fn a_full_catalog_in_parts_marks_offline_only_what_no_part_names() {
+        let (cascade, units, link, _rx) = setup();
+        let mut changes = cascade.changes();
+        let full = |units: Vec<CatalogUnit>, more: bool, first: bool| Catalog {
+            full: first,
+            more,
+            courts: if first {
+                vec![court("京01", "京")]
+            } else {
+                vec![]
+            },
+            units,
+            ..Default::default()
+        };
+        cascade.apply_catalog(
+            &link,
+            &units,
+            full(vec![unit("a", true), unit("b", true)], false, true),
+        );
+        // Again, in two parts, without "a": "b" in the second part must not flap offline.
+        cascade.apply_catalog(&link, &units, full(vec![], true, true));
+        cascade.apply_catalog(&link, &units, full(vec![unit("b", true)], false, false));
+        let mut offline = Vec::new();
+        while let Ok(c) = changes.try_recv() {
+            if let TreeChange::Unit(u) = c
+                && !u.online
+            {
+                offline.push(u.unit_id);
+            }
+        }
+        assert_eq!(offline, vec!["a".to_string()]);
+        let listed = cascade.visible_units(&units, "京");
+        assert!(listed.iter().any(|u| u.unit_id == "b" && u.online));
+        assert!(
+            listed.iter().any(|u| u.unit_id == "a" && !u.online),
+            "still known, offline"
+        );
     }
 }

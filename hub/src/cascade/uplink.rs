@@ -110,7 +110,7 @@ async fn serve(
     let mut tree = hub.cascade.changes();
     let mut states = hub.directives.changes();
     let mut alarms = hub.field.alarm_changes();
-    send(&out, Kind::Catalog(full_catalog(hub).await))?;
+    send_full(hub, &out).await?;
     let mut session = Session::new(hub, conn, None);
     let own = hub.cascade.own().code.clone();
     let result = loop {
@@ -128,7 +128,7 @@ async fn serve(
                     ..Default::default()
                 }))?,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    send(&out, Kind::Catalog(full_catalog(hub).await))?;
+                    send_full(hub, &out).await?;
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
@@ -138,7 +138,7 @@ async fn serve(
                     ..Default::default()
                 }))?,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    send(&out, Kind::Catalog(full_catalog(hub).await))?;
+                    send_full(hub, &out).await?;
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
@@ -159,7 +159,7 @@ async fn serve(
                 }))?,
                 // Courts below changed, or we missed news: the whole catalog again.
                 Ok(TreeChange::Courts) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    send(&out, Kind::Catalog(full_catalog(hub).await))?;
+                    send_full(hub, &out).await?;
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
@@ -199,6 +199,53 @@ async fn serve(
     };
     session.finish().await;
     result
+}
+
+/// Sends the whole catalog, in parts that each fit a control message.
+async fn send_full(hub: &HubContext, out: &mpsc::Sender<ControlMessage>) -> anyhow::Result<()> {
+    for part in split(full_catalog(hub).await, PART_BYTES) {
+        send(out, Kind::Catalog(part))?;
+    }
+    Ok(())
+}
+
+/// Well under the 64 KiB control message limit.
+const PART_BYTES: usize = 48 * 1024;
+
+/// Splits a full catalog into parts of at most about `limit` encoded bytes: the first
+/// carries the courts and `full`, all but the last `more`.
+fn split(c: Catalog, limit: usize) -> Vec<Catalog> {
+    use prost::Message;
+    let mut parts = vec![Catalog {
+        full: true,
+        courts: c.courts,
+        ..Default::default()
+    }];
+    let mut size = parts[0].encoded_len();
+    let start_new = |parts: &mut Vec<Catalog>, size: &mut usize, item: usize| {
+        if *size + item > limit {
+            parts.push(Catalog::default());
+            *size = 0;
+        }
+        *size += item;
+    };
+    for u in c.units {
+        start_new(&mut parts, &mut size, u.encoded_len() + 4);
+        if let Some(p) = parts.last_mut() {
+            p.units.push(u);
+        }
+    }
+    for a in c.alarms {
+        start_new(&mut parts, &mut size, a.encoded_len() + 4);
+        if let Some(p) = parts.last_mut() {
+            p.alarms.push(a);
+        }
+    }
+    let n = parts.len();
+    for p in &mut parts[..n - 1] {
+        p.more = true;
+    }
+    parts
 }
 
 /// The whole catalog: units, courts, and alarms not yet resolved (this hub's and below).
@@ -296,5 +343,45 @@ pub fn court_info(config: &crate::config::Config, parent: &str) -> CourtInfo {
         name: config.court.name.clone(),
         tier: config.court.tier.wire() as i32,
         parent: parent.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use tianwang_proto::v1::TrackInfo;
+
+    #[test]
+    fn a_large_catalog_goes_in_parts_that_fit_a_control_message() {
+        let unit = |i: usize| CatalogUnit {
+            unit_id: format!("bwc-{i:05}"),
+            online: true,
+            tracks: vec![TrackInfo {
+                name: "video".into(),
+                codec: "h264".into(),
+                ..Default::default()
+            }],
+            court: "京01".into(),
+            removed: false,
+        };
+        let c = Catalog {
+            full: true,
+            units: (0..5000).map(unit).collect(),
+            courts: vec![CourtInfo::default()],
+            ..Default::default()
+        };
+        let parts = split(c, PART_BYTES);
+        assert!(parts.len() > 2);
+        assert!(parts[0].full && parts[1..].iter().all(|p| !p.full));
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.more));
+        assert!(!parts[parts.len() - 1].more);
+        assert_eq!(parts.iter().map(|p| p.units.len()).sum::<usize>(), 5000);
+        for p in &parts {
+            let len = ControlMessage::new(Kind::Catalog(p.clone())).encoded_len();
+            assert!(len < tianwang_proto::wire::MAX_CONTROL_MESSAGE, "{len}");
+        }
+        // A small one stays whole.
+        assert_eq!(split(Catalog::default(), PART_BYTES).len(), 1);
     }
 }
