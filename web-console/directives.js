@@ -111,12 +111,62 @@ export class Directives extends EventTarget {
       if (!text) return this.complain("Write the instruction first.", "#message-text");
       if (this.send({ kind: "DIRECTIVE_KIND_MESSAGE", text })) this.q("#message-text").value = "";
     };
+    // Push-to-talk: held with the pointer, or Space/Enter held while the button has focus.
+    const talk = this.q("#talk-button");
+    this.talking = false;
+    this.talkLog = [];
+    const press = (e) => {
+      e.preventDefault();
+      if (!this.talking && this.unitId) this.talkStart();
+    };
+    const release = () => { if (this.talking) this.talkStop(); };
+    talk.addEventListener("pointerdown", press);
+    talk.addEventListener("pointerup", release);
+    talk.addEventListener("pointerleave", release);
+    talk.addEventListener("keydown", (e) => {
+      if ((e.key === " " || e.key === "Enter") && !e.repeat) press(e);
+    });
+    talk.addEventListener("keyup", (e) => {
+      if (e.key === " " || e.key === "Enter") release();
+    });
+    session.addEventListener("talk", (e) => this.onTalk(e.detail));
     root.addEventListener("keydown", (e) => {
       if (e.key === "Escape") {
         e.stopPropagation();
         this.close();
       }
     });
+  }
+
+  async talkStart() {
+    const unit = this.unitId;
+    this.talking = true;
+    this.q("#talk-button").setAttribute("aria-pressed", "true");
+    this.q("#talk-state").textContent = `connecting to ${unit}…`;
+    this.talkLog.push({ unit, at: Date.now(), state: "pressed" });
+    if (!(await this.session.talkStart(unit))) this.talkStop();
+  }
+
+  talkStop() {
+    this.talking = false;
+    this.q("#talk-button").setAttribute("aria-pressed", "false");
+    this.session.talkStop();
+  }
+
+  onTalk(t) {
+    const state = (t.state ?? "").replace("STATE_", "").toLowerCase();
+    this.talkLog.push({ unit: t.unitId, at: Date.now(), state, reason: t.reason ?? "" });
+    const text = {
+      live: `talking to ${t.unitId}`,
+      stopped: "",
+      refused: `cannot talk to ${t.unitId}: ${t.reason}`,
+    }[state] ?? "";
+    this.q("#talk-state").textContent = text;
+    this.q("#talk-button").classList.toggle("live", state === "live");
+    if (state === "refused") {
+      this.talking = false;
+      this.q("#talk-button").setAttribute("aria-pressed", "false");
+    }
   }
 
   /// Opens the panel for `unitId` (the keyboard lands on its first button).

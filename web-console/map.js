@@ -194,21 +194,22 @@ export class MapView {
     return e instanceof HubError ? `${e.status}: ${e.message}` : e.message;
   }
 
+  /// Open operations of this hub and of the courts below (any console role may read them).
   async loadOperations() {
-    const body = await (await hubFetch("/api/cases", this.token)).json();
-    // Protobuf JSON: 64-bit numbers are strings, and zeros are left out.
-    this.operations = (body.cases ?? []).flatMap((c) => (c.operations ?? []).map((o) => ({
+    const body = await (await hubFetch("/api/operations", this.token)).json();
+    this.operations = (body.operations ?? []).map((o) => ({
       id: o.id,
-      caseNumber: c.number,
+      caseNumber: o.case_number,
+      court: o.court,
       name: o.name ?? "",
       lat: o.latitude ?? 0,
       lon: o.longitude ?? 0,
-      radiusM: o.radiusM ?? 0,
+      radiusM: o.radius_m ?? 0,
       units: o.units ?? [],
-      startsUs: Number(o.startsUs ?? 0),
-      endsUs: Number(o.endsUs ?? 0),
+      startsUs: Number(o.starts_us ?? 0),
+      endsUs: Number(o.ends_us ?? 0),
       state: o.state ?? "",
-    })));
+    }));
   }
 
   /// Operations going on now; an operation ends on the map when its window does, between

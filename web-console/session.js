@@ -12,6 +12,10 @@ export class Session extends EventTarget {
     this.pendingCandidates = [];
     // The hub names each tile's tracks with the tile id as their stream id.
     this.streams = new Map();
+    // Push-to-talk: the microphone (asked for once), the unit talked to, and the mid of
+    // the hub's receive-only audio m-line that carries it.
+    this.mic = null;
+    this.talk = null;
   }
 
   connect() {
@@ -64,6 +68,41 @@ export class Session extends EventTarget {
     return this.send({ directive: request });
   }
 
+  /// Push-to-talk pressed: the microphone goes to `unitId` once the hub says where.
+  /// Resolves false when the microphone is refused (the hub is not asked then).
+  async talkStart(unitId) {
+    if (!this.mic) {
+      try {
+        this.mic = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+      } catch (e) {
+        this.emit("talk", { unitId, state: "STATE_REFUSED", reason: `microphone: ${e.message}` });
+        return false;
+      }
+    }
+    this.talk = { unitId, mid: null };
+    return this.send({ talk: { unitId, on: true } });
+  }
+
+  /// Push-to-talk released: the microphone stops at once, then the hub ends the talk.
+  talkStop() {
+    const unitId = this.talk?.unitId;
+    this.talk = null;
+    this.attachMic();
+    if (unitId) this.send({ talk: { unitId, on: false } });
+  }
+
+  /// The talk line's sender carries the microphone while a talk is live, nothing otherwise.
+  async attachMic() {
+    const pc = this.pc;
+    if (!pc) return;
+    const track = this.talk?.mid ? this.mic?.getAudioTracks()[0] ?? null : null;
+    for (const t of pc.getTransceivers()) {
+      if (!this.talkMids.has(t.mid)) continue;
+      const wanted = t.mid === this.talk?.mid ? track : null;
+      if (t.sender.track !== wanted) await t.sender.replaceTrack(wanted).catch(() => {});
+    }
+  }
+
   ensurePeer() {
     if (this.pc) return this.pc;
     const pc = new RTCPeerConnection({ iceServers: [] });
@@ -95,6 +134,16 @@ export class Session extends EventTarget {
     else if (event.error) this.emit("error", event.error);
     else if (event.directive) this.emit("directive", event.directive);
     else if (event.courts) this.emit("courts", event.courts.courts ?? []);
+    else if (event.talk) {
+      const t = event.talk;
+      if (this.talk && t.unitId === this.talk.unitId && t.state === "STATE_LIVE") {
+        this.talk.mid = t.mid;
+        this.talk.id = t.talkId;
+      }
+      if (t.state === "STATE_REFUSED" && this.talk?.unitId === t.unitId) this.talk = null;
+      await this.attachMic();
+      this.emit("talk", t);
+    }
     else if (event.offer) await this.answer(event.offer);
     else if (event.iceCandidate) await this.remoteCandidate(event.iceCandidate);
   }
@@ -103,11 +152,18 @@ export class Session extends EventTarget {
     const pc = this.ensurePeer();
     try {
       await pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
+      // The hub's receive-only audio m-line is the talk line: we send on it (the track is
+      // put on while a talk is live).
+      this.talkMids = recvonlyAudioMids(offer.sdp);
+      for (const t of pc.getTransceivers()) {
+        if (this.talkMids.has(t.mid) && t.direction !== "sendonly") t.direction = "sendonly";
+      }
       for (const c of this.pendingCandidates.splice(0)) await pc.addIceCandidate(c);
       const answer = await pc.createAnswer();
       await pc.setLocalDescription(answer);
       this.send({ answer: { type: "answer", sdp: pc.localDescription.sdp, revision: offer.revision } });
       this.emit("negotiated", pc);
+      await this.attachMic();
     } catch (e) {
       this.emit("error", { message: `negotiation failed: ${e.message}` });
     }
@@ -129,8 +185,21 @@ export class Session extends EventTarget {
     }
   }
 
+  talkMids = new Set();
+
   /// The media of a tile, once its tracks have arrived.
   streamFor(tileId) {
     return this.streams.get(tileId) ?? null;
   }
+}
+
+/// The mids of the audio m-lines an offer marks a=recvonly (the hub's talk line).
+function recvonlyAudioMids(sdp) {
+  const mids = new Set();
+  for (const section of sdp.split(/\r?\nm=/).slice(1)) {
+    if (!section.startsWith("audio")) continue;
+    const mid = /\r?\na=mid:(\S+)/.exec(section)?.[1];
+    if (mid && /\r?\na=recvonly/.test(section)) mids.add(mid);
+  }
+  return mids;
 }

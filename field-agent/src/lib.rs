@@ -1,7 +1,8 @@
 //! The Tianwang field agent: the device side. GStreamer captures and encodes into local
 //! relay-core tracks; the QUIC uplink streams them to the unit's hub and reconnects when the
 //! link drops; `simulate` runs many virtual units from one pre-encoded clip. Directives from
-//! the command centre are executed exactly once (`directives`).
+//! the command centre are executed exactly once (`directives`); what the command centre says
+//! to the officer is played and kept (`talkback`).
 
 pub mod broadcast;
 pub mod capture;
@@ -10,6 +11,7 @@ pub mod route;
 pub mod seen;
 pub mod simulate;
 pub mod snapshot;
+pub mod talkback;
 pub mod uplink;
 
 /// Wall clock, microseconds since the Unix epoch: the capture timestamps' clock.

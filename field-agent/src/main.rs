@@ -104,8 +104,8 @@ impl Encode {
 /// The default data dir, relative to where the agent starts.
 const DATA_DIR: &str = "field-agent-data";
 
-/// Creates the data dir if needed: the directive log, marks, instructions and snapshots
-/// live there.
+/// Creates the data dir if needed: the directive log, marks, instructions, snapshots and
+/// talkback live there.
 fn data_dir(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(path)
         .with_context(|| format!("creating the data dir {}", path.display()))?;
@@ -135,9 +135,13 @@ struct RunArgs {
     /// A simulated route for the GPS position (`lat,lon` lines, `speed N`, `loop`).
     #[arg(long)]
     route: Option<PathBuf>,
-    /// Where the unit keeps directive state, marks, instructions and snapshots.
+    /// Where the unit keeps directive state, marks, instructions, snapshots and talkback
+    /// (`talkback/<talk>.ogg`, `talkback.jsonl`).
     #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
     data_dir: PathBuf,
+    /// Keep talkback from the command centre in files only; do not play it.
+    #[arg(long)]
+    no_speaker: bool,
     #[command(flatten)]
     encode: Encode,
 }
@@ -160,7 +164,8 @@ struct SimulateArgs {
     /// A directory of routes: unit UNIT walks UNIT.route if there is one.
     #[arg(long)]
     routes: Option<PathBuf>,
-    /// Where the units keep their files: one subdirectory per unit id.
+    /// Where the units keep their files: one subdirectory per unit id (talkback is kept
+    /// there, never played).
     #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
     data_dir: PathBuf,
     #[command(flatten)]
@@ -258,6 +263,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.link.trust()?,
     );
     config.data_dir = dir.clone();
+    config.speaker = !args.no_speaker;
     if let Some(path) = &args.route {
         let route = field_agent::route::Route::load(path)?;
         config.route = Some((Arc::new(route), std::time::Instant::now()));

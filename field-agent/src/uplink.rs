@@ -1,7 +1,8 @@
 //! The QUIC uplink of one unit: hello, announce, one sender per track, the control loop
-//! (keyframe requests, directives, telemetry), and reconnection with backoff when the hub
-//! goes away. Capture never waits for the uplink: while it is down, the local tracks keep
-//! only their newest group, and a reconnect starts from that group's keyframe.
+//! (keyframe requests, directives, telemetry, talkback and its group streams from the hub),
+//! and reconnection with backoff when the hub goes away. Capture never waits for the
+//! uplink: while it is down, the local tracks keep only their newest group, and a reconnect
+//! starts from that group's keyframe.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::broadcast::LocalBroadcast;
 use crate::directives::Directives;
+use crate::talkback::{Talkback, TalkbackConfig, TalkbackStats};
 
 #[derive(Clone)]
 pub struct UplinkConfig {
@@ -35,8 +37,11 @@ pub struct UplinkConfig {
     pub route: Option<(Arc<crate::route::Route>, Instant)>,
     /// The SOS button: pressed until this instant (SIGUSR1 presses it for a while).
     pub sos: Arc<std::sync::Mutex<Option<Instant>>>,
-    /// Where the unit keeps its files: the telemetry's free storage is measured there.
+    /// Where the unit keeps its files: the telemetry's free storage is measured there,
+    /// talkback is kept there.
     pub data_dir: std::path::PathBuf,
+    /// Play talkback from the command centre to the speaker (else keep it in files only).
+    pub speaker: bool,
 }
 
 impl UplinkConfig {
@@ -55,6 +60,7 @@ impl UplinkConfig {
             route: None,
             sos: Arc::default(),
             data_dir: ".".into(),
+            speaker: false,
             limits: Limits {
                 // Notice a dead link within a few seconds.
                 idle_timeout: Duration::from_secs(6),
@@ -79,6 +85,7 @@ pub struct UplinkStats {
     pub connects: AtomicU64,
     pub frames_sent: AtomicU64,
     pub telemetry_sent: AtomicU64,
+    pub talkback: Arc<TalkbackStats>,
 }
 
 /// Keeps the unit connected until `shutdown`. Returns early only when the hub refuses the
@@ -281,6 +288,13 @@ async fn session(
     // One session at a time: this lock is never contended.
     let mut acks = directives.acks().lock().await;
     let mut telemetry = tokio::time::interval(Duration::from_secs(1));
+    let mut talkback = Talkback::new(
+        TalkbackConfig {
+            data_dir: config.data_dir.clone(),
+            speaker: config.speaker,
+        },
+        Arc::clone(&stats.talkback),
+    );
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -290,8 +304,13 @@ async fn session(
                 break Ok(());
             }
             msg = control::recv(&mut rx) => match msg {
-                Ok(m) => handle_control(broadcast, directives, m),
+                Ok(m) => handle_control(broadcast, directives, &mut talkback, m),
                 Err(e) => break Err(classify(e, &conn).await),
+            },
+            // The hub's only streams towards a unit carry talkback.
+            stream = conn.accept_uni() => match stream {
+                Ok(recv) => talkback.accept(recv),
+                Err(e) => break Err(classify(e.to_string(), &conn).await),
             },
             Some(ack) = acks.recv() => {
                 use futures::SinkExt;
@@ -323,16 +342,24 @@ async fn session(
             b"reconnecting",
         );
     }
+    // A talk ends with its session; its file is finished before the next one starts.
+    talkback.close().await;
     result
 }
 
-fn handle_control(broadcast: &LocalBroadcast, directives: &Directives, msg: ControlMessage) {
+fn handle_control(
+    broadcast: &LocalBroadcast,
+    directives: &Directives,
+    talkback: &mut Talkback,
+    msg: ControlMessage,
+) {
     match msg.kind {
         Some(Kind::KeyframeRequest(k)) => {
             debug!(track = k.track_id, "keyframe requested");
             broadcast.request_keyframe(k.track_id);
         }
         Some(Kind::Directive(d)) => directives.submit(d),
+        Some(Kind::Talkback(t)) => talkback.control(t),
         other => {
             debug!(
                 kind = ControlMessage { kind: other }.kind_name(),

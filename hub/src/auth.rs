@@ -30,6 +30,11 @@ impl Role {
         matches!(self, Role::Viewer | Role::Commander | Role::Official)
     }
 
+    /// Talks to officers (push-to-talk, remote video link).
+    pub fn can_talk(self) -> bool {
+        matches!(self, Role::Official)
+    }
+
     /// Issues directives to units.
     pub fn can_direct(self) -> bool {
         matches!(self, Role::Commander | Role::Official)

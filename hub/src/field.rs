@@ -367,6 +367,29 @@ pub enum SettleError {
     Index(#[from] IndexError),
 }
 
+/// Operations not closed, as a parent hub's catalog carries them.
+pub async fn open_operations(
+    index: &Index,
+    court: &str,
+) -> Result<Vec<v1::CatalogOperation>, IndexError> {
+    Ok(planned_operations(index)
+        .await?
+        .into_iter()
+        .map(|(op, units)| v1::CatalogOperation {
+            id: op.id,
+            case_number: op.case_number,
+            name: op.name,
+            starts_us: op.starts_us.max(0) as u64,
+            ends_us: op.ends_us.max(0) as u64,
+            latitude: op.latitude,
+            longitude: op.longitude,
+            radius_m: op.radius_m,
+            units,
+            court: court.to_string(),
+        })
+        .collect())
+}
+
 async fn planned_operations(index: &Index) -> Result<Vec<(OperationRow, Vec<String>)>, IndexError> {
     let ops: Vec<OperationRow> = sqlx::query_as("SELECT * FROM operations WHERE state = 'planned'")
         .fetch_all(index.pool())
@@ -685,6 +708,7 @@ pub mod http {
             .route("/api/alarms/{id}/ack", post(ack))
             .route("/api/alarms/{id}/resolve", post(resolve))
             .route("/api/telemetry", get(telemetry))
+            .route("/api/operations", get(operations))
     }
 
     fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
@@ -920,6 +944,36 @@ pub mod http {
         body: axum::body::Bytes,
     ) -> Response {
         settle(&hub, &headers, &id, q.court, &body, true).await
+    }
+
+    /// Open operations (for the map's fences): this hub's, and those of the courts below
+    /// the token's court. Any console role.
+    async fn operations(State(hub): State<Arc<HubContext>>, headers: HeaderMap) -> Response {
+        let (_, scope) = match authorize(&hub, &headers, false) {
+            Ok(who) => who,
+            Err(r) => return r,
+        };
+        let own = hub.config.court.code.clone();
+        let mut ops = Vec::new();
+        if hub.cascade.covers(&scope, &own) {
+            match super::open_operations(&hub.evidence.index, &own).await {
+                Ok(local) => ops.extend(local),
+                Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
+        ops.extend(hub.cascade.operations_under(&scope));
+        let list: Vec<serde_json::Value> = ops
+            .into_iter()
+            .map(|o| {
+                serde_json::json!({
+                    "id": o.id, "case_number": o.case_number, "name": o.name,
+                    "starts_us": o.starts_us, "ends_us": o.ends_us, "latitude": o.latitude,
+                    "longitude": o.longitude, "radius_m": o.radius_m, "units": o.units,
+                    "court": o.court, "state": "planned",
+                })
+            })
+            .collect();
+        axum::Json(serde_json::json!({ "operations": list })).into_response()
     }
 
     #[derive(Deserialize)]

@@ -19,6 +19,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod subscriber;
+pub mod talkback;
 pub mod watch;
 
 pub use config::Config;

@@ -70,6 +70,7 @@ pub(crate) async fn run(
                 .collect(),
             replaced: replaced.clone(),
             officer,
+            conn: Some(conn.clone()),
         },
     );
     let _detach = DetachOnDrop {

@@ -37,6 +37,8 @@ pub struct PublisherLink {
     pub replaced: CancellationToken,
     /// The officer carrying the device, as it said in its hello.
     pub officer: Option<String>,
+    /// The device's connection (talkback goes down it); None for a pull from a child hub.
+    pub conn: Option<quinn::Connection>,
 }
 
 pub struct Broadcast {
@@ -95,6 +97,11 @@ impl Broadcast {
         lock(&self.publisher)
             .as_ref()
             .is_some_and(|l| l.control.try_send(msg).is_ok())
+    }
+
+    /// The live device's connection.
+    pub fn publisher_conn(&self) -> Option<quinn::Connection> {
+        lock(&self.publisher).as_ref().and_then(|l| l.conn.clone())
     }
 
     /// The publisher's ids for the tracks, by name (a child hub names them in Subscribed).
@@ -621,6 +628,7 @@ mod tests {
                 track_ids: HashMap::new(),
                 replaced: CancellationToken::new(),
                 officer: None,
+                conn: None,
             },
             rx,
         )

@@ -42,6 +42,7 @@ impl ControlMessage {
             Some(Kind::UnitState(_)) => "unit_state",
             Some(Kind::Catalog(_)) => "catalog",
             Some(Kind::AlarmAction(_)) => "alarm_action",
+            Some(Kind::Talkback(_)) => "talkback",
         }
     }
 }

@@ -104,8 +104,9 @@ export async function startDemo(units = 4) {
   return demo;
 }
 
-/// Debian's Chromium, headless, with a fresh profile.
-export async function browser() {
+/// Debian's Chromium, headless, with a fresh profile; with `media`, a fake camera and
+/// microphone that need no permission prompt.
+export async function browser({ media = false } = {}) {
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), "tianwang-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: "/usr/bin/chromium",
@@ -115,6 +116,7 @@ export async function browser() {
       "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
       "--autoplay-policy=no-user-gesture-required",
+      ...(media ? ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"] : []),
     ],
   });
   return {

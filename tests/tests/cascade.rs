@@ -494,7 +494,7 @@ async fn wait_alarm_where(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_alarm_nobody_acknowledges_escalates_and_is_acknowledged_from_above() {
+async fn alarms_escalate_and_are_settled_from_above_and_operations_go_up() {
     let dir = tempfile::tempdir().unwrap();
     let ca = tree::make_ca(dir.path()).unwrap();
     let tls = dir.path().join("high-tls");
@@ -588,6 +588,58 @@ async fn an_alarm_nobody_acknowledges_escalates_and_is_acknowledged_from_above()
         a["id"] == id.as_str() && a["state"] == "acknowledged"
     })
     .await;
+    // The intermediate court's operations go up too: the high court's map shows its fence.
+    let hub_url = format!("http://{}", i1.http);
+    let case = "(2026)京01执9号";
+    tree::hub_cli(&[
+        "case", "--hub", &hub_url, "--token", &local, "create", "--number", case,
+    ])
+    .unwrap();
+    tree::hub_cli(&[
+        "case",
+        "--hub",
+        &hub_url,
+        "--token",
+        &local,
+        "operation",
+        "--case",
+        case,
+        "--id",
+        "op-9",
+        "--units",
+        "bwc-9",
+        "--lat",
+        "39.9",
+        "--lon",
+        "116.4",
+        "--radius",
+        "250",
+    ])
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}/api/operations", high.http))
+            .header("authorization", format!("Bearer {above}"))
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let found = v["operations"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|o| o["id"] == "op-9").cloned());
+        if let Some(op) = found {
+            assert_eq!(op["court"], tree::INTERMEDIATE_1);
+            assert_eq!(op["case_number"], case);
+            assert_eq!(op["units"][0], "bwc-9");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "operation not seen above: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // An intermediate court's token cannot settle alarms through the high court's hub for
     // another court.
     let narrow = high.token_with("commander", "x", &["--court", tree::INTERMEDIATE_1]);

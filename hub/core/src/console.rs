@@ -81,6 +81,12 @@ pub enum Action {
     /// Issue a directive for the console's user (the shell checks role and jurisdiction,
     /// and its states come back as events).
     Direct(DirectiveRequest),
+    /// Start (or stop) push-to-talk to a unit; the shell answers with `talk_channel_added`
+    /// when the PeerConnection needs a new offer for it, and sends the TalkState.
+    Talk {
+        unit_id: String,
+        on: bool,
+    },
     /// End the session (the error was sent already).
     Close {
         code: ErrorCode,
@@ -250,6 +256,10 @@ impl ConsoleSession {
             Request::Answer(answer) => self.answer(answer),
             Request::IceCandidate(c) => self.actions.push_back(Action::AddRemoteCandidate(c)),
             Request::Directive(d) => self.actions.push_back(Action::Direct(d)),
+            Request::Talk(t) => self.actions.push_back(Action::Talk {
+                unit_id: t.unit_id,
+                on: t.on,
+            }),
             Request::Keyframe(k) => {
                 if self.tiles.contains_key(&k.tile_id) {
                     self.actions
@@ -476,6 +486,13 @@ impl ConsoleSession {
     pub fn unit_event(&mut self, unit: UnitEvent) {
         if self.principal.is_some() && !self.closed {
             self.actions.push_back(event(Event::Unit(unit)));
+        }
+    }
+
+    /// The shell added the talkback m-line: the console needs an offer that carries it.
+    pub fn talk_channel_added(&mut self) {
+        if self.principal.is_some() && !self.closed {
+            self.negotiate();
         }
     }
 

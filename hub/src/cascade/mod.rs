@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tianwang_proto::v1::{
-    Catalog, CatalogAlarm, CatalogUnit, CourtInfo, Subscribe, TrackInfo, UnitSummary, Unsubscribe,
+    Catalog, CatalogAlarm, CatalogOperation, CatalogUnit, CourtInfo, Subscribe, TrackInfo,
+    UnitSummary, Unsubscribe,
 };
 use tianwang_proto::{ControlMessage, Kind};
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -45,6 +46,8 @@ pub enum TreeChange {
     Courts,
     /// An alarm below was raised, settled or escalated.
     Alarm(CatalogAlarm),
+    /// Operations below were opened or closed.
+    Operations,
 }
 
 pub struct Cascade {
@@ -54,6 +57,8 @@ pub struct Cascade {
     remote: DashMap<String, RemoteUnit>,
     /// Alarms below, by (court, id), with the link they came through.
     alarms: DashMap<(String, String), (CatalogAlarm, u64)>,
+    /// Open operations below, likewise.
+    operations: DashMap<(String, String), (CatalogOperation, u64)>,
     children: DashMap<u64, Arc<ChildLink>>,
     changes: broadcast::Sender<TreeChange>,
     next_link: AtomicU64,
@@ -106,6 +111,7 @@ impl Cascade {
             courts: DashMap::new(),
             remote: DashMap::new(),
             alarms: DashMap::new(),
+            operations: DashMap::new(),
             children: DashMap::new(),
             changes: broadcast::channel(1024).0,
             next_link: AtomicU64::new(1),
@@ -241,6 +247,8 @@ impl Cascade {
             .filter(|a| a.0.state != "resolved")
             .map(|a| a.0.clone())
             .collect();
+        out.operations = self.operations.iter().map(|o| o.0.clone()).collect();
+        out.operations_complete = true;
         out
     }
 
@@ -253,6 +261,18 @@ impl Cascade {
             .map(|a| a.0.clone())
             .collect();
         out.sort_by_key(|a| std::cmp::Reverse(a.raised_us));
+        out
+    }
+
+    /// Open operations below that `scope` covers.
+    pub fn operations_under(&self, scope: &str) -> Vec<CatalogOperation> {
+        let mut out: Vec<CatalogOperation> = self
+            .operations
+            .iter()
+            .filter(|o| self.covers(scope, &o.0.court))
+            .map(|o| o.0.clone())
+            .collect();
+        out.sort_by(|a, b| (a.starts_us, &a.id).cmp(&(b.starts_us, &b.id)));
         out
     }
 
@@ -306,6 +326,7 @@ impl Cascade {
             track_ids: HashMap::new(),
             replaced: CancellationToken::new(),
             officer: None,
+            conn: None,
         };
         let Some(attached) = units.attach_remote(unit, &r.court, &tracks, publisher) else {
             warn!(%unit, court = %r.court, "a unit below has the id of a unit of this hub: not pulled");
@@ -523,6 +544,28 @@ impl Cascade {
                 self.unit_went_away(link, units, &u.unit_id);
             }
             self.tell_unit(&u.unit_id, u.online, u.tracks, &u.court);
+        }
+        if c.operations_complete {
+            self.operations.retain(|(court, _), (_, via)| {
+                let through_this = *via == link.id
+                    || (!self.children.contains_key(via)
+                        && self.courts.get(court).is_some_and(|c| c.1 == link.id));
+                !through_this
+            });
+        }
+        let operations_changed = c.operations_complete || !c.operations.is_empty();
+        for o in c.operations {
+            let in_subtree = self.courts.get(&o.court).is_some_and(|e| e.1 == link.id);
+            if !in_subtree || o.id.is_empty() || o.id.len() > 128 {
+                warn!(court = %o.court, child = %link.court.code,
+                    "a child hub reported an operation outside its subtree: ignored");
+                continue;
+            }
+            self.operations
+                .insert((o.court.clone(), o.id.clone()), (o, link.id));
+        }
+        if operations_changed {
+            let _ = self.changes.send(TreeChange::Operations);
         }
         if c.full {
             // Alarms resolved while the link was down are simply not listed any more.

@@ -110,6 +110,7 @@ async fn serve(
     let mut tree = hub.cascade.changes();
     let mut states = hub.directives.changes();
     let mut alarms = hub.field.alarm_changes();
+    let mut operations = hub.evidence.operations_version.subscribe();
     send_full(hub, &out).await?;
     let mut session = Session::new(hub, conn, None);
     let own = hub.cascade.own().code.clone();
@@ -132,6 +133,14 @@ async fn serve(
                 }
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
+            changed = operations.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                if let Some(c) = all_operations(hub).await {
+                    send(&out, Kind::Catalog(c))?;
+                }
+            }
             change = alarms.recv() => match change {
                 Ok(a) => send(&out, Kind::Catalog(Catalog {
                     alarms: vec![a.catalog(&own)],
@@ -153,6 +162,11 @@ async fn serve(
                     }],
                     ..Default::default()
                 }))?,
+                Ok(TreeChange::Operations) => {
+                    if let Some(c) = all_operations(hub).await {
+                        send(&out, Kind::Catalog(c))?;
+                    }
+                }
                 Ok(TreeChange::Alarm(a)) => send(&out, Kind::Catalog(Catalog {
                     alarms: vec![a],
                     ..Default::default()
@@ -219,6 +233,8 @@ fn split(c: Catalog, limit: usize) -> Vec<Catalog> {
     let mut parts = vec![Catalog {
         full: true,
         courts: c.courts,
+        operations: c.operations,
+        operations_complete: c.operations_complete,
         ..Default::default()
     }];
     let mut size = parts[0].encoded_len();
@@ -248,9 +264,38 @@ fn split(c: Catalog, limit: usize) -> Vec<Catalog> {
     parts
 }
 
-/// The whole catalog: units, courts, and alarms not yet resolved (this hub's and below).
+/// Every open operation of this hub and below, replacing what the parent had. Nothing
+/// when the index cannot be read: the parent keeps what it knew.
+async fn all_operations(hub: &HubContext) -> Option<Catalog> {
+    let own = &hub.cascade.own().code;
+    let mut ops = match crate::field::open_operations(&hub.evidence.index, own).await {
+        Ok(ops) => ops,
+        Err(e) => {
+            warn!(error = %e, "reading operations for the parent");
+            return None;
+        }
+    };
+    ops.extend(hub.cascade.operations_under(own));
+    Some(Catalog {
+        operations: ops,
+        operations_complete: true,
+        ..Default::default()
+    })
+}
+
+/// The whole catalog: units, courts, alarms not yet resolved and open operations (this
+/// hub's and below).
 async fn full_catalog(hub: &HubContext) -> Catalog {
     let mut c = hub.cascade.catalog(&hub.units);
+    let own = hub.cascade.own().code.clone();
+    match crate::field::open_operations(&hub.evidence.index, &own).await {
+        Ok(ops) => c.operations.extend(ops),
+        Err(e) => {
+            // Not the complete list then: the parent keeps what it knew.
+            warn!(error = %e, "reading operations for the parent");
+            c.operations_complete = false;
+        }
+    }
     match crate::field::open_alarms(&hub.evidence.index).await {
         Ok(rows) => {
             let own = &hub.cascade.own().code;

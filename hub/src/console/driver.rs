@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use tianwang_core::console::{Action, ConsoleSession, Principal};
 use tianwang_proto::ErrorCode;
 use tianwang_proto::v1::session_request::Kind as Request;
-use tianwang_proto::v1::{Auth, SessionEvent, SessionRequest, TileStats, UnitEvent};
+use tianwang_proto::v1::talk_state::State as TalkLifecycle;
+use tianwang_proto::v1::{Auth, SessionEvent, SessionRequest, TalkState, TileStats, UnitEvent};
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::{Instrument, debug, info};
 use webrtc::peer_connection::RTCPeerConnectionState;
@@ -37,6 +38,8 @@ struct Driver {
     /// Their role, and the court they see (with the courts below it).
     role: Option<crate::auth::Role>,
     scope: Option<String>,
+    /// The push-to-talk under way, and whether the console was told its m-line.
+    talk: Option<(Arc<crate::talkback::Talk>, bool)>,
     /// Where a directive's first answer comes back from its task.
     directed: Option<tokio::sync::mpsc::Sender<SessionEvent>>,
     /// Tiles on view: tile → (unit, since), so each view is audited with its length.
@@ -65,6 +68,7 @@ pub async fn run(
         role: None,
         scope: None,
         directed: None,
+        talk: None,
         views: Default::default(),
     };
     async move {
@@ -82,6 +86,7 @@ pub async fn run(
         for tile in tiles {
             d.view_ended(&tile);
         }
+        d.stop_talk();
         if let Some(peer) = d.peer.take() {
             peer.close().await;
         }
@@ -141,7 +146,7 @@ impl Driver {
                     }
                     Ok(crate::cascade::TreeChange::Courts) => self.courts_changed(),
                     // The console reads alarms from /api/alarms.
-                    Ok(crate::cascade::TreeChange::Alarm(_)) => {}
+                    Ok(crate::cascade::TreeChange::Alarm(_) | crate::cascade::TreeChange::Operations) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.courts_changed(),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
                 },
@@ -344,7 +349,10 @@ impl Driver {
                     Err(e) => Err(e),
                 };
                 match offer {
-                    Ok(sdp) => self.session.offer_created(Instant::now(), revision, sdp),
+                    Ok(sdp) => {
+                        self.session.offer_created(Instant::now(), revision, sdp);
+                        self.announce_talk().await;
+                    }
                     Err(e) => self.session.negotiation_failed(&e),
                 }
             }
@@ -370,6 +378,13 @@ impl Driver {
                     && let Some(b) = self.hub.units.get(unit)
                 {
                     b.request_keyframe("video");
+                }
+            }
+            Action::Talk { unit_id, on } => {
+                if on {
+                    self.start_talk(unit_id).await;
+                } else {
+                    self.stop_talk();
                 }
             }
             Action::Direct(req) => {
@@ -405,6 +420,127 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    fn talk_state(&mut self, unit: &str, state: TalkLifecycle, mid: &str, reason: &str, id: &str) {
+        self.session
+            .send_event(tianwang_proto::v1::session_event::Kind::Talk(TalkState {
+                unit_id: unit.to_string(),
+                state: state as i32,
+                mid: mid.to_string(),
+                reason: reason.to_string(),
+                talk_id: id.to_string(),
+            }));
+    }
+
+    /// Push-to-talk pressed: an official, a unit of this hub within their court, online.
+    async fn start_talk(&mut self, unit: String) {
+        let refuse = |d: &mut Self, reason: String| {
+            d.hub.evidence.audit.record(
+                d.user.as_deref().unwrap_or("?"),
+                "talk.refused",
+                &unit,
+                serde_json::json!({ "reason": reason }),
+            );
+            d.talk_state(&unit, TalkLifecycle::Refused, "", &reason, "");
+        };
+        if !self.role.is_some_and(|r| r.can_talk()) {
+            let role = self.role.map(|r| format!("{r:?}")).unwrap_or_default();
+            return refuse(
+                self,
+                format!("a {role} token cannot talk to officers (officials can)"),
+            );
+        }
+        let scope = self.scope.clone().unwrap_or_default();
+        let cascade = &self.hub.cascade;
+        match cascade.unit_court(&self.hub.units, &unit) {
+            None => return refuse(self, format!("unit {unit:?} is not known here")),
+            Some(court) if !cascade.covers(&scope, &court) => {
+                return refuse(
+                    self,
+                    format!("unit {unit:?} belongs to court {court}, outside your court {scope}"),
+                );
+            }
+            Some(court) if court != cascade.own().code => {
+                return refuse(
+                    self,
+                    format!(
+                        "talkback reaches the units of this hub only; {unit:?} is at court {court}'s hub"
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+        let Some(broadcast) = self.hub.units.get(&unit).filter(|b| b.is_online()) else {
+            return refuse(self, format!("unit {unit:?} is not online"));
+        };
+        self.stop_talk();
+        let added = match self.ensure_peer().await {
+            Ok(peer) => peer.ensure_talk().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let added = match added {
+            Ok(a) => a,
+            Err(e) => return refuse(self, format!("talkback: {e}")),
+        };
+        let by = self.user.clone().unwrap_or_default();
+        let talk = match crate::talkback::Talk::start(broadcast, &by) {
+            Ok(t) => t,
+            Err(e) => return refuse(self, e.to_string()),
+        };
+        if let Some(peer) = self.peer.as_ref() {
+            *peer.talk_sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&talk));
+        }
+        self.hub.evidence.audit.record(
+            &by,
+            "talk.start",
+            &unit,
+            serde_json::json!({ "talk": talk.id, "console": self.id }),
+        );
+        self.talk = Some((talk, false));
+        if added {
+            // The next offer carries the m-line; its mid is told once it exists.
+            self.session.talk_channel_added();
+        } else {
+            self.announce_talk().await;
+        }
+    }
+
+    /// Tells the console where to send its microphone, once the talk m-line has a mid.
+    async fn announce_talk(&mut self) {
+        let Some((talk, false)) = self.talk.clone() else {
+            return;
+        };
+        let mid = match self.peer.as_ref() {
+            Some(peer) => peer.talk_mid().await,
+            None => None,
+        };
+        if let Some(mid) = mid {
+            self.talk = Some((Arc::clone(&talk), true));
+            self.talk_state(&talk.unit, TalkLifecycle::Live, &mid, "", &talk.id);
+        }
+    }
+
+    fn stop_talk(&mut self) {
+        let Some((talk, _)) = self.talk.take() else {
+            return;
+        };
+        if let Some(peer) = self.peer.as_ref() {
+            peer.talk_sink
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
+        talk.stop();
+        self.hub.evidence.audit.record(
+            &talk.by,
+            "talk.end",
+            &talk.unit,
+            serde_json::json!({ "talk": talk.id, "seconds": talk.started.elapsed().as_secs_f64(),
+                "packets": talk.packets.load(std::sync::atomic::Ordering::Relaxed) }),
+        );
+        let (unit, id) = (talk.unit.clone(), talk.id.clone());
+        self.talk_state(&unit, TalkLifecycle::Stopped, "", "", &id);
     }
 
     /// Audits the end of a tile's view, with how long it lasted.

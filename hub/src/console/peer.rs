@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
     RTCPeerConnectionIceEvent, RTCPeerConnectionState, SettingEngineBuilder,
@@ -54,6 +55,8 @@ pub enum PeerEvent {
 #[derive(Clone)]
 struct Handler {
     events: mpsc::UnboundedSender<PeerEvent>,
+    /// The console's microphone goes to the talk under way (console sessions only).
+    talk: crate::talkback::TalkSink,
 }
 
 #[async_trait::async_trait]
@@ -77,6 +80,25 @@ impl PeerConnectionEventHandler for Handler {
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         let _ = self.events.send(PeerEvent::State(state));
+    }
+
+    /// The only track a console sends is its microphone, for talkback.
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if track.kind().await != RtpCodecKind::Audio {
+            return;
+        }
+        let talk = Arc::clone(&self.talk);
+        tokio::spawn(async move {
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                    // Between talks the browser may still send (or send silence): dropped.
+                    let current = talk.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(t) = current {
+                        t.push(&packet.payload);
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -128,6 +150,9 @@ pub struct Peer {
     connected: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     pumps: tokio::task::JoinSet<()>,
+    /// The receive-only audio transceiver for talkback, once asked for.
+    talk: Option<Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>>,
+    pub talk_sink: crate::talkback::TalkSink,
 }
 
 impl Peer {
@@ -157,6 +182,7 @@ impl Peer {
             super::rtcp::KeyframeRequests::default(),
         );
         let (events, rx) = mpsc::unbounded_channel();
+        let talk_sink = crate::talkback::TalkSink::default();
         let addrs: Vec<String> = config.ips.iter().map(|ip| format!("{ip}:0")).collect();
         // No mDNS: its default mode binds a multicast socket on :5353 for every connection.
         let settings = SettingEngineBuilder::new()
@@ -167,7 +193,10 @@ impl Peer {
             .with_setting_engine(settings)
             .with_media_engine(engine)
             .with_interceptor_registry(registry)
-            .with_handler(Arc::new(Handler { events }))
+            .with_handler(Arc::new(Handler {
+                events,
+                talk: Arc::clone(&talk_sink),
+            }))
             .with_udp_addrs(addrs)
             .build()
             .await?;
@@ -179,6 +208,8 @@ impl Peer {
                 connected: watch::channel(false).0,
                 metrics,
                 pumps: tokio::task::JoinSet::new(),
+                talk: None,
+                talk_sink,
             },
             rx,
         ))
@@ -353,6 +384,35 @@ impl Peer {
             })
             .await?;
         Ok(())
+    }
+
+    /// Makes sure there is a receive-only audio m-line for the console's microphone. True
+    /// if it was added now (the session must offer again before it carries anything).
+    pub async fn ensure_talk(&mut self) -> Result<bool, PeerError> {
+        if self.talk.is_some() {
+            return Ok(false);
+        }
+        let t = self
+            .pc
+            .add_transceiver_from_kind(
+                RtpCodecKind::Audio,
+                Some(rtc::rtp_transceiver::RTCRtpTransceiverInit {
+                    direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+                    streams: Vec::new(),
+                    send_encodings: Vec::new(),
+                }),
+            )
+            .await?;
+        self.talk = Some(t);
+        Ok(true)
+    }
+
+    /// The talk m-line's mid, once an offer has carried it.
+    pub async fn talk_mid(&self) -> Option<String> {
+        match &self.talk {
+            Some(t) => t.mid().await.ok().flatten(),
+            None => None,
+        }
     }
 
     pub async fn transceiver_count(&self) -> usize {

@@ -75,6 +75,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let authority = &hub.context.authority;
     let day = Duration::from_secs(24 * 3600);
     let console_token = authority.issue(Role::Commander, "demo-console", None, day)?;
+    // Officials also talk to officers (push-to-talk).
+    let official_token = authority.issue(Role::Official, "demo-official", None, day)?;
     let mut tokens = String::new();
     for i in 1..=opts.units {
         let unit = format!("sim-{i}");
@@ -88,11 +90,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let ca = absolute(&config.cert_paths().0);
     let env_path = absolute(&config.data_dir.join("demo.env"));
     let env = format!(
-        "TIANWANG_HUB={}\nTIANWANG_HTTP=http://{}\nTIANWANG_TOKEN={}\nTIANWANG_CA={}\n",
+        "TIANWANG_HUB={}\nTIANWANG_HTTP=http://{}\nTIANWANG_TOKEN={}\nTIANWANG_CA={}\n\
+         TIANWANG_OFFICIAL_TOKEN={}\n",
         hub.quic_addr,
         hub.http_addr,
         console_token,
-        ca.display()
+        ca.display(),
+        official_token
     );
     crate::files::write_private(&env_path, env.as_bytes())
         .with_context(|| format!("writing {}", env_path.display()))?;
@@ -128,12 +132,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
          30 s: alarm left_geofence (GET /api/alarms). Play it back in the console's Cases view, then:\n    \
          {hub} export --data {data} --case '{case}' --out export-1\n    \
          {hub} verify --export export-1 --key $({hub} key --data {data})\n\
-         \n  Console token (commander, 24 h; also in {env}):\n\n{token}\n",
+         \n  Console token (commander, 24 h; also in {env}):\n\n{token}\n\
+         \n  An official's token (also talks to the officers: hold to talk in a unit's\n  \
+         directives panel; TIANWANG_OFFICIAL_TOKEN in {env}):\n\n{official}\n",
         n = opts.units,
         http = hub.http_addr,
         quic = hub.quic_addr,
         env = env_path.display(),
         token = console_token,
+        official = official_token,
         case = case,
         data = config.data_dir.display(),
         hub = std::env::current_exe()

@@ -238,6 +238,7 @@ impl Evidence {
         };
         self.index.create_operation(&row, &units).await?;
         self.operations_changed.notify_one();
+        self.operations_version.send_modify(|v| *v += 1);
         self.audit.record(
             actor,
             "operation.create",
@@ -262,6 +263,7 @@ impl Evidence {
         let now = unix_us();
         self.index.close_operation(id, now).await?;
         self.operations_changed.notify_one();
+        self.operations_version.send_modify(|v| *v += 1);
         self.audit.record(
             actor,
             "operation.close",

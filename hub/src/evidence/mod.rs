@@ -32,6 +32,8 @@ pub struct Evidence {
     pub dir: PathBuf,
     /// Told when an operation is created or closed (the alarm rules follow at once).
     pub operations_changed: Arc<tokio::sync::Notify>,
+    /// Bumped at the same moments, for any number of watchers (the uplink to the parent).
+    pub operations_version: Arc<tokio::sync::watch::Sender<u64>>,
     /// (user, unit, recording) → when its playback was last audited.
     played: Arc<dashmap::DashMap<(String, String, String), std::time::Instant>>,
 }
@@ -81,6 +83,7 @@ impl Evidence {
             dir: dir.to_path_buf(),
             played: Arc::default(),
             operations_changed: Arc::default(),
+            operations_version: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 

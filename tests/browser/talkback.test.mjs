@@ -1,0 +1,113 @@
+// Talkback in a real browser, against `hub demo`: an official holds the talk button in
+// sim-1's directives panel; Chromium's fake microphone goes over the console's WebRTC
+// session to the hub and on over QUIC to the simulated unit, which keeps it as an Ogg Opus
+// file (and the delay it measured). The file must decode and not be silent. A commander's
+// press is refused with the reason.
+import { describe, test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { promisify } from "node:util";
+import { browser, sleep, startDemo, waitFor } from "./harness.mjs";
+
+const run = promisify(execFile);
+const talkLog = (page) => page.evaluate(() => window.tianwang.directives.talkLog);
+
+async function signIn(chrome, base, token) {
+  const page = await chrome.context.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  await page.goto(`${base}/`);
+  await page.fill("#token", token);
+  await page.click("#signin-form button");
+  await page.waitForSelector("#court-tree li.unit.online", { timeout: 10000 });
+  await page.evaluate(() => window.tianwang.directives.open("sim-1"));
+  return { page, errors };
+}
+
+/// The newest record of the unit's talkback log, once it has one.
+function lastTalk(file) {
+  if (!fs.existsSync(file)) return null;
+  const lines = fs.readFileSync(file, "utf8").trim().split("\n").filter(Boolean);
+  return lines.length ? JSON.parse(lines[lines.length - 1]) : null;
+}
+
+describe("talkback", () => {
+  let demo;
+  let chrome;
+
+  before(async () => {
+    demo = await startDemo(2);
+    chrome = await browser({ media: true });
+  });
+
+  after(async () => {
+    await chrome?.close();
+    await demo?.stop();
+  });
+
+  test("an official holds to talk: the unit keeps what was said, not silent", async () => {
+    const { page, errors } = await signIn(chrome, demo.base, demo.env.TIANWANG_OFFICIAL_TOKEN);
+    const button = page.locator("#talk-button");
+    await button.hover();
+    await page.mouse.down();
+    await waitFor("the talk live", 15000, async () =>
+      (await talkLog(page)).some((t) => t.state === "live"));
+    // The browser really sends: its outbound audio on the talk line grows.
+    await waitFor("microphone packets sent", 10000, () => page.evaluate(async () => {
+      let sent = 0;
+      (await window.tianwang.session.pc.getStats()).forEach((r) => {
+        if (r.type === "outbound-rtp" && r.kind === "audio") sent += r.packetsSent ?? 0;
+      });
+      return sent > 100;
+    }));
+    await sleep(1500);
+    await page.mouse.up();
+    await waitFor("the talk stopped", 10000, async () =>
+      (await talkLog(page)).some((t) => t.state === "stopped"));
+
+    const log = path.join(demo.data, "agents", "sim-1", "talkback.jsonl");
+    const rec = await waitFor("the unit's talkback record", 15000, () => lastTalk(log));
+    assert.ok(rec.frames >= 50, `only ${rec.frames} frames reached the unit`);
+    assert.ok(fs.existsSync(rec.file) || fs.existsSync(path.join(demo.data, "agents", "sim-1",
+      rec.file)), `no file ${rec.file}`);
+    const file = fs.existsSync(rec.file) ? rec.file : path.join(demo.data, "agents", "sim-1", rec.file);
+    const { stderr } = await run("ffmpeg", ["-hide_banner", "-nostats", "-i", file, "-af",
+      "volumedetect", "-f", "null", "-"]);
+    const max = Number(/max_volume: (-?[\d.]+) dB/.exec(stderr)?.[1] ?? "-inf");
+    assert.ok(max > -50, `the talk is silent (max ${max} dB)`);
+    const pressed = (await talkLog(page)).find((t) => t.state === "pressed").at;
+    console.log(`talkback: press → first audio at the unit ${(rec.first_frame_us / 1000 - pressed)
+      .toFixed(0)} ms; hub → unit delay p50 ${rec.delay_p50_ms} ms p95 ${rec.delay_p95_ms} ms; `
+      + `${rec.frames} frames`);
+
+    // A second press: the talk line and the connection are there, only the talk starts.
+    const before = (await talkLog(page)).length;
+    await page.mouse.down();
+    await waitFor("the second talk live", 15000, async () =>
+      (await talkLog(page)).slice(before).some((t) => t.state === "live"));
+    await sleep(1500);
+    await page.mouse.up();
+    const second = await waitFor("the second talk's record", 15000, () => {
+      const r = lastTalk(log);
+      return r && r.talk_id !== rec.talk_id ? r : null;
+    });
+    const pressedAgain = (await talkLog(page)).slice(before).find((t) => t.state === "pressed").at;
+    console.log(`talkback, second press: press → first audio at the unit ${
+      (second.first_frame_us / 1000 - pressedAgain).toFixed(0)} ms; ${second.frames} frames`);
+    assert.ok(second.frames >= 25, `only ${second.frames} frames in the second talk`);
+    assert.deepEqual(errors, []);
+  });
+
+  test("a commander's press is refused with the reason", async () => {
+    const { page } = await signIn(chrome, demo.base, demo.token);
+    await page.locator("#talk-button").hover();
+    await page.mouse.down();
+    const refused = await waitFor("the refusal", 10000, async () =>
+      (await talkLog(page)).find((t) => t.state === "refused"));
+    await page.mouse.up();
+    assert.match(refused.reason, /cannot talk/);
+    assert.match(await page.innerText("#talk-state"), /cannot talk to sim-1/);
+  });
+});
