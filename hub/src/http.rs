@@ -34,6 +34,14 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
             "/whep/{unit}/{id}",
             axum::routing::delete(whep::stop).patch(whep::patch),
         )
+        .route(
+            "/whip/{unit}",
+            post(crate::whip::start).layer(DefaultBodyLimit::max(crate::whip::MAX_OFFER)),
+        )
+        .route(
+            "/whip/{unit}/{id}",
+            axum::routing::delete(crate::whip::stop),
+        )
         .merge(crate::evidence::http::routes())
         .merge(crate::field::http::routes())
         .route("/metrics", get(metrics))

@@ -21,6 +21,7 @@ pub mod session;
 pub mod subscriber;
 pub mod talkback;
 pub mod watch;
+pub mod whip;
 
 pub use config::Config;
 pub use server::RunningHub;

@@ -33,6 +33,8 @@ pub struct HubContext {
     pub shutdown: CancellationToken,
     /// WHEP viewers: resource id → (unit, stop).
     pub whep: dashmap::DashMap<String, (String, CancellationToken)>,
+    /// WHIP publishers: resource id → (unit, stop).
+    pub whip: dashmap::DashMap<String, (String, CancellationToken)>,
     /// Recordings, the index and the audit trail.
     pub evidence: crate::evidence::Evidence,
     /// Telemetry storage and the alarm rules.
@@ -73,6 +75,7 @@ impl HubContext {
             evidence,
             field,
             whep: dashmap::DashMap::new(),
+            whip: dashmap::DashMap::new(),
             next_session: AtomicU64::new(1),
             next_console: AtomicU64::new(1),
         }

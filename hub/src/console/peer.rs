@@ -57,6 +57,8 @@ struct Handler {
     events: mpsc::UnboundedSender<PeerEvent>,
     /// The console's microphone goes to the talk under way (console sessions only).
     talk: crate::talkback::TalkSink,
+    /// A publishing peer (WHIP): every remote track goes to its owner.
+    ingest: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
 }
 
 #[async_trait::async_trait]
@@ -84,6 +86,10 @@ impl PeerConnectionEventHandler for Handler {
 
     /// The only track a console sends is its microphone, for talkback.
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if let Some(ingest) = &self.ingest {
+            let _ = ingest.send(track);
+            return;
+        }
         if track.kind().await != RtpCodecKind::Audio {
             return;
         }
@@ -160,6 +166,33 @@ impl Peer {
         config: &PeerConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
+        Self::build(config, metrics, None).await
+    }
+
+    /// A peer that receives media (a WHIP publisher): its remote tracks arrive on the
+    /// returned channel.
+    #[allow(clippy::type_complexity)]
+    pub async fn new_ingest(
+        config: &PeerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<
+        (
+            Self,
+            mpsc::UnboundedReceiver<PeerEvent>,
+            mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
+        ),
+        PeerError,
+    > {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (peer, events) = Self::build(config, metrics, Some(tx)).await?;
+        Ok((peer, events, rx))
+    }
+
+    async fn build(
+        config: &PeerConfig,
+        metrics: Arc<Metrics>,
+        ingest: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
         let mut engine = MediaEngine::default();
         engine.register_codec(
             RTCRtpCodecParameters {
@@ -168,6 +201,21 @@ impl Peer {
             },
             RtpCodecKind::Video,
         )?;
+        if ingest.is_some() {
+            // Publishers (browsers, cameras) offer baseline without the constraint flag too.
+            engine.register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: RTCRtpCodec {
+                        sdp_fmtp_line:
+                            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f"
+                                .into(),
+                        ..h264()
+                    },
+                    payload_type: 103,
+                },
+                RtpCodecKind::Video,
+            )?;
+        }
         engine.register_codec(
             RTCRtpCodecParameters {
                 rtp_codec: opus(),
@@ -196,6 +244,7 @@ impl Peer {
             .with_handler(Arc::new(Handler {
                 events,
                 talk: Arc::clone(&talk_sink),
+                ingest,
             }))
             .with_udp_addrs(addrs)
             .build()
