@@ -26,6 +26,8 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
         .route("/", get(index))
         .route("/{file}", get(asset))
         .route("/api/session", get(ws::upgrade))
+        .route("/api/unit", get(crate::unit_ws::upgrade))
+        .route("/officer", get(officer))
         .route(
             "/whep/{unit}",
             post(whep::start).layer(DefaultBodyLimit::max(whep::MAX_OFFER)),
@@ -48,6 +50,11 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
         .route("/healthz", get(healthz))
         .with_state(hub);
     Ok(http.merge(grpc))
+}
+
+/// The officer app: a phone becomes a unit (WHIP, telemetry, directives).
+async fn officer(state: State<Arc<HubContext>>) -> Response {
+    asset(state, Path("officer.html".to_string())).await
 }
 
 async fn index(state: State<Arc<HubContext>>) -> Response {

@@ -20,6 +20,7 @@ pub mod server;
 pub mod session;
 pub mod subscriber;
 pub mod talkback;
+pub mod unit_ws;
 pub mod watch;
 pub mod whip;
 

@@ -35,6 +35,8 @@ pub struct HubContext {
     pub whep: dashmap::DashMap<String, (String, CancellationToken)>,
     /// WHIP publishers: resource id → (unit, stop).
     pub whip: dashmap::DashMap<String, (String, CancellationToken)>,
+    /// Control sessions of WHIP units over WebSocket: unit → its outgoing queue.
+    pub unit_links: dashmap::DashMap<String, tokio::sync::mpsc::Sender<ControlMessage>>,
     /// Recordings, the index and the audit trail.
     pub evidence: crate::evidence::Evidence,
     /// Telemetry storage and the alarm rules.
@@ -76,6 +78,7 @@ impl HubContext {
             field,
             whep: dashmap::DashMap::new(),
             whip: dashmap::DashMap::new(),
+            unit_links: dashmap::DashMap::new(),
             next_session: AtomicU64::new(1),
             next_console: AtomicU64::new(1),
         }

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -99,22 +99,10 @@ pub async fn start(
         );
         return problem(StatusCode::FORBIDDEN, reason);
     }
-    let is_sdp = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/sdp"));
-    if !is_sdp {
-        return problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "the offer must be Content-Type: application/sdp",
-        );
-    }
-    let Ok(offer) = String::from_utf8(body.to_vec()) else {
-        return problem(StatusCode::BAD_REQUEST, "the offer is not UTF-8");
+    let offer = match crate::console::whep::sdp_offer(&headers, &body) {
+        Ok(o) => o,
+        Err(r) => return r,
     };
-    if !offer.starts_with("v=0") {
-        return problem(StatusCode::BAD_REQUEST, "the body is not an SDP offer");
-    }
     let upper = offer.to_ascii_uppercase();
     if !upper.contains("H264/90000") {
         return problem(
@@ -144,28 +132,12 @@ pub async fn start(
             format!("the offer was refused: {e}"),
         );
     }
-    if let Err(e) = peer.create_answer().await {
-        peer.close().await;
-        return problem(
-            StatusCode::BAD_REQUEST,
-            format!("no answer to this offer: {e}"),
-        );
-    }
-    // Without trickle, the answer must carry the candidates: wait (briefly) for gathering.
-    let gathered = tokio::time::timeout(Duration::from_secs(3), async {
-        while let Some(e) = events.recv().await {
-            if matches!(e, PeerEvent::GatheringComplete) {
-                return;
-            }
+    let answer = match crate::console::whep::answer_with_candidates(&peer, &mut events).await {
+        Ok(a) => a,
+        Err(r) => {
+            peer.close().await;
+            return r;
         }
-    })
-    .await;
-    if gathered.is_err() {
-        debug!("ICE gathering did not complete in time; answering with what there is");
-    }
-    let Some(answer) = peer.local_sdp().await else {
-        peer.close().await;
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, "no local description");
     };
 
     // The unit is online from here, with the tracks its offer carries.
@@ -256,10 +228,13 @@ pub async fn start(
                         }
                     }
                     Some(msg) = requests.recv() => {
-                        if let Some(Kind::KeyframeRequest(_)) = msg.kind
-                            && let Some((track, ssrc)) = &video_ssrc
-                        {
-                            request_keyframe(track, *ssrc).await;
+                        if let Some(Kind::KeyframeRequest(_)) = msg.kind {
+                            if let Some((track, ssrc)) = &video_ssrc {
+                                request_keyframe(track, *ssrc).await;
+                            }
+                        } else if !crate::unit_ws::forward(&task_hub, &broadcast.unit_id, msg) {
+                            // Directives wait (SENT) for the unit's control session.
+                            debug!("no control session for a WHIP unit's message");
                         }
                     }
                     Some(_) = media.join_next(), if !media.is_empty() => {}

@@ -15,6 +15,26 @@ use tianwang_transport::Limits;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
+/// Issues a directive over gRPC with `token`.
+async fn direct(
+    hub: &Hub,
+    token: &str,
+    req: DirectiveRequest,
+) -> Result<tianwang_proto::v1::DirectiveUpdate, tonic::Status> {
+    let mut c = console(hub)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    c.direct(authed(token, req)).await.map(|r| r.into_inner())
+}
+
+fn keyframe(unit: &str) -> DirectiveRequest {
+    DirectiveRequest {
+        unit_id: unit.into(),
+        kind: DirectiveKind::Keyframe as i32,
+        ..Default::default()
+    }
+}
+
 async fn directive_state(
     hub: &Hub,
     token: &str,
@@ -230,17 +250,7 @@ async fn a_supreme_console_watches_and_directs_units_two_levels_down() {
         Err(e) => e.to_string(),
     };
     assert!(refused.contains("outside"), "{refused}");
-    let refused = console(&t.high)
-        .await
-        .unwrap()
-        .direct(authed(
-            &narrow,
-            DirectiveRequest {
-                unit_id: "bwc-2".into(),
-                kind: DirectiveKind::Keyframe as i32,
-                ..Default::default()
-            },
-        ))
+    let refused = direct(&t.high, &narrow, keyframe("bwc-2"))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
@@ -248,23 +258,20 @@ async fn a_supreme_console_watches_and_directs_units_two_levels_down() {
     // A directive from the top: quality down, acted on by the agent, its states visible at
     // every tier, and the encoder's bitrate really falls.
     let before = bitrate(i1, &local, "bwc-1").await;
-    let sent = console(&t.supreme)
-        .await
-        .unwrap()
-        .direct(authed(
-            &top,
-            DirectiveRequest {
-                unit_id: "bwc-1".into(),
-                kind: DirectiveKind::Quality as i32,
-                // Below what the test pattern needs, and a smaller picture.
-                bitrate: 100,
-                height: 144,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let sent = direct(
+        &t.supreme,
+        &top,
+        DirectiveRequest {
+            unit_id: "bwc-1".into(),
+            kind: DirectiveKind::Quality as i32,
+            // Below what the test pattern needs, and a smaller picture.
+            bitrate: 100,
+            height: 144,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(sent.state, DirectiveState::Sent as i32);
     let done = wait_state(&t.supreme, &top, &sent.directive_id, DirectiveState::Done).await;
     assert_eq!(done.issued_by, "president");
@@ -289,17 +296,7 @@ async fn a_supreme_console_watches_and_directs_units_two_levels_down() {
         done.reason
     );
     // A viewer may not direct.
-    let refused = console(&t.high)
-        .await
-        .unwrap()
-        .direct(authed(
-            &high_token,
-            DirectiveRequest {
-                unit_id: "bwc-1".into(),
-                kind: DirectiveKind::Keyframe as i32,
-                ..Default::default()
-            },
-        ))
+    let refused = direct(&t.high, &high_token, keyframe("bwc-1"))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
@@ -429,21 +426,19 @@ async fn the_middle_hub_killed_and_restarted_the_chain_reforms() {
 
     t.high.kill();
     // Issued while the middle hub is down: kept at the top, delivered when it returns.
-    let sent = console(&t.supreme)
-        .await
-        .unwrap()
-        .direct(authed(
-            &top,
-            DirectiveRequest {
-                unit_id: "bwc-1".into(),
-                kind: DirectiveKind::Message as i32,
-                text: "hold position".into(),
-                ..Default::default()
-            },
-        ))
-        .await;
+    let sent = direct(
+        &t.supreme,
+        &top,
+        DirectiveRequest {
+            unit_id: "bwc-1".into(),
+            kind: DirectiveKind::Message as i32,
+            text: "hold position".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     // The unit stays known at the top (offline): the directive waits there.
-    let id = sent.unwrap().into_inner().directive_id;
+    let id = sent.unwrap().directive_id;
     t.high.start_again().await.unwrap();
     wait_units_online(&t.supreme, &top, &["bwc-1"], SETTLE)
         .await

@@ -73,6 +73,60 @@ fn authorize(
     Ok((claims.sub, scope))
 }
 
+/// The SDP offer of a WHEP or WHIP request, or the refusal to send back.
+#[allow(clippy::result_large_err)] // a refusal is built once per refused request
+pub(crate) fn sdp_offer(headers: &HeaderMap, body: &[u8]) -> Result<String, Response> {
+    let sdp_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !sdp_type.starts_with("application/sdp") {
+        return Err(problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the offer must be Content-Type: application/sdp",
+        ));
+    }
+    let Ok(offer) = String::from_utf8(body.to_vec()) else {
+        return Err(problem(StatusCode::BAD_REQUEST, "the offer is not UTF-8"));
+    };
+    if !offer.starts_with("v=0") {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "the body is not an SDP offer",
+        ));
+    }
+    Ok(offer)
+}
+
+/// Answers the applied offer with every local candidate in it: WHEP and WHIP do not
+/// trickle, so gathering is waited for (briefly).
+#[allow(clippy::result_large_err)]
+pub(crate) async fn answer_with_candidates(
+    peer: &Peer,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<PeerEvent>,
+) -> Result<String, Response> {
+    if let Err(e) = peer.create_answer().await {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            format!("no answer to this offer: {e}"),
+        ));
+    }
+    let gathered = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(e) = events.recv().await {
+            if matches!(e, PeerEvent::GatheringComplete) {
+                return;
+            }
+        }
+    })
+    .await;
+    if gathered.is_err() {
+        debug!("ICE gathering did not complete in time; answering with what there is");
+    }
+    peer.local_sdp()
+        .await
+        .ok_or_else(|| problem(StatusCode::INTERNAL_SERVER_ERROR, "no local description"))
+}
+
 /// POST /whep/{unit}
 pub async fn start(
     State(hub): State<Arc<HubContext>>,
@@ -96,22 +150,10 @@ pub async fn start(
         );
         return problem(StatusCode::FORBIDDEN, reason);
     }
-    let sdp_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !sdp_type.starts_with("application/sdp") {
-        return problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "the offer must be Content-Type: application/sdp",
-        );
-    }
-    let Ok(offer) = String::from_utf8(body.to_vec()) else {
-        return problem(StatusCode::BAD_REQUEST, "the offer is not UTF-8");
+    let offer = match sdp_offer(&headers, &body) {
+        Ok(o) => o,
+        Err(r) => return r,
     };
-    if !offer.starts_with("v=0") {
-        return problem(StatusCode::BAD_REQUEST, "the body is not an SDP offer");
-    }
     // What the units send is H.264 (and Opus): a player that cannot take it gets told.
     if !offer.to_ascii_uppercase().contains("H264/90000") {
         return problem(
@@ -146,28 +188,12 @@ pub async fn start(
             format!("cannot send {unit} on this offer: {e}"),
         );
     }
-    if let Err(e) = peer.create_answer().await {
-        peer.close().await;
-        return problem(
-            StatusCode::BAD_REQUEST,
-            format!("no answer to this offer: {e}"),
-        );
-    }
-    // Without trickle, the answer must carry the candidates: wait (briefly) for gathering.
-    let gathered = tokio::time::timeout(Duration::from_secs(3), async {
-        while let Some(e) = events.recv().await {
-            if matches!(e, PeerEvent::GatheringComplete) {
-                return;
-            }
+    let answer = match answer_with_candidates(&peer, &mut events).await {
+        Ok(a) => a,
+        Err(r) => {
+            peer.close().await;
+            return r;
         }
-    })
-    .await;
-    if gathered.is_err() {
-        debug!("ICE gathering did not complete in time; answering with what there is");
-    }
-    let Some(answer) = peer.local_sdp().await else {
-        peer.close().await;
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, "no local description");
     };
     let stop = CancellationToken::new();
     hub.whep.insert(id.clone(), (unit.clone(), stop.clone()));

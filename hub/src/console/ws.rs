@@ -32,6 +32,19 @@ fn header_has(req: &Request, name: header::HeaderName, token: &str) -> bool {
 
 /// GET /api/session: upgrades to a WebSocket and runs a console session on it.
 pub async fn upgrade(State(hub): State<Arc<HubContext>>, req: Request) -> Response {
+    accept(hub, req, MAX_MESSAGE, serve)
+}
+
+/// The upgraded connection a WebSocket handler serves.
+pub type Upgraded = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Answers a WebSocket upgrade and hands the socket to `serve` (the console's session, or
+/// a unit's control session).
+pub fn accept<F, Fut>(hub: Arc<HubContext>, req: Request, max_message: usize, serve: F) -> Response
+where
+    F: FnOnce(Arc<HubContext>, Upgraded) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let version_ok = req
         .headers()
@@ -54,8 +67,8 @@ pub async fn upgrade(State(hub): State<Arc<HubContext>>, req: Request) -> Respon
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let config = WebSocketConfig::default()
-                    .max_message_size(Some(MAX_MESSAGE))
-                    .max_frame_size(Some(MAX_MESSAGE));
+                    .max_message_size(Some(max_message))
+                    .max_frame_size(Some(max_message));
                 let io = hyper_util::rt::TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 serve(hub, ws).await;

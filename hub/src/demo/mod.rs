@@ -77,6 +77,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let console_token = authority.issue(Role::Commander, "demo-console", None, day)?;
     // Officials also talk to officers (push-to-talk).
     let official_token = authority.issue(Role::Official, "demo-official", None, day)?;
+    // A phone joins as unit officer-1 through the officer app (/officer).
+    let officer_token = authority.issue(Role::Device, "officer-1", None, day)?;
     let mut tokens = String::new();
     for i in 1..=opts.units {
         let unit = format!("sim-{i}");
@@ -91,12 +93,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let env_path = absolute(&config.data_dir.join("demo.env"));
     let env = format!(
         "TIANWANG_HUB={}\nTIANWANG_HTTP=http://{}\nTIANWANG_TOKEN={}\nTIANWANG_CA={}\n\
-         TIANWANG_OFFICIAL_TOKEN={}\n",
+         TIANWANG_OFFICIAL_TOKEN={}\nTIANWANG_OFFICER_TOKEN={}\n",
         hub.quic_addr,
         hub.http_addr,
         console_token,
         ca.display(),
-        official_token
+        official_token,
+        officer_token
     );
     crate::files::write_private(&env_path, env.as_bytes())
         .with_context(|| format!("writing {}", env_path.display()))?;
@@ -134,13 +137,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
          {hub} verify --export export-1 --key $({hub} key --data {data})\n\
          \n  Console token (commander, 24 h; also in {env}):\n\n{token}\n\
          \n  An official's token (also talks to the officers: hold to talk in a unit's\n  \
-         directives panel; TIANWANG_OFFICIAL_TOKEN in {env}):\n\n{official}\n",
+         directives panel; TIANWANG_OFFICIAL_TOKEN in {env}):\n\n{official}\n\
+         \n  A phone as unit officer-1: open http://{http}/officer and sign in with this device\n  \
+         token (TIANWANG_OFFICER_TOKEN in {env}; a phone needs the hub on an address it\n  \
+         reaches, and https or localhost for its camera):\n\n{officer}\n",
         n = opts.units,
         http = hub.http_addr,
         quic = hub.quic_addr,
         env = env_path.display(),
         token = console_token,
         official = official_token,
+        officer = officer_token,
         case = case,
         data = config.data_dir.display(),
         hub = std::env::current_exe()
