@@ -100,6 +100,34 @@ impl RateLimit {
     }
 }
 
+/// A unit's telemetry point as it arrives (QUIC or the unit's WebSocket): checked and rate
+/// limited, then stored; bad telemetry is refused and counted, never a reason to cut the
+/// unit's video.
+pub fn accept(
+    hub: &crate::session::HubContext,
+    unit: &str,
+    limit: &mut RateLimit,
+    t: v1::Telemetry,
+) {
+    hub.metrics.telemetry.inc();
+    let now = unix_us().max(0) as u64;
+    let checked = if limit.allow(Instant::now()) {
+        validate(&t, now)
+    } else {
+        Err(TelemetryError::Rate)
+    };
+    match checked {
+        Ok(()) => hub.field.telemetry(&hub.metrics, unit, t),
+        Err(e) => {
+            hub.metrics
+                .telemetry_rejected
+                .with_label_values(&[e.label()])
+                .inc();
+            tracing::debug!(reason = %e, "telemetry refused");
+        }
+    }
+}
+
 /// The hub's handle on the field task.
 #[derive(Clone, Debug)]
 pub struct Field {

@@ -146,24 +146,7 @@ fn publisher_message(
 ) -> Result<(), SessionError> {
     match msg.kind {
         Some(Kind::Telemetry(t)) => {
-            hub.metrics.telemetry.inc();
-            // Bad telemetry is refused and counted, never a reason to cut the video.
-            let now = crate::evidence::audit::unix_us().max(0) as u64;
-            let checked = if limit.allow(std::time::Instant::now()) {
-                crate::field::validate(&t, now)
-            } else {
-                Err(crate::field::TelemetryError::Rate)
-            };
-            match checked {
-                Ok(()) => hub.field.telemetry(&hub.metrics, unit, t),
-                Err(e) => {
-                    hub.metrics
-                        .telemetry_rejected
-                        .with_label_values(&[e.label()])
-                        .inc();
-                    tracing::debug!(reason = %e, "telemetry refused");
-                }
-            }
+            crate::field::accept(hub, unit, limit, t);
             Ok(())
         }
         Some(Kind::Ack(ack)) => {
