@@ -341,7 +341,7 @@ impl Directives {
             unit,
             "directive.state",
             &row.id,
-            serde_json::json!({ "state": state_name(state), "reason": row.reason }),
+            serde_json::json!({ "state": state.as_str_name(), "reason": row.reason }),
         );
         self.tell(&row);
         Ok(())
@@ -400,10 +400,6 @@ fn kind_name(kind: i64) -> &'static str {
     DirectiveKind::try_from(kind as i32)
         .map(|k| k.as_str_name())
         .unwrap_or("DIRECTIVE_KIND_UNKNOWN")
-}
-
-fn state_name(s: DirectiveState) -> &'static str {
-    s.as_str_name()
 }
 
 /// Sends a directive one step down: to the unit's agent if it is connected here, else to

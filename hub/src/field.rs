@@ -795,12 +795,10 @@ pub mod http {
 
     /// This hub's own records need a token of this hub's court (or above).
     #[allow(clippy::result_large_err)]
-    fn own_court(hub: &HubContext, claims: &Claims, scope: &str) -> Result<(), Response> {
-        let own = &hub.config.court.code;
-        if hub.cascade.covers(scope, own) {
+    fn own_court(hub: &HubContext, claims: &Claims) -> Result<(), Response> {
+        let Err(reason) = hub.check_own_court(claims) else {
             return Ok(());
-        }
-        let reason = format!("the token is for court {scope}; the records here are court {own}'s");
+        };
         hub.evidence.audit.record(
             &claims.sub,
             "denied",
@@ -931,7 +929,7 @@ pub mod http {
             )
                 .into_response();
         }
-        if let Err(r) = own_court(hub, &who, &scope) {
+        if let Err(r) = own_court(hub, &who) {
             return r;
         }
         match super::settle(
@@ -1018,12 +1016,12 @@ pub mod http {
         headers: HeaderMap,
         Query(q): Query<TelemetryQuery>,
     ) -> Response {
-        let (who, scope) = match authorize(&hub, &headers, false) {
+        let (who, _) = match authorize(&hub, &headers, false) {
             Ok(c) => c,
             Err(r) => return r,
         };
         // Telemetry is kept by the unit's own hub.
-        if let Err(r) = own_court(&hub, &who, &scope) {
+        if let Err(r) = own_court(&hub, &who) {
             return r;
         }
         let to = q.to_us.unwrap_or(i64::MAX);

@@ -86,11 +86,6 @@ impl Broadcast {
         self.remote.is_some()
     }
 
-    /// The court of a pulled unit.
-    pub fn remote_court(&self) -> Option<&str> {
-        self.remote.as_deref()
-    }
-
     /// Sends a control message to the live publisher (a device, or the child hub a pulled
     /// unit comes from) without waiting: false if there is none or its queue is full.
     pub fn send_control(&self, msg: ControlMessage) -> bool {

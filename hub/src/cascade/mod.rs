@@ -636,10 +636,6 @@ impl Cascade {
             link.end_pull(r, units, &self.metrics, false);
         }
     }
-
-    pub fn pulls(&self) -> usize {
-        self.children.iter().map(|l| lock(&l.pulls).len()).sum()
-    }
 }
 
 impl ChildLink {
