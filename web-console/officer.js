@@ -1,8 +1,10 @@
 // The officer app: a phone becomes a unit. Camera and microphone go to the hub over WHIP
 // (POST /whip/{unit} with the device token); position (Geolocation), battery (Battery
 // API), SOS and directive acknowledgements go over the unit's control session
-// (/api/unit, the QUIC agent's control messages in protobuf JSON). It publishes again by
-// itself when the link or the network changes.
+// (/api/unit, the QUIC agent's control messages in protobuf JSON). Talkback from the
+// command centre arrives on the audio line it offers to receive on. When the network
+// changes it restarts ICE on the same WHIP session (PATCH with an SDP fragment); when that
+// fails, it publishes anew.
 
 const $ = (id) => document.getElementById(id);
 const TELEMETRY_MS = 1000;
@@ -47,7 +49,9 @@ async function publish() {
   state.publishes += 1;
   const pc = new RTCPeerConnection();
   for (const track of state.stream.getTracks()) {
-    const t = pc.addTransceiver(track, { direction: "sendonly" });
+    // Audio both ways: the command centre's voice (talkback) comes back on it.
+    const t = pc.addTransceiver(track, {
+      direction: track.kind === "audio" ? "sendrecv" : "sendonly" });
     if (track.kind === "video") {
       const h264 = RTCRtpSender.getCapabilities("video").codecs.filter((c) =>
         c.mimeType === "video/H264" && /packetization-mode=1/.test(c.sdpFmtpLine ?? "")
@@ -55,12 +59,11 @@ async function publish() {
       if (h264.length) t.setCodecPreferences(h264);
     }
   }
+  pc.ontrack = (e) => {
+    if (e.track.kind === "audio") $("talkback").srcObject = new MediaStream([e.track]);
+  };
   await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((resolve) => {
-    if (pc.iceGatheringState === "complete") return resolve();
-    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && resolve();
-    setTimeout(resolve, 3000);
-  });
+  await gathered(pc);
   const res = await fetch(`/whip/${encodeURIComponent(state.unit)}`, {
     method: "POST",
     headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${state.token}` },
@@ -74,12 +77,95 @@ async function publish() {
   await pc.setRemoteDescription({ type: "answer", sdp: text });
   state.pc = pc;
   state.resource = res.headers.get("Location");
+  state.etag = res.headers.get("ETag");
+  let lost = null;
   pc.onconnectionstatechange = () => {
     show(pc.connectionState);
-    if (["failed", "disconnected", "closed"].includes(pc.connectionState) && state.pc === pc) {
-      republish();
-    }
+    if (state.pc !== pc) return;
+    clearTimeout(lost);
+    if (pc.connectionState === "failed") recover();
+    // Disconnected may heal by itself; if it does not soon, restart ICE.
+    if (pc.connectionState === "disconnected") lost = setTimeout(recover, 2000);
+    if (pc.connectionState === "closed") republish();
   };
+}
+
+/// Waits (at most 3 s) until every local candidate is in the description: WHIP here
+/// sends them with the offer, not trickled one by one.
+function gathered(pc) {
+  return new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange",
+      () => pc.iceGatheringState === "complete" && resolve());
+    setTimeout(resolve, 3000);
+  });
+}
+
+/// The SDP fragment of an ICE restart (RFC 8840): credentials, then each m-line with its
+/// mid and candidates.
+function restartFragment(sdp) {
+  const lines = sdp.split(/\r?\n/);
+  const ufrag = lines.find((l) => l.startsWith("a=ice-ufrag:"));
+  const pwd = lines.find((l) => l.startsWith("a=ice-pwd:"));
+  const media = lines.filter((l) => l.startsWith("m=") || l.startsWith("a=mid:")
+    || l.startsWith("a=candidate:"));
+  return [ufrag, pwd, ...media].join("\r\n") + "\r\n";
+}
+
+/// The answer with the hub's new credentials and candidates from its fragment.
+function patchedAnswer(sdp, fragment) {
+  const frag = fragment.split(/\r?\n/);
+  const ufrag = frag.find((l) => l.startsWith("a=ice-ufrag:"));
+  const pwd = frag.find((l) => l.startsWith("a=ice-pwd:"));
+  const candidates = frag.filter((l) => l.startsWith("a=candidate:"));
+  const out = [];
+  let first = true;
+  for (const line of sdp.split(/\r?\n/)) {
+    if (line.startsWith("a=candidate:") || line === "a=end-of-candidates") continue;
+    if (line.startsWith("a=ice-ufrag:") && ufrag) out.push(ufrag);
+    else if (line.startsWith("a=ice-pwd:") && pwd) out.push(pwd);
+    else if (line) out.push(line);
+    // Bundled: the first m-line carries the candidates.
+    if (line.startsWith("a=mid:") && first) {
+      out.push(...candidates, "a=end-of-candidates");
+      first = false;
+    }
+  }
+  return out.join("\r\n") + "\r\n";
+}
+
+/// ICE restart on the same session: the recording, the viewers and the directives carry on.
+async function restartIce() {
+  const { pc, resource } = state;
+  if (!pc || !resource) throw new Error("not publishing");
+  state.restarts = (state.restarts ?? 0) + 1;
+  await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+  await gathered(pc);
+  const res = await fetch(resource, {
+    method: "PATCH",
+    headers: { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*",
+      Authorization: `Bearer ${state.token}` },
+    body: restartFragment(pc.localDescription.sdp),
+  });
+  const text = await res.text();
+  if (res.status !== 200) throw new Error(`ICE restart: ${res.status} ${text}`);
+  state.etag = res.headers.get("ETag");
+  await pc.setRemoteDescription({ type: "answer", sdp: patchedAnswer(pc.remoteDescription.sdp, text) });
+}
+
+/// After a network change or a failed path: restart ICE, else publish anew.
+async function recover() {
+  if (state.stopped || state.recovering) return;
+  state.recovering = true;
+  try {
+    await restartIce();
+    show("ICE restarted");
+  } catch (e) {
+    fail(e.message);
+    republish();
+  } finally {
+    state.recovering = false;
+  }
 }
 
 async function unpublish() {
@@ -128,6 +214,9 @@ function connectControl() {
   ws.onmessage = (m) => {
     const msg = JSON.parse(m.data);
     if (msg.directive) onDirective(msg.directive);
+    if (msg.talkback) {
+      $("talk").textContent = msg.talkback.on ? `Command centre speaking (${msg.talkback.by})` : "";
+    }
   };
   ws.onclose = (e) => {
     if (state.stopped) return;
@@ -263,8 +352,9 @@ async function start(token) {
     fail(`publishing: ${e.message}`);
     republish();
   }
-  // A new network (Wi-Fi ↔ mobile): publish again on it.
-  window.addEventListener("online", () => republish());
+  // A new network (Wi-Fi ↔ mobile): restart ICE on it.
+  window.addEventListener("online", () => recover());
+  navigator.connection?.addEventListener?.("change", () => recover());
   navigator.serviceWorker?.register("officer-sw.js").catch(() => {});
 }
 
@@ -280,4 +370,4 @@ $("sos").onclick = () => {
   setTimeout(() => $("sos").setAttribute("aria-pressed", "false"), SOS_MS);
 };
 
-window.officer = { state, acknowledge };
+window.officer = { state, acknowledge, restartIce };

@@ -42,7 +42,9 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
         )
         .route(
             "/whip/{unit}/{id}",
-            axum::routing::delete(crate::whip::stop),
+            axum::routing::delete(crate::whip::stop)
+                .patch(crate::whip::patch::patch)
+                .layer(DefaultBodyLimit::max(crate::whip::patch::MAX_FRAG)),
         )
         .merge(crate::evidence::http::routes())
         .merge(crate::field::http::routes())

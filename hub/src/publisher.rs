@@ -70,7 +70,7 @@ pub(crate) async fn run(
                 .collect(),
             replaced: replaced.clone(),
             officer,
-            conn: Some(conn.clone()),
+            talk: Some(crate::registry::TalkPath::Quic(conn.clone())),
         },
     );
     let _detach = DetachOnDrop {

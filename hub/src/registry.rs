@@ -37,8 +37,18 @@ pub struct PublisherLink {
     pub replaced: CancellationToken,
     /// The officer carrying the device, as it said in its hello.
     pub officer: Option<String>,
-    /// The device's connection (talkback goes down it); None for a pull from a child hub.
-    pub conn: Option<quinn::Connection>,
+    /// Where talkback to the unit goes; None for a pull from a child hub.
+    pub talk: Option<TalkPath>,
+}
+
+/// The way down to a unit's speaker.
+#[derive(Clone)]
+pub enum TalkPath {
+    /// Group streams on the device's own QUIC connection, a track per talk.
+    Quic(quinn::Connection),
+    /// The WHIP session's audio send track: one for the whole session, so the publisher
+    /// hears every talk on one continuous RTP stream.
+    Whip(Arc<Track>),
 }
 
 pub struct Broadcast {
@@ -95,8 +105,8 @@ impl Broadcast {
     }
 
     /// The live device's connection.
-    pub fn publisher_conn(&self) -> Option<quinn::Connection> {
-        lock(&self.publisher).as_ref().and_then(|l| l.conn.clone())
+    pub fn talk_path(&self) -> Option<TalkPath> {
+        lock(&self.publisher).as_ref().and_then(|l| l.talk.clone())
     }
 
     /// The publisher's ids for the tracks, by name (a child hub names them in Subscribed).
@@ -623,7 +633,7 @@ mod tests {
                 track_ids: HashMap::new(),
                 replaced: CancellationToken::new(),
                 officer: None,
-                conn: None,
+                talk: None,
             },
             rx,
         )

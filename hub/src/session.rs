@@ -34,7 +34,7 @@ pub struct HubContext {
     /// WHEP viewers: resource id → (unit, stop).
     pub whep: dashmap::DashMap<String, (String, CancellationToken)>,
     /// WHIP publishers: resource id → (unit, stop).
-    pub whip: dashmap::DashMap<String, (String, CancellationToken)>,
+    pub whip: dashmap::DashMap<String, crate::whip::WhipSession>,
     /// Control sessions of WHIP units over WebSocket: unit → its outgoing queue.
     pub unit_links: dashmap::DashMap<String, tokio::sync::mpsc::Sender<ControlMessage>>,
     /// Recordings, the index and the audit trail.

@@ -3,6 +3,8 @@
 //! becomes a frame of a relay-core track, and that track goes to the unit's agent like any
 //! track goes to a subscriber — group streams on the unit's own QUIC connection — after a
 //! `Talkback{on}` control message names it. The agent plays it and keeps it in a file.
+//! A WHIP unit (a phone's officer app) hears it on the audio m-line it offered: the
+//! session's send track carries every talk (see `whip`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use tianwang_proto::{ControlMessage, Kind, wire};
 use tianwang_transport::{Priority, send_track};
 use tracing::{debug, info};
 
-use crate::registry::Broadcast;
+use crate::registry::{Broadcast, TalkPath};
 
 /// The id talkback group streams carry towards a device (its own tracks go the other way).
 pub const TRACK_ID: u32 = 0x7a1c;
@@ -35,6 +37,8 @@ pub struct Talk {
     pub by: String,
     pub started: Instant,
     track: Arc<Track>,
+    /// The WHIP session's track, which outlives the talk.
+    shared: bool,
     broadcast: Arc<Broadcast>,
     writer: Mutex<Option<GroupWriter>>,
     pub packets: AtomicU64,
@@ -55,16 +59,14 @@ impl Talk {
         if broadcast.is_remote() {
             return Err(TalkError::NotHere(broadcast.unit_id.clone()));
         }
-        let conn = broadcast
-            .publisher_conn()
+        let path = broadcast
+            .talk_path()
             .ok_or_else(|| TalkError::Offline(broadcast.unit_id.clone()))?;
         let id = format!(
             "talk-{}-{}",
             crate::evidence::audit::unix_us() / 1000,
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let track = Track::new("talkback", TrackConfig::default(), Arc::default());
-        let subscription = track.subscribe();
         let on = ControlMessage::new(Kind::Talkback(Talkback {
             talk_id: id.clone(),
             track_id: TRACK_ID,
@@ -74,26 +76,37 @@ impl Talk {
             on: true,
             by: by.to_string(),
         }));
-        if !broadcast.send_control(on) {
-            return Err(TalkError::Offline(broadcast.unit_id.clone()));
-        }
-        let talk_id = id.clone();
-        tokio::spawn(async move {
-            let priority = Priority::default();
-            match send_track(
-                &conn,
-                TRACK_ID,
-                &priority,
-                Priority::AUDIO,
-                subscription,
-                |_, _| {},
-            )
-            .await
-            {
-                Ok(summary) => debug!(talk = %talk_id, ?summary, "talkback track ended"),
-                Err(e) => debug!(talk = %talk_id, error = %e, "talkback track ended"),
+        // A QUIC agent needs to hear of the talk before its track arrives; a WHIP unit's
+        // app shows it (through its control session, if it has one).
+        let delivered = broadcast.send_control(on);
+        let (track, shared) = match path {
+            TalkPath::Quic(conn) => {
+                if !delivered {
+                    return Err(TalkError::Offline(broadcast.unit_id.clone()));
+                }
+                let track = Track::new("talkback", TrackConfig::default(), Arc::default());
+                let subscription = track.subscribe();
+                let talk_id = id.clone();
+                tokio::spawn(async move {
+                    let priority = Priority::default();
+                    match send_track(
+                        &conn,
+                        TRACK_ID,
+                        &priority,
+                        Priority::AUDIO,
+                        subscription,
+                        |_, _| {},
+                    )
+                    .await
+                    {
+                        Ok(summary) => debug!(talk = %talk_id, ?summary, "talkback track ended"),
+                        Err(e) => debug!(talk = %talk_id, error = %e, "talkback track ended"),
+                    }
+                });
+                (track, false)
             }
-        });
+            TalkPath::Whip(track) => (track, true),
+        };
         info!(talk = %id, unit = %broadcast.unit_id, %by, "talkback started");
         Ok(Arc::new(Talk {
             id,
@@ -101,6 +114,7 @@ impl Talk {
             by: by.to_string(),
             started: Instant::now(),
             track,
+            shared,
             broadcast,
             writer: Mutex::new(None),
             packets: AtomicU64::new(0),
@@ -149,7 +163,9 @@ impl Talk {
         }));
         self.broadcast.send_control(off);
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.track.close();
+        if !self.shared {
+            self.track.close();
+        }
         info!(talk = %self.id, unit = %self.unit, packets = self.packets.load(Ordering::Relaxed),
             "talkback ended");
     }

@@ -3,13 +3,14 @@
 // /officer, publishes over WHIP and reports telemetry over its control session. The hub
 // stores the faked position, the SOS button raises an alarm, and a console's instruction
 // reaches the phone, is acknowledged there and comes back DONE; a quality directive is
-// applied to the phone's encoder.
+// applied to the phone's encoder. An official's talkback plays on the phone, and an ICE
+// restart (what the app does on a network change) keeps the same session on the wall.
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import path from "node:path";
 import { promisify } from "node:util";
-import { browser, root, startDemo, waitFor } from "./harness.mjs";
+import { browser, decodedByTile, root, startDemo, waitFor } from "./harness.mjs";
 
 const run = promisify(execFile);
 const hubBin = path.join(root, "target", "debug", "hub");
@@ -81,6 +82,59 @@ describe("officer app", () => {
     const maxBitrate = await phone.evaluate(() => window.officer.state.pc.getSenders()
       .find((s) => s.track?.kind === "video").getParameters().encodings[0].maxBitrate);
     assert.equal(maxBitrate, 300000);
+
+    // Talkback: an official holds to talk to officer-1; the phone plays it (not silence).
+    const official = await chrome.context.newPage();
+    official.on("pageerror", (e) => errors.push(e.message));
+    await official.goto(`${demo.base}/`);
+    await official.fill("#token", demo.env.TIANWANG_OFFICIAL_TOKEN);
+    await official.click("#signin-form button");
+    await official.waitForSelector("#court-tree li.unit.online", { timeout: 10000 });
+    await official.evaluate(() => window.tianwang.directives.open("officer-1"));
+    await official.locator("#talk-button").hover();
+    await official.mouse.down();
+    await waitFor("the talk live", 15000, () => official.evaluate(() =>
+      window.tianwang.directives.talkLog.some((t) => t.state === "live")));
+    const heard = await waitFor("talkback heard on the phone", 15000, () => phone.evaluate(async () => {
+      let packets = 0;
+      let energy = 0;
+      (await window.officer.state.pc.getStats()).forEach((r) => {
+        if (r.type === "inbound-rtp" && r.kind === "audio") {
+          packets += r.packetsReceived ?? 0;
+          energy += r.totalAudioEnergy ?? 0;
+        }
+      });
+      return packets > 50 && energy > 0 ? { packets, energy } : null;
+    }));
+    assert.ok(heard.energy > 0, JSON.stringify(heard));
+    assert.match(await phone.innerText("#talk"), /Command centre speaking/);
+    await official.mouse.up();
+
+    // ICE restart: same WHIP resource, a new ICE session (ETag), the wall keeps decoding.
+    await desk.evaluate(() => window.tianwang.wall.assign(0, "officer-1"));
+    const decoded = async () => Object.values(await decodedByTile(desk)).reduce((a, b) => a + b, 0);
+    await waitFor("officer-1 on the wall", 30000, async () => (await decoded()) > 30);
+    const before = await phone.evaluate(() => ({ etag: window.officer.state.etag,
+      resource: window.officer.state.resource }));
+    await phone.evaluate(() => window.officer.restartIce());
+    const after = await phone.evaluate(() => ({ etag: window.officer.state.etag,
+      resource: window.officer.state.resource }));
+    assert.equal(after.resource, before.resource);
+    assert.notEqual(after.etag, before.etag);
+    await waitFor("connected again", 15000, () => phone.evaluate(() =>
+      window.officer.state.pc.connectionState === "connected"));
+    const atRestart = await decoded();
+    await waitFor("the wall decoding after the restart", 20000, async () =>
+      (await decoded()) > atRestart + 30);
+    assert.equal((await demo.metrics()).tianwang_units_online, 2);
+    // A fragment that is not SDP is refused with the reason.
+    const bad = await phone.evaluate(async () => {
+      const r = await fetch(window.officer.state.resource, { method: "PATCH",
+        headers: { "Content-Type": "application/trickle-ice-sdpfrag",
+          Authorization: `Bearer ${window.officer.state.token}` }, body: "hello" });
+      return { status: r.status, text: await r.text() };
+    });
+    assert.equal(bad.status, 400, bad.text);
     assert.deepEqual(errors, []);
   });
 });

@@ -326,7 +326,7 @@ impl Cascade {
             track_ids: HashMap::new(),
             replaced: CancellationToken::new(),
             officer: None,
-            conn: None,
+            talk: None,
         };
         let Some(attached) = units.attach_remote(unit, &r.court, &tracks, publisher) else {
             warn!(%unit, court = %r.court, "a unit below has the id of a unit of this hub: not pulled");

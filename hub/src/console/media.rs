@@ -87,7 +87,8 @@ pub struct Pump {
     pub track: Arc<TrackLocalStaticRTP>,
     pub sender: Arc<dyn RtpSender>,
     pub subscription: Subscription,
-    pub broadcast: Arc<Broadcast>,
+    /// The unit whose frames these are, for keyframe requests (none for talkback).
+    pub broadcast: Option<Arc<Broadcast>>,
     pub counters: Arc<TileCounters>,
     pub metrics: Arc<Metrics>,
     /// True once the PeerConnection is connected and this track negotiated: frames before
@@ -138,8 +139,10 @@ impl Pump {
                             let p = p.as_any();
                             p.is::<PictureLossIndication>() || p.is::<FullIntraRequest>()
                         });
-                        if wants_keyframe && self.kind == Kind::Video {
-                            self.broadcast.request_keyframe("video");
+                        if wants_keyframe && self.kind == Kind::Video
+                            && let Some(unit) = &self.broadcast
+                        {
+                            unit.request_keyframe("video");
                         }
                         continue;
                     }

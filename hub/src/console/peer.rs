@@ -291,33 +291,13 @@ impl Peer {
                 TrackKind::Audio => (Kind::Audio, opus(), RtpCodecKind::Audio),
                 TrackKind::Unspecified => continue,
             };
-            let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-                tile_id.to_string(),
-                format!("{tile_id}-{}", entry.info.name),
-                entry.info.name.clone(),
-                rtp_kind,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(rand::random()),
-                        ..Default::default()
-                    },
-                    codec,
-                    ..Default::default()
-                }],
-            )));
-            let sender = self
-                .pc
-                .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+            let (track, sender, mid) = self
+                .add_sender(tile_id, &entry.info.name, codec, rtp_kind)
                 .await?;
-            for t in self.pc.get_transceivers().await {
-                if let Ok(Some(s)) = t.sender().await
-                    && s.id() == sender.id()
-                    && let Ok(Some(mid)) = t.mid().await
-                {
-                    match kind {
-                        Kind::Video => mids.0 = mid,
-                        Kind::Audio => mids.1 = mid,
-                    }
+            if let Some(mid) = mid {
+                match kind {
+                    Kind::Video => mids.0 = mid,
+                    Kind::Audio => mids.1 = mid,
                 }
             }
             let pump = Pump {
@@ -325,7 +305,7 @@ impl Peer {
                 track,
                 sender: Arc::clone(&sender),
                 subscription,
-                broadcast: Arc::clone(&unit),
+                broadcast: Some(Arc::clone(&unit)),
                 counters: Arc::clone(&counters),
                 metrics: Arc::clone(&self.metrics),
                 ready: self.connected.subscribe(),
@@ -342,6 +322,67 @@ impl Peer {
         self.tiles.insert(tile_id.to_string(), tile);
         self.metrics.console_tiles.inc();
         Ok(mids)
+    }
+
+    /// A send track on the connection (on an offered transceiver of its kind, if the remote
+    /// side offered one), with its sender and its mid once negotiated.
+    async fn add_sender(
+        &self,
+        stream_id: &str,
+        name: &str,
+        codec: RTCRtpCodec,
+        kind: RtpCodecKind,
+    ) -> Result<(Arc<TrackLocalStaticRTP>, Arc<dyn RtpSender>, Option<String>), PeerError> {
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream_id.to_string(),
+            format!("{stream_id}-{name}"),
+            name.to_string(),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(rand::random()),
+                    ..Default::default()
+                },
+                codec,
+                ..Default::default()
+            }],
+        )));
+        let sender = self
+            .pc
+            .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+            .await?;
+        let mut mid = None;
+        for t in self.pc.get_transceivers().await {
+            if let Ok(Some(s)) = t.sender().await
+                && s.id() == sender.id()
+            {
+                mid = t.mid().await.ok().flatten();
+            }
+        }
+        Ok((track, sender, mid))
+    }
+
+    /// Sends a talkback track (Opus) to a WHIP publisher, on the audio m-line it offered
+    /// to receive on: before the answer is made, so the answer says sendrecv.
+    pub async fn send_talkback(
+        &mut self,
+        talk: &Arc<tianwang_core::Track>,
+    ) -> Result<(), PeerError> {
+        let (track, sender, _) = self
+            .add_sender("talkback", "talkback", opus(), RtpCodecKind::Audio)
+            .await?;
+        let pump = Pump {
+            kind: Kind::Audio,
+            track,
+            sender,
+            subscription: talk.subscribe(),
+            broadcast: None,
+            counters: Arc::default(),
+            metrics: Arc::clone(&self.metrics),
+            ready: self.connected.subscribe(),
+        };
+        self.pumps.spawn(pump.run());
+        Ok(())
     }
 
     /// Stops a tile's media and takes its tracks off the connection (their transceivers are
@@ -413,6 +454,10 @@ impl Peer {
         let answer = self.pc.create_answer(None).await?;
         self.pc.set_local_description(answer).await?;
         Ok(())
+    }
+
+    pub async fn remote_sdp(&self) -> Option<String> {
+        self.pc.remote_description().await.map(|d| d.sdp)
     }
 
     pub async fn local_sdp(&self) -> Option<String> {

@@ -12,37 +12,44 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::BytesMut;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtp::codec::h264::H264Packet;
-use rtc::rtp::packetizer::Depacketizer;
-use tianwang_core::GroupWriter;
-use tianwang_core::frame::FrameIn;
-use tianwang_proto::v1::{FrameHeader, TrackInfo, TrackKind};
-use tianwang_proto::{Kind, wire};
+use tianwang_core::{Track, TrackConfig};
+use tianwang_proto::Kind;
+use tianwang_proto::v1::{TrackInfo, TrackKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, warn};
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use tracing::{Instrument, debug, info};
+use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
 use crate::auth::Role;
 use crate::console::peer::{Peer, PeerConfig, PeerEvent};
-use crate::registry::{Broadcast, PublisherLink, TrackEntry};
+use crate::registry::{PublisherLink, TalkPath};
 use crate::session::HubContext;
+
+mod media;
+pub mod patch;
+
+use patch::{PatchReply, PatchRequest, SdpFrag};
+
+/// A live WHIP resource.
+pub struct WhipSession {
+    pub unit: String,
+    pub stop: CancellationToken,
+    /// PATCH requests, to the task that owns the PeerConnection.
+    pub patches: mpsc::Sender<PatchRequest>,
+}
 
 /// Largest SDP offer accepted.
 pub const MAX_OFFER: usize = 64 * 1024;
 /// Publisher session ids of WHIP units, far from QUIC connections' and pulls'.
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1 << 61);
-/// Opus audio is cut into groups of this many packets (one second), as agents do.
-const AUDIO_GROUP: u32 = 50;
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     (
@@ -111,6 +118,7 @@ pub async fn start(
         );
     }
     let has_audio = upper.contains("OPUS/48000");
+    let wants_talkback = has_audio && receives_audio(&offer);
     if hub.units.get(&unit).is_some_and(|b| b.is_online()) {
         return problem(
             StatusCode::CONFLICT,
@@ -120,7 +128,7 @@ pub async fn start(
     let config = PeerConfig {
         ips: hub.config.console.webrtc_ips.clone(),
     };
-    let (peer, mut events, mut remote) =
+    let (mut peer, mut events, mut remote) =
         match Peer::new_ingest(&config, Arc::clone(&hub.metrics)).await {
             Ok(p) => p,
             Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -132,6 +140,21 @@ pub async fn start(
             format!("the offer was refused: {e}"),
         );
     }
+    // A publisher that offers to receive audio hears talkback on it: one send track for
+    // the whole session, bound before the answer so the answer says sendrecv.
+    let talk = if wants_talkback {
+        let track = Track::new("talkback", TrackConfig::default(), Arc::default());
+        if let Err(e) = peer.send_talkback(&track).await {
+            peer.close().await;
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("the offer's audio cannot carry talkback: {e}"),
+            );
+        }
+        Some(track)
+    } else {
+        None
+    };
     let answer = match crate::console::whep::answer_with_candidates(&peer, &mut events).await {
         Ok(a) => a,
         Err(r) => {
@@ -170,14 +193,24 @@ pub async fn start(
             track_ids: announced.iter().map(|t| (t.name.clone(), t.id)).collect(),
             replaced: CancellationToken::new(),
             officer: None,
-            conn: None,
+            talk: talk.clone().map(TalkPath::Whip),
         },
     );
     let tracks = attached.tracks;
     let broadcast = attached.broadcast;
     let id = format!("{:016x}", rand::random::<u64>());
     let stop = CancellationToken::new();
-    hub.whip.insert(id.clone(), (unit.clone(), stop.clone()));
+    let (patch_tx, mut patches) = mpsc::channel(4);
+    hub.whip.insert(
+        id.clone(),
+        WhipSession {
+            unit: unit.clone(),
+            stop: stop.clone(),
+            patches: patch_tx,
+        },
+    );
+    let mut etag = etag_of(&answer);
+    let created_etag = etag.clone();
     audit.record(
         &claims.sub,
         "login",
@@ -202,6 +235,7 @@ pub async fn start(
                     event = events.recv() => match event {
                         Some(PeerEvent::State(state)) => {
                             debug!(%state, "WHIP connection");
+                            peer.set_connected(state == RTCPeerConnectionState::Connected);
                             if matches!(state, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) {
                                 break;
                             }
@@ -222,9 +256,9 @@ pub async fn start(
                                 // A fresh keyframe at once, for the first viewers and the recorder.
                                 request_keyframe(&track, ssrc).await;
                             }
-                            media.spawn(video(track, entry, Arc::clone(&broadcast), max_frame));
+                            media.spawn(media::video(track, entry, Arc::clone(&broadcast), max_frame));
                         } else {
-                            media.spawn(audio(track, entry));
+                            media.spawn(media::audio(track, entry));
                         }
                     }
                     Some(msg) = requests.recv() => {
@@ -237,10 +271,20 @@ pub async fn start(
                             debug!("no control session for a WHIP unit's message");
                         }
                     }
+                    Some(req) = patches.recv() => {
+                        let reply = apply_patch(&peer, &mut events, req.frag, req.if_match, &mut etag).await;
+                        if let Err((status, reason)) = &reply {
+                            debug!(%status, %reason, "PATCH refused");
+                        }
+                        let _ = req.reply.send(reply);
+                    }
                     Some(_) = media.join_next(), if !media.is_empty() => {}
                 }
             }
             media.shutdown().await;
+            if let Some(talk) = &talk {
+                talk.close();
+            }
             task_hub.whip.remove(&task_id);
             task_hub.units.detach(&broadcast.unit_id, session);
             peer.close().await;
@@ -253,6 +297,7 @@ pub async fn start(
         [
             (header::CONTENT_TYPE, "application/sdp".to_string()),
             (header::LOCATION, location),
+            (header::ETAG, created_etag),
         ],
         answer,
     )
@@ -273,17 +318,94 @@ pub async fn stop(
         Ok(_) => return problem(StatusCode::FORBIDDEN, "not this unit's token"),
         Err(e) => return problem(StatusCode::UNAUTHORIZED, e.to_string()),
     }
-    match hub.whip.remove(&id) {
-        Some((_, (u, stop))) if u == unit => {
-            stop.cancel();
+    match hub.whip.remove_if(&id, |_, s| s.unit == unit) {
+        Some((_, session)) => {
+            session.stop.cancel();
             StatusCode::OK.into_response()
         }
-        Some((k, v)) => {
-            hub.whip.insert(k, v);
-            problem(StatusCode::NOT_FOUND, "no such WHIP session for this unit")
-        }
-        None => problem(StatusCode::NOT_FOUND, "no such WHIP session"),
+        None => problem(StatusCode::NOT_FOUND, "no such WHIP session for this unit"),
     }
+}
+
+/// The ETag of the ICE session: the hub's ICE username fragment, which a restart changes.
+fn etag_of(local_sdp: &str) -> String {
+    format!(
+        "\"{}\"",
+        patch::attribute(local_sdp, "a=ice-ufrag").unwrap_or("")
+    )
+}
+
+/// Trickled candidates are added; new credentials restart ICE: the previous offer with
+/// them is applied again, and the answer's credentials and candidates go back.
+async fn apply_patch(
+    peer: &Peer,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<PeerEvent>,
+    frag: SdpFrag,
+    if_match: Option<String>,
+    etag: &mut String,
+) -> PatchReply {
+    if let Some(m) = if_match
+        && m != "*"
+        && m != *etag
+    {
+        return Err((
+            StatusCode::PRECONDITION_FAILED,
+            format!("the ICE session is now {etag}, not {m}"),
+        ));
+    }
+    let previous = peer.remote_sdp().await.unwrap_or_default();
+    let restart = match (&frag.ufrag, &frag.pwd) {
+        (Some(u), Some(p)) if patch::attribute(&previous, "a=ice-ufrag") != Some(u.as_str()) => {
+            Some((u.clone(), p.clone()))
+        }
+        _ => None,
+    };
+    if let Some((ufrag, pwd)) = &restart {
+        let offer = patch::restart_offer(&previous, ufrag, pwd);
+        peer.apply_offer(offer).await.map_err(|e| {
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the ICE restart was refused: {e}"),
+            )
+        })?;
+    }
+    for c in frag.ice_candidates() {
+        peer.add_candidate(c).await.map_err(|e| {
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("a candidate was refused: {e}"),
+            )
+        })?;
+    }
+    if restart.is_none() {
+        return Ok(None);
+    }
+    peer.create_answer().await.map_err(|e| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("no answer to the ICE restart: {e}"),
+        )
+    })?;
+    let mut answer = peer.local_sdp().await.unwrap_or_default();
+    if !answer.contains("a=candidate:") {
+        // The agent gathers again: wait for it (briefly), keeping the connection state.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(e) = events.recv().await {
+                match e {
+                    PeerEvent::GatheringComplete => return,
+                    PeerEvent::State(s) => {
+                        peer.set_connected(s == RTCPeerConnectionState::Connected)
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        answer = peer.local_sdp().await.unwrap_or_default();
+    }
+    *etag = etag_of(&answer);
+    info!(etag = %etag, "ICE restarted");
+    Ok(Some((etag.clone(), patch::answer_frag(&answer))))
 }
 
 async fn request_keyframe(track: &Arc<dyn TrackRemote>, ssrc: u32) {
@@ -296,174 +418,18 @@ async fn request_keyframe(track: &Arc<dyn TrackRemote>, ssrc: u32) {
     }
 }
 
-/// Capture time from RTP timestamps: the first packet's arrival, then the RTP clock
-/// (unwrapped), so frame spacing is the publisher's, not the network's.
-struct Clock {
-    rate: u64,
-    base_us: u64,
-    first: Option<u32>,
-    last: u32,
-    extended: i64,
-}
-
-impl Clock {
-    fn new(rate: u64) -> Self {
-        Self {
-            rate,
-            base_us: 0,
-            first: None,
-            last: 0,
-            extended: 0,
-        }
-    }
-
-    fn us(&mut self, ts: u32) -> u64 {
-        match self.first {
-            None => {
-                self.first = Some(ts);
-                self.last = ts;
-                self.base_us = crate::evidence::audit::unix_us().max(0) as u64;
-            }
-            Some(_) => {
-                self.extended += i64::from(ts.wrapping_sub(self.last) as i32);
-                self.last = ts;
-            }
-        }
-        let offset = self.extended.max(0) as u64 * 1_000_000 / self.rate;
-        self.base_us + offset
-    }
-}
-
-fn frame(payload: &[u8], timestamp_us: u64, duration_us: u32) -> FrameIn {
-    let header = FrameHeader {
-        timestamp_us,
-        duration_us,
+/// Whether the offer's audio m-line asks to receive as well as send (talkback).
+fn receives_audio(offer: &str) -> bool {
+    let Some(start) = offer.find("m=audio") else {
+        return false;
     };
-    let mut buf = BytesMut::with_capacity(wire::encoded_frame_len(&header, payload.len()));
-    wire::encode_frame(&header, payload, &mut buf);
-    let payload_offset = (buf.len() - payload.len()) as u32;
-    FrameIn {
-        payload_offset,
-        timestamp_us,
-        duration_us,
-        data: buf.freeze(),
-        received_at: Instant::now(),
-    }
-}
-
-/// Whether an Annex B access unit holds an IDR slice.
-fn has_idr(au: &[u8]) -> bool {
-    let mut i = 0;
-    while i + 3 < au.len() {
-        if au[i] == 0 && au[i + 1] == 0 && au[i + 2] == 1 {
-            if au[i + 3] & 0x1f == 5 {
-                return true;
-            }
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    false
-}
-
-/// H.264 RTP → access units (a marker bit, or a new timestamp, ends one) → groups from
-/// each IDR. Anything undecodable drops frames until the next keyframe.
-async fn video(
-    track: Arc<dyn TrackRemote>,
-    entry: Arc<TrackEntry>,
-    broadcast: Arc<Broadcast>,
-    max_frame: usize,
-) {
-    let mut depacketizer = H264Packet::default();
-    let mut clock = Clock::new(90_000);
-    let mut au = BytesMut::new();
-    let mut au_ts: Option<u32> = None;
-    let mut last_us: Option<u64> = None;
-    let mut group: Option<GroupWriter> = None;
-    let mut broken = false;
-    let mut flush =
-        |au: &mut BytesMut, ts: u32, group: &mut Option<GroupWriter>, broken: &mut bool| {
-            if au.is_empty() {
-                return;
-            }
-            let data = au.split().freeze();
-            if *broken || data.len() > max_frame {
-                *group = None;
-                *broken = false;
-                return;
-            }
-            let us = clock.us(ts);
-            let duration = last_us
-                .map(|l| us.saturating_sub(l).min(1_000_000) as u32)
-                .filter(|d| *d > 0)
-                .unwrap_or(33_333);
-            last_us = Some(us);
-            if has_idr(&data) {
-                *group = Some(entry.track.begin_group());
-                broadcast.keyframe_arrived(&entry);
-            }
-            if let Some(g) = group.as_mut() {
-                g.push(frame(&data, us, duration));
-            }
-        };
-    while let Some(event) = track.poll().await {
-        let TrackRemoteEvent::OnRtpPacket(p) = event else {
-            continue;
-        };
-        let ts = p.header.timestamp;
-        if au_ts.is_some_and(|t| t != ts) {
-            // The previous access unit lost its last packet (marker): take what came.
-            if let Some(t) = au_ts {
-                flush(&mut au, t, &mut group, &mut broken);
-            }
-        }
-        au_ts = Some(ts);
-        match depacketizer.depacketize(&p.payload) {
-            Ok(nals) => au.extend_from_slice(&nals),
-            Err(e) => {
-                debug!(error = %e, "an H.264 packet that does not depacketize");
-                depacketizer = H264Packet::default();
-                broken = true;
-            }
-        }
-        if au.len() > max_frame {
-            warn!(
-                bytes = au.len(),
-                "an access unit over quic.max_frame_bytes: dropped"
-            );
-            au.clear();
-            broken = true;
-        }
-        if p.header.marker {
-            flush(&mut au, ts, &mut group, &mut broken);
-            au_ts = None;
-        }
-    }
-}
-
-/// Opus RTP → one frame per packet, a group a second.
-async fn audio(track: Arc<dyn TrackRemote>, entry: Arc<TrackEntry>) {
-    let mut clock = Clock::new(48_000);
-    let mut group: Option<GroupWriter> = None;
-    while let Some(event) = track.poll().await {
-        let TrackRemoteEvent::OnRtpPacket(p) = event else {
-            continue;
-        };
-        if p.payload.is_empty() || p.payload.len() > 2048 {
-            continue;
-        }
-        let us = clock.us(p.header.timestamp);
-        if group
-            .as_ref()
-            .is_none_or(|g| g.frames_pushed() >= AUDIO_GROUP)
-        {
-            group = Some(entry.track.begin_group());
-        }
-        if let Some(g) = group.as_mut() {
-            g.push(frame(&p.payload, us, 20_000));
-        }
-    }
+    let section = &offer[start..];
+    let section = section[1..]
+        .find("\nm=")
+        .map_or(section, |end| &section[..end + 1]);
+    let has = |a: &str| section.lines().any(|l| l.trim_end() == a);
+    // No direction attribute means sendrecv (RFC 4566).
+    has("a=sendrecv") || !(has("a=sendonly") || has("a=recvonly") || has("a=inactive"))
 }
 
 #[cfg(test)]
@@ -471,23 +437,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn idr_is_found_in_annex_b_access_units() {
-        let sps_pps_idr = [
-            0, 0, 0, 1, 0x67, 1, 2, 0, 0, 0, 1, 0x68, 3, 0, 0, 1, 0x65, 9,
-        ];
-        assert!(has_idr(&sps_pps_idr));
-        let p_slice = [0, 0, 0, 1, 0x41, 1, 2, 3];
-        assert!(!has_idr(&p_slice));
-        assert!(!has_idr(&[]));
-    }
-
-    #[test]
-    fn rtp_time_unwraps_and_follows_the_clock() {
-        let mut c = Clock::new(90_000);
-        let t0 = c.us(u32::MAX - 1_499);
-        let t1 = c.us(1_500); // 3000 ticks later, across the wrap: 33.3 ms
-        assert_eq!(t1 - t0, 33_333);
-        let t2 = c.us(1_000); // reordered: earlier, not a huge jump
-        assert!(t2 < t1);
+    fn talkback_needs_an_audio_line_that_receives() {
+        let offer = |dir: &str| {
+            format!(
+                "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n{dir}a=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\na=sendrecv\r\n"
+            )
+        };
+        assert!(receives_audio(&offer("a=sendrecv\r\n")));
+        assert!(receives_audio(&offer("")));
+        assert!(!receives_audio(&offer("a=sendonly\r\n")));
+        assert!(!receives_audio(
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\n"
+        ));
     }
 }

@@ -1,0 +1,217 @@
+//! A WHIP publisher's RTP → the relay core's frames and groups, as a QUIC agent sends
+//! them: H.264 access units in Annex B with a group from each IDR; one Opus packet per
+//! frame, a group a second.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rtc::rtp::codec::h264::H264Packet;
+use rtc::rtp::packetizer::Depacketizer;
+use tianwang_core::GroupWriter;
+use tianwang_core::frame::FrameIn;
+use tianwang_proto::v1::FrameHeader;
+use tianwang_proto::wire;
+use tracing::{debug, warn};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+
+use crate::registry::{Broadcast, TrackEntry};
+
+/// Opus audio is cut into groups of this many packets (one second), as agents do.
+const AUDIO_GROUP: u32 = 50;
+
+/// Capture time from RTP timestamps: the first packet's arrival, then the RTP clock
+/// (unwrapped), so frame spacing is the publisher's, not the network's.
+struct Clock {
+    rate: u64,
+    base_us: u64,
+    first: Option<u32>,
+    last: u32,
+    extended: i64,
+}
+
+impl Clock {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            base_us: 0,
+            first: None,
+            last: 0,
+            extended: 0,
+        }
+    }
+
+    fn us(&mut self, ts: u32) -> u64 {
+        match self.first {
+            None => {
+                self.first = Some(ts);
+                self.last = ts;
+                self.base_us = crate::evidence::audit::unix_us().max(0) as u64;
+            }
+            Some(_) => {
+                self.extended += i64::from(ts.wrapping_sub(self.last) as i32);
+                self.last = ts;
+            }
+        }
+        let offset = self.extended.max(0) as u64 * 1_000_000 / self.rate;
+        self.base_us + offset
+    }
+}
+
+fn frame(payload: &[u8], timestamp_us: u64, duration_us: u32) -> FrameIn {
+    let header = FrameHeader {
+        timestamp_us,
+        duration_us,
+    };
+    let mut buf = BytesMut::with_capacity(wire::encoded_frame_len(&header, payload.len()));
+    wire::encode_frame(&header, payload, &mut buf);
+    let payload_offset = (buf.len() - payload.len()) as u32;
+    FrameIn {
+        payload_offset,
+        timestamp_us,
+        duration_us,
+        data: buf.freeze(),
+        received_at: Instant::now(),
+    }
+}
+
+/// Whether an Annex B access unit holds an IDR slice.
+fn has_idr(au: &[u8]) -> bool {
+    let mut i = 0;
+    while i + 3 < au.len() {
+        if au[i] == 0 && au[i + 1] == 0 && au[i + 2] == 1 {
+            if au[i + 3] & 0x1f == 5 {
+                return true;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// H.264 RTP → access units (a marker bit, or a new timestamp, ends one) → groups from
+/// each IDR. Anything undecodable drops frames until the next keyframe.
+pub(super) async fn video(
+    track: Arc<dyn TrackRemote>,
+    entry: Arc<TrackEntry>,
+    broadcast: Arc<Broadcast>,
+    max_frame: usize,
+) {
+    let mut depacketizer = H264Packet::default();
+    let mut clock = Clock::new(90_000);
+    let mut au = BytesMut::new();
+    let mut au_ts: Option<u32> = None;
+    let mut last_us: Option<u64> = None;
+    let mut group: Option<GroupWriter> = None;
+    let mut broken = false;
+    let mut flush =
+        |au: &mut BytesMut, ts: u32, group: &mut Option<GroupWriter>, broken: &mut bool| {
+            if au.is_empty() {
+                return;
+            }
+            let data = au.split().freeze();
+            if *broken || data.len() > max_frame {
+                *group = None;
+                *broken = false;
+                return;
+            }
+            let us = clock.us(ts);
+            let duration = last_us
+                .map(|l| us.saturating_sub(l).min(1_000_000) as u32)
+                .filter(|d| *d > 0)
+                .unwrap_or(33_333);
+            last_us = Some(us);
+            if has_idr(&data) {
+                *group = Some(entry.track.begin_group());
+                broadcast.keyframe_arrived(&entry);
+            }
+            if let Some(g) = group.as_mut() {
+                g.push(frame(&data, us, duration));
+            }
+        };
+    while let Some(event) = track.poll().await {
+        let TrackRemoteEvent::OnRtpPacket(p) = event else {
+            continue;
+        };
+        let ts = p.header.timestamp;
+        if au_ts.is_some_and(|t| t != ts) {
+            // The previous access unit lost its last packet (marker): take what came.
+            if let Some(t) = au_ts {
+                flush(&mut au, t, &mut group, &mut broken);
+            }
+        }
+        au_ts = Some(ts);
+        match depacketizer.depacketize(&p.payload) {
+            Ok(nals) => au.extend_from_slice(&nals),
+            Err(e) => {
+                debug!(error = %e, "an H.264 packet that does not depacketize");
+                depacketizer = H264Packet::default();
+                broken = true;
+            }
+        }
+        if au.len() > max_frame {
+            warn!(
+                bytes = au.len(),
+                "an access unit over quic.max_frame_bytes: dropped"
+            );
+            au.clear();
+            broken = true;
+        }
+        if p.header.marker {
+            flush(&mut au, ts, &mut group, &mut broken);
+            au_ts = None;
+        }
+    }
+}
+
+/// Opus RTP → one frame per packet, a group a second.
+pub(super) async fn audio(track: Arc<dyn TrackRemote>, entry: Arc<TrackEntry>) {
+    let mut clock = Clock::new(48_000);
+    let mut group: Option<GroupWriter> = None;
+    while let Some(event) = track.poll().await {
+        let TrackRemoteEvent::OnRtpPacket(p) = event else {
+            continue;
+        };
+        if p.payload.is_empty() || p.payload.len() > 2048 {
+            continue;
+        }
+        let us = clock.us(p.header.timestamp);
+        if group
+            .as_ref()
+            .is_none_or(|g| g.frames_pushed() >= AUDIO_GROUP)
+        {
+            group = Some(entry.track.begin_group());
+        }
+        if let Some(g) = group.as_mut() {
+            g.push(frame(&p.payload, us, 20_000));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idr_is_found_in_annex_b_access_units() {
+        let sps_pps_idr = [
+            0, 0, 0, 1, 0x67, 1, 2, 0, 0, 0, 1, 0x68, 3, 0, 0, 1, 0x65, 9,
+        ];
+        assert!(has_idr(&sps_pps_idr));
+        let p_slice = [0, 0, 0, 1, 0x41, 1, 2, 3];
+        assert!(!has_idr(&p_slice));
+        assert!(!has_idr(&[]));
+    }
+
+    #[test]
+    fn rtp_time_unwraps_and_follows_the_clock() {
+        let mut c = Clock::new(90_000);
+        let t0 = c.us(u32::MAX - 1_499);
+        let t1 = c.us(1_500); // 3000 ticks later, across the wrap: 33.3 ms
+        assert_eq!(t1 - t0, 33_333);
+        let t2 = c.us(1_000); // reordered: earlier, not a huge jump
+        assert!(t2 < t1);
+    }
+}
