@@ -9,7 +9,7 @@ import { execFile } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
-import { browser, decodedByTile, root, sleep, startDemo, waitFor } from "./harness.mjs";
+import { browser, decodedByTile, root, startDemo, waitFor } from "./harness.mjs";
 
 const run = promisify(execFile);
 const hubBin = path.join(root, "target", "debug", "hub");
@@ -22,17 +22,18 @@ async function deviceToken(demo, unit) {
 
 /// Publishes from a page: camera and microphone, H.264 preferred, all candidates in the
 /// offer (no trickle), POST to /whip/{unit}. Returns the HTTP status and the resource.
-async function publish(page, unit, token, { video = true } = {}) {
-  return page.evaluate(async ({ unit, token, video }) => {
+async function publish(page, unit, token, { video = true, codec = "H264" } = {}) {
+  return page.evaluate(async ({ unit, token, video, codec }) => {
     const stream = await navigator.mediaDevices.getUserMedia({ video, audio: true });
     const pc = new RTCPeerConnection();
     for (const track of stream.getTracks()) {
       const t = pc.addTransceiver(track, { direction: "sendonly" });
       if (track.kind === "video") {
-        const h264 = RTCRtpSender.getCapabilities("video").codecs
-          .filter((c) => c.mimeType === "video/H264" && /packetization-mode=1/.test(c.sdpFmtpLine ?? "")
-            && /profile-level-id=42/.test(c.sdpFmtpLine ?? ""));
-        t.setCodecPreferences(h264);
+        const wanted = RTCRtpSender.getCapabilities("video").codecs
+          .filter((c) => codec === "VP8" ? c.mimeType === "video/VP8"
+            : c.mimeType === "video/H264" && /packetization-mode=1/.test(c.sdpFmtpLine ?? "")
+              && /profile-level-id=42/.test(c.sdpFmtpLine ?? ""));
+        t.setCodecPreferences(wanted);
       }
     }
     await pc.setLocalDescription(await pc.createOffer());
@@ -50,7 +51,30 @@ async function publish(page, unit, token, { video = true } = {}) {
     if (res.status === 201) await pc.setRemoteDescription({ type: "answer", sdp: text });
     window.whip = { pc, location: res.headers.get("Location") };
     return { status: res.status, text, location: res.headers.get("Location") };
-  }, { unit, token, video });
+  }, { unit, token, video, codec });
+}
+
+/// A unit's recording, fetched back through the hub (hash-checked) into one MP4 file;
+/// ffprobe's streams of it.
+async function recorded(demo, unit) {
+  const auth = { headers: { Authorization: `Bearer ${demo.token}` } };
+  const rec = await waitFor(`${unit}'s recording`, 30000, async () => {
+    const body = await (await fetch(`${demo.base}/api/recordings?unit=${unit}`, auth)).json();
+    const r = (body.recordings ?? []).find((x) => (x.segments ?? []).length >= 1);
+    return r ?? null;
+  });
+  const parts = [rec.initUrl, ...rec.segments.map((x) => x.url)];
+  const bytes = [];
+  for (const url of parts) {
+    const res = await fetch(`${demo.base}${url}`, auth);
+    assert.equal(res.status, 200, url);
+    bytes.push(Buffer.from(await res.arrayBuffer()));
+  }
+  const mp4 = path.join(demo.data, `${unit}.mp4`);
+  fs.writeFileSync(mp4, Buffer.concat(bytes));
+  const { stdout } = await run("ffprobe", ["-v", "error", "-count_frames", "-show_entries",
+    "stream=codec_name,nb_read_frames", "-of", "json", mp4]);
+  return JSON.parse(stdout).streams;
 }
 
 describe("WHIP", () => {
@@ -113,28 +137,48 @@ describe("WHIP", () => {
     await waitFor("officer-1 offline", 15000, async () =>
       (await demo.metrics()).tianwang_units_online === 1);
 
-    // Recorded like any unit: the init and media segments, fetched back through the hub
-    // (hash-checked), decode as one H.264 (+ Opus) MP4.
-    const auth = { headers: { Authorization: `Bearer ${demo.token}` } };
-    const rec = await waitFor("officer-1's recording", 30000, async () => {
-      const body = await (await fetch(`${demo.base}/api/recordings?unit=officer-1`, auth)).json();
-      const r = (body.recordings ?? []).find((x) => (x.segments ?? []).length >= 1);
-      return r ?? null;
-    });
-    const parts = [rec.initUrl, ...rec.segments.map((x) => x.url)];
-    const bytes = [];
-    for (const url of parts) {
-      const res = await fetch(`${demo.base}${url}`, auth);
-      assert.equal(res.status, 200, url);
-      bytes.push(Buffer.from(await res.arrayBuffer()));
-    }
-    const mp4 = path.join(demo.data, "officer-1.mp4");
-    fs.writeFileSync(mp4, Buffer.concat(bytes));
-    const { stdout } = await run("ffprobe", ["-v", "error", "-count_frames", "-show_entries",
-      "stream=codec_name,nb_read_frames", "-of", "json", mp4]);
-    const streams = JSON.parse(stdout).streams;
+    // Recorded like any unit: the init and media segments decode as one H.264 (+ Opus) MP4.
+    const streams = await recorded(demo, "officer-1");
     const h264 = streams.find((x) => x.codec_name === "h264");
     assert.ok(h264 && Number(h264.nb_read_frames) > 30, JSON.stringify(streams));
     assert.ok(streams.some((x) => x.codec_name === "opus"), JSON.stringify(streams));
+  });
+
+  test("a VP8 publisher is relayed to the wall and recorded as VP8", async () => {
+    const token = await deviceToken(demo, "officer-2");
+    const phone = await chrome.context.newPage();
+    await phone.goto(`${demo.base}/`);
+    const answer = await publish(phone, "officer-2", token, { codec: "VP8" });
+    assert.equal(answer.status, 201, answer.text);
+    assert.match(answer.text, /VP8\/90000/);
+    assert.doesNotMatch(answer.text, /H264/);
+
+    const console_ = await chrome.context.newPage();
+    await console_.goto(`${demo.base}/`);
+    await console_.fill("#token", demo.token);
+    await console_.click("#signin-form button");
+    await console_.waitForSelector("#court-tree li.unit.online", { timeout: 10000 });
+    await console_.evaluate(() => window.tianwang.wall.assign(0, "officer-2"));
+    await waitFor("officer-2 decoded on the wall", 30000, async () => {
+      const d = await decodedByTile(console_);
+      return Object.values(d).some((n) => n > 30) ? d : null;
+    });
+    // The wall's decoder is VP8: nothing was transcoded.
+    const mime = await console_.evaluate(async () => {
+      let m = "";
+      (await window.tianwang.session.pc.getStats()).forEach((r) => {
+        if (r.type === "codec" && /video/.test(r.mimeType) && r.payloadType) m += `${r.mimeType} `;
+      });
+      return m;
+    });
+    assert.match(mime, /VP8/);
+    await phone.evaluate(async ({ token, location }) => fetch(location, { method: "DELETE",
+      headers: { Authorization: `Bearer ${token}` } }), { token, location: answer.location });
+    const streams = await recorded(demo, "officer-2");
+    const vp8 = streams.find((x) => x.codec_name === "vp8");
+    assert.ok(vp8 && Number(vp8.nb_read_frames) > 30, JSON.stringify(streams));
+    assert.ok(streams.some((x) => x.codec_name === "opus"), JSON.stringify(streams));
+    const { stdout } = await run(hubBin, ["verify", "--data", demo.data, "--unit", "officer-2"]);
+    assert.match(stdout, /^OK .*1 unit\(s\), [1-9]\d* segment/m, stdout);
   });
 });

@@ -7,6 +7,7 @@
 //! and tests drive it directly.
 
 pub mod alarms;
+pub mod codec;
 pub mod console;
 pub mod frame;
 pub mod keyframe;

@@ -1,4 +1,5 @@
-//! Fragmented MP4 for evidence, sans-IO: H.264 (Annex-B access units) and Opus frames in,
+//! Fragmented MP4 for evidence, sans-IO: H.264 (Annex-B access units) or VP8 (`vp08`, as
+//! the VP codec ISO media binding has it) and Opus frames in,
 //! an init segment and GOP-aligned media segments (moof + mdat) out. The boxes are built
 //! with `mp4-atom`; the sample data is passed through as `Bytes`, not copied into boxes.
 //!
@@ -6,7 +7,7 @@
 //! Times: a recording's decode timeline starts at 0 and advances by each sample's duration,
 //! measured between capture timestamps (so a skipped or late frame stretches its
 //! predecessor rather than shifting everything after it). A new recording (and init segment)
-//! begins when the video's parameter sets change.
+//! begins when the video's parameter sets (VP8: its picture size) change.
 
 use std::collections::VecDeque;
 
@@ -14,8 +15,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use mp4_atom::{
     Audio, Avc1, Avcc, Dinf, Dops, Dref, Encode, Ftyp, Hdlr, Matrix, Mdhd, Mdia, Mfhd, Minf, Moof,
     Moov, Mvex, Mvhd, Opus, Smhd, Stbl, Stco, Stsc, Stsd, Stsz, Stts, Tfdt, Tfhd, Tkhd, Traf, Trak,
-    Trex, Trun, TrunEntry, TrunSamples, Url, Visual, Vmhd,
+    Trex, Trun, TrunEntry, TrunSamples, Url, Visual, Vmhd, Vp08, VpcC,
 };
+
+pub use crate::codec::VideoCodec;
+use crate::codec::vp8_keyframe_size;
 
 pub const VIDEO_TRACK: u32 = 1;
 pub const AUDIO_TRACK: u32 = 2;
@@ -40,6 +44,26 @@ pub struct SegmenterConfig {
     pub width: u16,
     pub height: u16,
     pub audio: bool,
+    pub video: VideoCodec,
+}
+
+/// What a recording's init segment is made from; a change begins a new recording.
+#[derive(Clone, Debug, PartialEq)]
+enum Params {
+    H264 { sps: Bytes, pps: Bytes },
+    Vp8 { width: u16, height: u16 },
+}
+
+impl Params {
+    /// From a keyframe; None if it does not carry them.
+    fn of(codec: VideoCodec, frame: &[u8]) -> Option<Self> {
+        match codec {
+            VideoCodec::H264 => parameter_sets(frame).map(|(sps, pps)| Params::H264 { sps, pps }),
+            VideoCodec::Vp8 => {
+                vp8_keyframe_size(frame).map(|(width, height)| Params::Vp8 { width, height })
+            }
+        }
+    }
 }
 
 /// A recording begins: its init segment (ftyp + moov).
@@ -173,25 +197,81 @@ fn empty_stbl(codec: mp4_atom::Codec) -> Stbl {
     }
 }
 
+fn visual(width: u16, height: u16) -> Visual {
+    Visual {
+        data_reference_index: 1,
+        width,
+        height,
+        horizresolution: 72.into(),
+        vertresolution: 72.into(),
+        frame_count: 1,
+        compressor: "".into(),
+        depth: 24,
+    }
+}
+
+/// The sample entry and its RFC 6381 codec string.
+fn video_entry(config: &SegmenterConfig, params: &Params) -> (mp4_atom::Codec, String, u16, u16) {
+    match params {
+        Params::H264 { sps, pps } => {
+            let (profile, compat, level) = (
+                sps.get(1).copied().unwrap_or(66),
+                sps.get(2).copied().unwrap_or(0),
+                sps.get(3).copied().unwrap_or(31),
+            );
+            let entry = Avc1 {
+                visual: visual(config.width, config.height),
+                avcc: Avcc {
+                    configuration_version: 1,
+                    avc_profile_indication: profile,
+                    profile_compatibility: compat,
+                    avc_level_indication: level,
+                    length_size: 4,
+                    sequence_parameter_sets: vec![sps.to_vec()],
+                    picture_parameter_sets: vec![pps.to_vec()],
+                    ext: None,
+                },
+                ..Default::default()
+            };
+            (
+                entry.into(),
+                format!("avc1.{profile:02x}{compat:02x}{level:02x}"),
+                config.width,
+                config.height,
+            )
+        }
+        Params::Vp8 { width, height } => {
+            let entry = Vp08 {
+                visual: visual(*width, *height),
+                vpcc: VpcC {
+                    // VP8 has one profile family; level 1.0 ("10") is what browsers write.
+                    profile: 0,
+                    level: 10,
+                    bit_depth: 8,
+                    chroma_subsampling: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            (entry.into(), "vp08.00.10.08".into(), *width, *height)
+        }
+    }
+}
+
 fn init_segment(
     config: &SegmenterConfig,
-    sps: &[u8],
-    pps: &[u8],
+    params: &Params,
     start_us: u64,
 ) -> Result<Init, SegmenterError> {
-    let (profile, compat, level) = (
-        sps.get(1).copied().unwrap_or(66),
-        sps.get(2).copied().unwrap_or(0),
-        sps.get(3).copied().unwrap_or(31),
-    );
+    let (entry, video_codecs, width, height) = video_entry(config, params);
     let video = Trak {
         tkhd: Tkhd {
             track_id: VIDEO_TRACK,
             enabled: true,
             in_movie: true,
             matrix: matrix(),
-            width: config.width.into(),
-            height: config.height.into(),
+            width: width.into(),
+            height: height.into(),
             ..Default::default()
         },
         mdia: Mdia {
@@ -211,32 +291,7 @@ fn init_segment(
                         entries: vec![Url::default().into()],
                     },
                 },
-                stbl: empty_stbl(
-                    Avc1 {
-                        visual: Visual {
-                            data_reference_index: 1,
-                            width: config.width,
-                            height: config.height,
-                            horizresolution: 72.into(),
-                            vertresolution: 72.into(),
-                            frame_count: 1,
-                            compressor: "".into(),
-                            depth: 24,
-                        },
-                        avcc: Avcc {
-                            configuration_version: 1,
-                            avc_profile_indication: profile,
-                            profile_compatibility: compat,
-                            avc_level_indication: level,
-                            length_size: 4,
-                            sequence_parameter_sets: vec![sps.to_vec()],
-                            picture_parameter_sets: vec![pps.to_vec()],
-                            ext: None,
-                        },
-                        ..Default::default()
-                    }
-                    .into(),
-                ),
+                stbl: empty_stbl(entry),
                 ..Default::default()
             },
         },
@@ -332,7 +387,7 @@ fn init_segment(
     }
     .encode(&mut buf)?;
     moov.encode(&mut buf)?;
-    let mut codecs = format!("avc1.{profile:02x}{compat:02x}{level:02x}");
+    let mut codecs = video_codecs;
     if config.audio {
         codecs.push_str(",opus");
     }
@@ -345,7 +400,7 @@ fn init_segment(
 
 pub struct Segmenter {
     config: SegmenterConfig,
-    parameters: Option<(Bytes, Bytes)>,
+    parameters: Option<Params>,
     video: Vec<Sample>,
     audio: VecDeque<Sample>,
     video_decode: u64,
@@ -384,7 +439,8 @@ impl Segmenter {
         self.parameters.is_some()
     }
 
-    /// One H.264 access unit (Annex-B). Frames before the first keyframe are dropped.
+    /// One video frame: an H.264 access unit (Annex-B) or a VP8 frame. Frames before the
+    /// first keyframe are dropped.
     pub fn push_video(
         &mut self,
         au: &[u8],
@@ -400,11 +456,11 @@ impl Segmenter {
                 Some(a) => timestamp_us - a.timestamp_us,
                 None => 0,
             };
-            match parameter_sets(au) {
+            match Params::of(self.config.video, au) {
                 Some(params) if self.parameters.as_ref() != Some(&params) => {
                     // New parameters: end the recording, start another with its own init.
                     self.close(Some(timestamp_us))?;
-                    let init = init_segment(&self.config, &params.0, &params.1, timestamp_us)?;
+                    let init = init_segment(&self.config, &params, timestamp_us)?;
                     self.parameters = Some(params);
                     self.video_decode = 0;
                     self.audio_decode = 0;
@@ -426,7 +482,10 @@ impl Segmenter {
             return Ok(());
         }
         self.video.push(Sample {
-            data: to_avcc(au),
+            data: match self.config.video {
+                VideoCodec::H264 => to_avcc(au),
+                VideoCodec::Vp8 => Bytes::copy_from_slice(au),
+            },
             timestamp_us,
             duration_us,
             keyframe,

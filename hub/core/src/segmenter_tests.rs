@@ -25,6 +25,7 @@ fn config(audio: bool) -> SegmenterConfig {
         width: 640,
         height: 360,
         audio,
+        video: VideoCodec::H264,
     }
 }
 
@@ -278,4 +279,48 @@ fn a_device_clock_stepping_back_closes_the_segment_at_the_next_keyframe() {
     let segs = segments(&outputs);
     assert_eq!(segs.len(), 2, "the jump cut the first segment");
     assert_eq!(segs[0].video_frames, 90, "{}", segs[0].video_frames);
+}
+
+#[test]
+fn vp8_is_recorded_as_vp08_frames_unchanged_and_a_new_size_starts_a_new_recording() {
+    let vp8_key = |w: u16, h: u16| {
+        let mut f = vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a];
+        f.extend_from_slice(&w.to_le_bytes());
+        f.extend_from_slice(&h.to_le_bytes());
+        f.extend_from_slice(&[7; 32]);
+        f
+    };
+    let inter = [0x31, 0x2a, 0x00, 1, 2, 3];
+    let mut s = Segmenter::new(SegmenterConfig {
+        video: VideoCodec::Vp8,
+        ..config(false)
+    });
+    s.push_video(&inter, 0, 33_333, false).unwrap();
+    assert!(s.poll().is_none(), "nothing before the first keyframe");
+    s.push_video(&vp8_key(1280, 720), 33_333, 33_333, true)
+        .unwrap();
+    let Some(Output::Init(init)) = s.poll() else {
+        panic!("an init segment")
+    };
+    assert_eq!(init.codecs, "vp08.00.10.08");
+    let mut buf = &init.data[..];
+    Ftyp::decode(&mut buf).unwrap();
+    let moov = Moov::decode(&mut buf).unwrap();
+    let Some(mp4_atom::Codec::Vp08(vp08)) = moov.trak[0].mdia.minf.stbl.stsd.codecs.first() else {
+        panic!("vp08")
+    };
+    // The size the keyframe declares, not the configured one.
+    assert_eq!((vp08.visual.width, vp08.visual.height), (1280, 720));
+    s.push_video(&inter, 66_666, 33_333, false).unwrap();
+    // Another size: the recording under way ends, another begins.
+    s.push_video(&vp8_key(640, 360), 99_999, 33_333, true)
+        .unwrap();
+    let Some(Output::Segment(seg)) = s.poll() else {
+        panic!("the first recording's segment")
+    };
+    assert_eq!(seg.video_frames, 2);
+    // The frames go into the mdat as they came (VP8 needs no rewriting).
+    let bytes = bytes_of(&seg);
+    assert!(bytes.windows(inter.len()).any(|w| w == inter));
+    assert!(matches!(s.poll(), Some(Output::Init(_))));
 }

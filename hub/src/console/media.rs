@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtp::codec::h264::H264Payloader;
-use rtc::rtp::packetizer::Payloader;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use tianwang_core::Subscription;
 use tokio::sync::watch;
 use webrtc::media_stream::Track;
@@ -84,6 +83,8 @@ impl Timeline {
 
 pub struct Pump {
     pub kind: Kind,
+    /// The codec the track was made for: its payload type is looked up by it.
+    pub codec: RTCRtpCodec,
     pub track: Arc<TrackLocalStaticRTP>,
     pub sender: Arc<dyn RtpSender>,
     pub subscription: Subscription,
@@ -110,7 +111,16 @@ impl Pump {
         }
         let started = Instant::now();
         let payload_type = match self.sender.get_parameters().await {
-            Ok(p) => p.rtp_parameters.codecs.first().map(|c| c.payload_type),
+            Ok(p) => p
+                .rtp_parameters
+                .codecs
+                .iter()
+                .find(|c| {
+                    c.rtp_codec
+                        .mime_type
+                        .eq_ignore_ascii_case(&self.codec.mime_type)
+                })
+                .map(|c| c.payload_type),
             Err(_) => None,
         };
         let (Some(payload_type), Some(&ssrc)) = (payload_type, self.track.ssrcs().await.first())
@@ -118,7 +128,13 @@ impl Pump {
             tracing::debug!("track without a negotiated codec or SSRC: not sending");
             return;
         };
-        let mut payloader = H264Payloader::default();
+        let mut payloader = match self.codec.payloader() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "no payloader for the track's codec: not sending");
+                return;
+            }
+        };
         let mut timeline = Timeline {
             kind: self.kind,
             rtp: rand::random(),

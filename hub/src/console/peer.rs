@@ -10,7 +10,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
-    MIME_TYPE_H264, MIME_TYPE_OPUS, MediaEngine,
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
@@ -20,6 +20,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RtpCodecKind,
 };
 use tianwang_core::Subscription;
+use tianwang_core::codec::VideoCodec;
 use tianwang_proto::v1::{IceCandidate, TrackKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -124,6 +125,27 @@ fn h264() -> RTCRtpCodec {
     }
 }
 
+fn vp8() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.into(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![RTCPFeedback {
+            typ: "ccm".into(),
+            parameter: "fir".into(),
+        }],
+    }
+}
+
+/// The WebRTC codec a unit's video goes out in.
+fn video_codec(codec: VideoCodec) -> RTCRtpCodec {
+    match codec {
+        VideoCodec::H264 => h264(),
+        VideoCodec::Vp8 => vp8(),
+    }
+}
+
 fn opus() -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: MIME_TYPE_OPUS.into(),
@@ -166,15 +188,16 @@ impl Peer {
         config: &PeerConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
-        Self::build(config, metrics, None).await
+        Self::build(config, metrics, None, None).await
     }
 
-    /// A peer that receives media (a WHIP publisher): its remote tracks arrive on the
-    /// returned channel.
+    /// A peer that receives media (a WHIP publisher) in one video codec: its remote tracks
+    /// arrive on the returned channel.
     #[allow(clippy::type_complexity)]
     pub async fn new_ingest(
         config: &PeerConfig,
         metrics: Arc<Metrics>,
+        video: VideoCodec,
     ) -> Result<
         (
             Self,
@@ -184,7 +207,7 @@ impl Peer {
         PeerError,
     > {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (peer, events) = Self::build(config, metrics, Some(tx)).await?;
+        let (peer, events) = Self::build(config, metrics, Some(tx), Some(video)).await?;
         Ok((peer, events, rx))
     }
 
@@ -192,16 +215,30 @@ impl Peer {
         config: &PeerConfig,
         metrics: Arc<Metrics>,
         ingest: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
+        ingest_video: Option<VideoCodec>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
         let mut engine = MediaEngine::default();
-        engine.register_codec(
-            RTCRtpCodecParameters {
-                rtp_codec: h264(),
-                payload_type: 102,
-            },
-            RtpCodecKind::Video,
-        )?;
-        if ingest.is_some() {
+        // Viewers get both (a unit's codec is its own); a publisher exactly the one chosen
+        // from its offer, so the answer leaves it no other.
+        if ingest_video.is_none_or(|v| v == VideoCodec::H264) {
+            engine.register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: h264(),
+                    payload_type: 102,
+                },
+                RtpCodecKind::Video,
+            )?;
+        }
+        if ingest_video.is_none_or(|v| v == VideoCodec::Vp8) {
+            engine.register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: vp8(),
+                    payload_type: 96,
+                },
+                RtpCodecKind::Video,
+            )?;
+        }
+        if ingest_video == Some(VideoCodec::H264) {
             // Publishers (browsers, cameras) offer baseline without the constraint flag too.
             engine.register_codec(
                 RTCRtpCodecParameters {
@@ -286,13 +323,14 @@ impl Peer {
         };
         let mut mids = (String::new(), String::new());
         for (entry, subscription) in tracks {
+            let video = VideoCodec::from_name(&entry.info.codec).unwrap_or_default();
             let (kind, codec, rtp_kind) = match entry.info.kind() {
-                TrackKind::Video => (Kind::Video, h264(), RtpCodecKind::Video),
+                TrackKind::Video => (Kind::Video, video_codec(video), RtpCodecKind::Video),
                 TrackKind::Audio => (Kind::Audio, opus(), RtpCodecKind::Audio),
                 TrackKind::Unspecified => continue,
             };
             let (track, sender, mid) = self
-                .add_sender(tile_id, &entry.info.name, codec, rtp_kind)
+                .add_sender(tile_id, &entry.info.name, codec.clone(), rtp_kind)
                 .await?;
             if let Some(mid) = mid {
                 match kind {
@@ -302,6 +340,7 @@ impl Peer {
             }
             let pump = Pump {
                 kind,
+                codec,
                 track,
                 sender: Arc::clone(&sender),
                 subscription,
@@ -373,6 +412,7 @@ impl Peer {
             .await?;
         let pump = Pump {
             kind: Kind::Audio,
+            codec: opus(),
             track,
             sender,
             subscription: talk.subscribe(),

@@ -17,6 +17,7 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 
 use super::peer::{Peer, PeerConfig, PeerEvent};
 use crate::session::HubContext;
+use tianwang_core::codec::VideoCodec;
 
 /// Largest SDP offer accepted.
 pub const MAX_OFFER: usize = 64 * 1024;
@@ -154,18 +155,29 @@ pub async fn start(
         Ok(o) => o,
         Err(r) => return r,
     };
-    // What the units send is H.264 (and Opus): a player that cannot take it gets told.
-    if !offer.to_ascii_uppercase().contains("H264/90000") {
-        return problem(
-            StatusCode::NOT_ACCEPTABLE,
-            "the offer has no H.264 video: this hub relays H.264 (constrained baseline) and Opus",
-        );
-    }
     hub.cascade.ensure_pulled(&hub.units, &unit);
     let (broadcast, tracks) = match hub.units.subscribe(&unit, &[]) {
         Ok(s) => s,
         Err(e) => return problem(StatusCode::NOT_FOUND, e.to_string()),
     };
+    // A unit's video goes out as it came (H.264, or VP8 from some WHIP publishers): a
+    // player that cannot take it gets told.
+    let video = tracks
+        .iter()
+        .find(|(e, _)| e.info.kind() == tianwang_proto::v1::TrackKind::Video)
+        .map(|(e, _)| VideoCodec::from_name(&e.info.codec).unwrap_or_default());
+    let (wanted, name) = match video {
+        Some(VideoCodec::Vp8) => ("VP8/90000", "VP8"),
+        _ => ("H264/90000", "H.264"),
+    };
+    if !offer.to_ascii_uppercase().contains(wanted) {
+        return problem(
+            StatusCode::NOT_ACCEPTABLE,
+            format!(
+                "the offer has no {name}: unit {unit:?} sends {name} video (and Opus); the hub does not transcode"
+            ),
+        );
+    }
     let config = PeerConfig {
         ips: hub.config.console.webrtc_ips.clone(),
     };

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use tianwang_core::segmenter::{Init, Output, Segment, Segmenter, SegmenterConfig};
+use tianwang_core::segmenter::{Init, Output, Segment, Segmenter, SegmenterConfig, VideoCodec};
 use tianwang_proto::v1::TrackKind;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -201,6 +201,16 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
         stop.cancelled().await;
         return;
     };
+    let codec = if video.info.codec.is_empty() {
+        Some(VideoCodec::H264)
+    } else {
+        VideoCodec::from_name(&video.info.codec)
+    };
+    let Some(codec) = codec else {
+        warn!(codec = %video.info.codec, "a video codec the recorder cannot write: not recording");
+        stop.cancelled().await;
+        return;
+    };
     let audio = tracks.iter().find(|t| t.info.kind() == TrackKind::Audio);
     let mut video_sub = video.track.subscribe_with(QUEUE_FRAMES, u64::MAX);
     let mut audio_sub = audio.map(|a| a.track.subscribe_with(QUEUE_FRAMES, u64::MAX));
@@ -209,6 +219,7 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
         width: video.info.width.min(u32::from(u16::MAX)) as u16,
         height: video.info.height.min(u32::from(u16::MAX)) as u16,
         audio: audio.is_some(),
+        video: codec,
     });
     let mut chain = match shared.index.last_segment(&unit).await {
         Ok(last) => Chain {

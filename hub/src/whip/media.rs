@@ -1,14 +1,16 @@
 //! A WHIP publisher's RTP → the relay core's frames and groups, as a QUIC agent sends
-//! them: H.264 access units in Annex B with a group from each IDR; one Opus packet per
-//! frame, a group a second.
+//! them: H.264 access units in Annex B with a group from each IDR, or VP8 frames with a
+//! group from each keyframe; one Opus packet per frame, a group a second.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use rtc::rtp::codec::h264::H264Packet;
+use rtc::rtp::codec::vp8::Vp8Packet;
 use rtc::rtp::packetizer::Depacketizer;
 use tianwang_core::GroupWriter;
+use tianwang_core::codec::{VideoCodec, vp8_keyframe_size};
 use tianwang_core::frame::FrameIn;
 use tianwang_proto::v1::FrameHeader;
 use tianwang_proto::wire;
@@ -91,15 +93,34 @@ fn has_idr(au: &[u8]) -> bool {
     false
 }
 
-/// H.264 RTP → access units (a marker bit, or a new timestamp, ends one) → groups from
-/// each IDR. Anything undecodable drops frames until the next keyframe.
+fn depacketizer(codec: VideoCodec) -> Box<dyn Depacketizer + Send> {
+    match codec {
+        VideoCodec::H264 => Box::<H264Packet>::default(),
+        VideoCodec::Vp8 => Box::<Vp8Packet>::default(),
+    }
+}
+
+/// Whether a whole frame starts a group: an H.264 access unit with an IDR slice; a VP8
+/// frame with a keyframe header (the start code too, so a frame whose first packet was
+/// lost is not taken for one).
+fn starts_group(codec: VideoCodec, frame: &[u8]) -> bool {
+    match codec {
+        VideoCodec::H264 => has_idr(frame),
+        VideoCodec::Vp8 => vp8_keyframe_size(frame).is_some(),
+    }
+}
+
+/// Video RTP → frames (a marker bit, or a new timestamp, ends one; H.264 as Annex B access
+/// units) → groups from each keyframe. Anything undecodable drops frames until the next
+/// keyframe.
 pub(super) async fn video(
     track: Arc<dyn TrackRemote>,
     entry: Arc<TrackEntry>,
     broadcast: Arc<Broadcast>,
     max_frame: usize,
+    codec: VideoCodec,
 ) {
-    let mut depacketizer = H264Packet::default();
+    let mut depacketizer = depacketizer(codec);
     let mut clock = Clock::new(90_000);
     let mut au = BytesMut::new();
     let mut au_ts: Option<u32> = None;
@@ -123,7 +144,7 @@ pub(super) async fn video(
                 .filter(|d| *d > 0)
                 .unwrap_or(33_333);
             last_us = Some(us);
-            if has_idr(&data) {
+            if starts_group(codec, &data) {
                 *group = Some(entry.track.begin_group());
                 broadcast.keyframe_arrived(&entry);
             }
@@ -147,7 +168,7 @@ pub(super) async fn video(
             Ok(nals) => au.extend_from_slice(&nals),
             Err(e) => {
                 debug!(error = %e, "an H.264 packet that does not depacketize");
-                depacketizer = H264Packet::default();
+                depacketizer = self::depacketizer(codec);
                 broken = true;
             }
         }

@@ -1,9 +1,9 @@
 //! WHIP ingest (RFC 9725): a phone, a browser or a third-party camera publishes a unit over
 //! WebRTC. `POST /whip/{unit}` with the unit's device token (`Authorization: Bearer`) and an
-//! SDP offer → `201 Created`, the answer (all candidates, no trickle) and a resource URL;
+//! SDP offer → `201 Created`, the answer (all candidates) and a resource URL;
 //! `DELETE` on it ends the unit's session. Incoming RTP is reassembled into the same frames
-//! and groups a QUIC agent sends — H.264 access units in Annex B, a group from each IDR;
-//! one Opus packet per frame — so relay, recorder, cascade and alarms treat the unit like
+//! and groups a QUIC agent sends — H.264 access units in Annex B (or VP8 frames), a group
+//! from each keyframe; one Opus packet per frame — so relay, recorder, cascade and alarms treat the unit like
 //! any other. Keyframe requests from viewers become PLI to the publisher.
 //!
 //! A unit that is live already (over QUIC or WHIP) is refused (409) rather than taken
@@ -19,6 +19,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use tianwang_core::codec::VideoCodec;
 use tianwang_core::{Track, TrackConfig};
 use tianwang_proto::Kind;
 use tianwang_proto::v1::{TrackInfo, TrackKind};
@@ -111,12 +112,18 @@ pub async fn start(
         Err(r) => return r,
     };
     let upper = offer.to_ascii_uppercase();
-    if !upper.contains("H264/90000") {
+    // H.264 when offered (what agents send, what the recorder has written longest); VP8
+    // otherwise, relayed and recorded as it comes.
+    let video_codec = if upper.contains("H264/90000") {
+        VideoCodec::H264
+    } else if upper.contains("VP8/90000") {
+        VideoCodec::Vp8
+    } else {
         return problem(
             StatusCode::NOT_ACCEPTABLE,
-            "the offer has no H.264 video: units publish H.264 (and Opus)",
+            "the offer has no H.264 or VP8 video: units publish H.264 or VP8 (and Opus)",
         );
-    }
+    };
     let has_audio = upper.contains("OPUS/48000");
     let wants_talkback = has_audio && receives_audio(&offer);
     if hub.units.get(&unit).is_some_and(|b| b.is_online()) {
@@ -129,7 +136,7 @@ pub async fn start(
         ips: hub.config.console.webrtc_ips.clone(),
     };
     let (mut peer, mut events, mut remote) =
-        match Peer::new_ingest(&config, Arc::clone(&hub.metrics)).await {
+        match Peer::new_ingest(&config, Arc::clone(&hub.metrics), video_codec).await {
             Ok(p) => p,
             Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
@@ -168,7 +175,7 @@ pub async fn start(
         id: 0,
         name: "video".into(),
         kind: TrackKind::Video as i32,
-        codec: "h264".into(),
+        codec: video_codec.name().into(),
         ..Default::default()
     }];
     if has_audio {
@@ -256,7 +263,7 @@ pub async fn start(
                                 // A fresh keyframe at once, for the first viewers and the recorder.
                                 request_keyframe(&track, ssrc).await;
                             }
-                            media.spawn(media::video(track, entry, Arc::clone(&broadcast), max_frame));
+                            media.spawn(media::video(track, entry, Arc::clone(&broadcast), max_frame, video_codec));
                         } else {
                             media.spawn(media::audio(track, entry));
                         }
