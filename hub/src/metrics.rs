@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Escalated here to the parent court (not acknowledged in time), by rule.
     pub alarms_escalated: IntCounterVec,
     pub telemetry_rejected: IntCounterVec,
+    /// Media from WHIP publishers that the hub would not relay, by reason.
+    pub whip_dropped: IntCounterVec,
     /// Units pulled from child hubs right now (one per unit, however many watch here).
     pub cascade_pulls: IntGauge,
     pub cascade_pulls_started: IntCounter,
@@ -272,6 +274,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(alarms_escalated.clone()))?;
         registry.register(Box::new(telemetry_rejected.clone()))?;
+        let whip_dropped = IntCounterVec::new(
+            Opts::new(
+                "tianwang_whip_dropped_total",
+                "WHIP media not relayed: frames over the size limit or undecodable, streams the \
+                 offer did not announce, sessions whose media never came; by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(whip_dropped.clone()))?;
         for c in [
             &recorded_segments,
             &recorded_bytes,
@@ -348,6 +359,7 @@ impl Metrics {
             alarms_raised,
             alarms_escalated,
             telemetry_rejected,
+            whip_dropped,
         })
     }
 

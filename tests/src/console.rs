@@ -89,7 +89,7 @@ pub struct Console {
     tracks: Tracks,
 }
 
-fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
+pub(crate) fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
     let mut engine = MediaEngine::default();
     engine.register_codec(
         RTCRtpCodecParameters {

@@ -19,6 +19,7 @@ pub mod console;
 pub mod postgres;
 pub mod relay;
 pub mod unit;
+pub mod whip;
 
 /// A binary of this workspace, built by `cargo build --bins` (scripts/test does it first).
 pub fn bin(name: &str) -> PathBuf {

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod console;
 pub mod frame;
 pub mod keyframe;
+pub mod reorder;
 pub mod segmenter;
 pub mod stats;
 pub mod track;

@@ -3,15 +3,17 @@
 //! group from each keyframe; one Opus packet per frame, a group a second.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use prometheus::IntCounterVec;
 use rtc::rtp::codec::h264::H264Packet;
 use rtc::rtp::codec::vp8::Vp8Packet;
 use rtc::rtp::packetizer::Depacketizer;
 use tianwang_core::GroupWriter;
 use tianwang_core::codec::{VideoCodec, vp8_keyframe_size};
 use tianwang_core::frame::FrameIn;
+use tianwang_core::reorder::{Released, Reorder};
 use tianwang_proto::v1::FrameHeader;
 use tianwang_proto::wire;
 use tracing::{debug, warn};
@@ -110,85 +112,160 @@ fn starts_group(codec: VideoCodec, frame: &[u8]) -> bool {
     }
 }
 
-/// Video RTP → frames (a marker bit, or a new timestamp, ends one; H.264 as Annex B access
-/// units) → groups from each keyframe. Anything undecodable drops frames until the next
-/// keyframe.
+/// How many packets may wait behind a hole, and for how long: enough for a retransmission
+/// (NACK) on a mobile link, short enough that a real loss costs little live delay.
+const REORDER_PACKETS: usize = 512;
+const REORDER_WAIT: Duration = Duration::from_millis(250);
+
+/// Video RTP, in sequence order → frames (a marker bit, or a new timestamp, ends one; H.264
+/// as Annex B access units) → groups from each keyframe. A lost packet, a packet that does
+/// not depacketize or a frame over the limit breaks the group: nothing more of it until
+/// the next keyframe, which is asked for.
+struct Assembler {
+    codec: VideoCodec,
+    depacketizer: Box<dyn Depacketizer + Send>,
+    clock: Clock,
+    frame: BytesMut,
+    frame_ts: Option<u32>,
+    last_us: Option<u64>,
+    group: Option<GroupWriter>,
+    broken: bool,
+    max_frame: usize,
+    entry: Arc<TrackEntry>,
+    broadcast: Arc<Broadcast>,
+    dropped: IntCounterVec,
+}
+
+impl Assembler {
+    fn packet(&mut self, p: &rtc::rtp::Packet) {
+        let ts = p.header.timestamp;
+        if let Some(t) = self.frame_ts.filter(|t| *t != ts) {
+            // The previous frame lost its last packet (marker): take what came.
+            self.flush(t);
+        }
+        self.frame_ts = Some(ts);
+        match self.depacketizer.depacketize(&p.payload) {
+            Ok(data) => self.frame.extend_from_slice(&data),
+            Err(e) => {
+                debug!(error = %e, "a video packet that does not depacketize");
+                self.depacketizer = depacketizer(self.codec);
+                self.break_group("undecodable");
+            }
+        }
+        if self.frame.len() > self.max_frame {
+            warn!(
+                bytes = self.frame.len(),
+                "a frame over quic.max_frame_bytes: dropped with its group"
+            );
+            self.frame.clear();
+            self.break_group("oversize");
+        }
+        if p.header.marker {
+            self.flush(ts);
+            self.frame_ts = None;
+        }
+    }
+
+    /// Packets that never came: whatever they belonged to cannot be decoded.
+    fn lost(&mut self, count: u16) {
+        debug!(count, "video packets lost");
+        self.depacketizer = depacketizer(self.codec);
+        self.break_group("lost");
+    }
+
+    fn break_group(&mut self, reason: &str) {
+        if !self.broken {
+            self.dropped.with_label_values(&[reason]).inc();
+            if self.group.is_some() {
+                self.broadcast.request_keyframe("video");
+            }
+        }
+        self.broken = true;
+    }
+
+    fn flush(&mut self, ts: u32) {
+        if self.broken {
+            // The frame and the rest of its group go; a keyframe begins the next.
+            self.frame.clear();
+            self.group = None;
+            self.broken = false;
+            return;
+        }
+        if self.frame.is_empty() {
+            return;
+        }
+        let data = self.frame.split().freeze();
+        let us = self.clock.us(ts);
+        let duration = self
+            .last_us
+            .map(|l| us.saturating_sub(l).min(1_000_000) as u32)
+            .filter(|d| *d > 0)
+            .unwrap_or(33_333);
+        self.last_us = Some(us);
+        if starts_group(self.codec, &data) {
+            self.group = Some(self.entry.track.begin_group());
+            self.broadcast.keyframe_arrived(&self.entry);
+        }
+        if let Some(g) = self.group.as_mut() {
+            g.push(frame(&data, us, duration));
+        }
+    }
+}
+
 pub(super) async fn video(
     track: Arc<dyn TrackRemote>,
     entry: Arc<TrackEntry>,
     broadcast: Arc<Broadcast>,
     max_frame: usize,
     codec: VideoCodec,
+    dropped: IntCounterVec,
 ) {
-    let mut depacketizer = depacketizer(codec);
-    let mut clock = Clock::new(90_000);
-    let mut au = BytesMut::new();
-    let mut au_ts: Option<u32> = None;
-    let mut last_us: Option<u64> = None;
-    let mut group: Option<GroupWriter> = None;
-    let mut broken = false;
-    let mut flush =
-        |au: &mut BytesMut, ts: u32, group: &mut Option<GroupWriter>, broken: &mut bool| {
-            if au.is_empty() {
-                return;
-            }
-            let data = au.split().freeze();
-            if *broken || data.len() > max_frame {
-                *group = None;
-                *broken = false;
-                return;
-            }
-            let us = clock.us(ts);
-            let duration = last_us
-                .map(|l| us.saturating_sub(l).min(1_000_000) as u32)
-                .filter(|d| *d > 0)
-                .unwrap_or(33_333);
-            last_us = Some(us);
-            if starts_group(codec, &data) {
-                *group = Some(entry.track.begin_group());
-                broadcast.keyframe_arrived(&entry);
-            }
-            if let Some(g) = group.as_mut() {
-                g.push(frame(&data, us, duration));
-            }
-        };
-    while let Some(event) = track.poll().await {
-        let TrackRemoteEvent::OnRtpPacket(p) = event else {
-            continue;
-        };
-        let ts = p.header.timestamp;
-        if au_ts.is_some_and(|t| t != ts) {
-            // The previous access unit lost its last packet (marker): take what came.
-            if let Some(t) = au_ts {
-                flush(&mut au, t, &mut group, &mut broken);
+    let mut assembler = Assembler {
+        codec,
+        depacketizer: depacketizer(codec),
+        clock: Clock::new(90_000),
+        frame: BytesMut::new(),
+        frame_ts: None,
+        last_us: None,
+        group: None,
+        broken: false,
+        max_frame,
+        entry,
+        broadcast,
+        dropped,
+    };
+    let mut reorder = Reorder::new(REORDER_PACKETS, REORDER_WAIT);
+    let mut released = Vec::new();
+    loop {
+        let deadline = reorder.deadline();
+        tokio::select! {
+            event = track.poll() => match event {
+                Some(TrackRemoteEvent::OnRtpPacket(p)) => {
+                    let seq = p.header.sequence_number;
+                    reorder.push(seq, p, Instant::now(), &mut |r| released.push(r));
+                }
+                Some(_) => continue,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
+                reorder.poll(Instant::now(), &mut |r| released.push(r));
             }
         }
-        au_ts = Some(ts);
-        match depacketizer.depacketize(&p.payload) {
-            Ok(nals) => au.extend_from_slice(&nals),
-            Err(e) => {
-                debug!(error = %e, "an H.264 packet that does not depacketize");
-                depacketizer = self::depacketizer(codec);
-                broken = true;
+        for r in released.drain(..) {
+            match r {
+                Released::Packet(p) => assembler.packet(&p),
+                Released::Lost(n) => assembler.lost(n),
             }
-        }
-        if au.len() > max_frame {
-            warn!(
-                bytes = au.len(),
-                "an access unit over quic.max_frame_bytes: dropped"
-            );
-            au.clear();
-            broken = true;
-        }
-        if p.header.marker {
-            flush(&mut au, ts, &mut group, &mut broken);
-            au_ts = None;
         }
     }
 }
 
 /// Opus RTP → one frame per packet, a group a second.
-pub(super) async fn audio(track: Arc<dyn TrackRemote>, entry: Arc<TrackEntry>) {
+pub(super) async fn audio(
+    track: Arc<dyn TrackRemote>,
+    entry: Arc<TrackEntry>,
+    dropped: IntCounterVec,
+) {
     let mut clock = Clock::new(48_000);
     let mut group: Option<GroupWriter> = None;
     while let Some(event) = track.poll().await {
@@ -196,6 +273,8 @@ pub(super) async fn audio(track: Arc<dyn TrackRemote>, entry: Arc<TrackEntry>) {
             continue;
         };
         if p.payload.is_empty() || p.payload.len() > 2048 {
+            // An Opus packet is at most 1275 bytes.
+            dropped.with_label_values(&["oversize"]).inc();
             continue;
         }
         let us = clock.us(p.header.timestamp);

@@ -25,7 +25,7 @@ use tianwang_proto::Kind;
 use tianwang_proto::v1::{TrackInfo, TrackKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info};
+use tracing::{Instrument, debug, info, warn};
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
@@ -49,6 +49,8 @@ pub struct WhipSession {
 
 /// Largest SDP offer accepted.
 pub const MAX_OFFER: usize = 64 * 1024;
+/// A session whose video has not begun by then is ended.
+const NO_MEDIA: Duration = Duration::from_secs(10);
 /// Publisher session ids of WHIP units, far from QUIC connections' and pulls'.
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1 << 61);
 
@@ -233,6 +235,9 @@ pub async fn start(
         async move {
             info!(audio = has_audio, "WHIP unit online");
             let mut video_ssrc: Option<(Arc<dyn TrackRemote>, u32)> = None;
+            let mut started = std::collections::HashSet::new();
+            let no_media = tokio::time::sleep(NO_MEDIA);
+            tokio::pin!(no_media);
             let mut media = tokio::task::JoinSet::new();
             let max_frame = task_hub.config.quic.max_frame_bytes;
             loop {
@@ -257,16 +262,39 @@ pub async fn start(
                             debug!(name, "a track the offer did not announce: ignored");
                             continue;
                         };
+                        let dropped = task_hub.metrics.whip_dropped.clone();
+                        let ssrc = track.ssrcs().await.first().copied();
+                        // One stream per kind: another SSRC would interleave with the
+                        // first in the unit's track.
+                        if !started.insert(name) {
+                            warn!(name, ?ssrc, "a second stream of the same kind: ignored");
+                            dropped.with_label_values(&["extra_stream"]).inc();
+                            continue;
+                        }
                         if name == "video" {
-                            if let Some(ssrc) = track.ssrcs().await.first().copied() {
+                            if let Some(ssrc) = ssrc {
                                 video_ssrc = Some((Arc::clone(&track), ssrc));
                                 // A fresh keyframe at once, for the first viewers and the recorder.
                                 request_keyframe(&track, ssrc).await;
                             }
-                            media.spawn(media::video(track, entry, Arc::clone(&broadcast), max_frame, video_codec));
+                            media.spawn(media::video(track, entry, Arc::clone(&broadcast), max_frame, video_codec, dropped));
                         } else {
-                            media.spawn(media::audio(track, entry));
+                            media.spawn(media::audio(track, entry, dropped));
                         }
+                    }
+                    _ = &mut no_media, if !started.contains("video") => {
+                        // Connected or not, no video RTP the session can place (a wrong
+                        // SSRC, a blocked path): the unit is not live, and says why.
+                        warn!("no video arrived in {NO_MEDIA:?}: ending the session");
+                        task_hub.metrics.whip_dropped.with_label_values(&["no_media"]).inc();
+                        task_hub.evidence.audit.record(
+                            &broadcast.unit_id,
+                            "whip.no_media",
+                            &broadcast.unit_id,
+                            serde_json::json!({ "resource": task_id,
+                                "reason": format!("no video RTP the offer announced arrived in {NO_MEDIA:?}") }),
+                        );
+                        break;
                     }
                     Some(msg) = requests.recv() => {
                         if let Some(Kind::KeyframeRequest(_)) = msg.kind {
