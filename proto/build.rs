@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(grpc)
         .build_client(grpc)
         .bytes(".")
+        // Keeps SessionEvent (and the console's action queue) small.
+        .boxed(".tianwang.v1.AlarmEvent.alarm")
         .file_descriptor_set_path(&descriptors)
         .compile_protos(&protos, &["proto"])?;
     let set = std::fs::read(&descriptors)?;

@@ -7,7 +7,9 @@
 import { fmtTime } from "./cases.js";
 import { HubError, hubFetch } from "./player.js";
 
-const POLL_MS = 2000;
+// Alarms are pushed over the session as they change; reading the whole list now and then
+// only catches up with what a dropped session missed.
+const POLL_MS = 30_000;
 // The hub returns at most 1000; a list longer than this is not read on a shift anyway.
 const SHOWN = 200;
 const VERBS = { ack: "Acknowledge", resolve: "Resolve" };
@@ -56,6 +58,30 @@ export class Alarms extends EventTarget {
     this.q("#alarms-hide-resolved").onchange = () => this.render();
     this.q("#alarm-list").addEventListener("keydown", (e) => this.onListKey(e));
     badge.onclick = () => this.focus();
+  }
+
+  /// Pushed alarms (the session's `alarm` events), merged into the list as they come.
+  listen(session) {
+    session.addEventListener("alarm", (e) => this.pushed(e.detail));
+  }
+
+  pushed({ alarm: a, below = false }) {
+    if (!a || !this.loaded) return;
+    const text = (s) => s || null;
+    const row = {
+      id: a.id, rule: a.rule, severity: a.severity, unit: a.unitId,
+      case_number: text(a.caseNumber), operation_id: text(a.operationId), raised_us: Number(a.raisedUs ?? 0),
+      evidence: a.evidence ?? "", state: a.state, acked_by: text(a.ackedBy),
+      resolved_by: text(a.resolvedBy), comment: text(a.comment), court: a.court,
+      escalated: Boolean(a.escalated), below,
+    };
+    const same = (x) => x.id === row.id && (x.court ?? "") === (row.court ?? "");
+    const old = this.list.find(same);
+    const list = this.list.filter((x) => !same(x));
+    // An alarm below that is resolved leaves the list, as /api/alarms has it.
+    if (!(below && row.state === "resolved")) list.push({ ...old, ...row });
+    this.pushes = (this.pushes ?? 0) + 1;
+    this.take(list);
   }
 
   start() {
@@ -392,6 +418,7 @@ export class Alarms extends EventTarget {
       audio: this.audio?.state ?? "none",
       errors: this.errors.map((e) => ({ ...e })),
       polls: this.polls,
+      pushes: this.pushes ?? 0,
       loaded: this.loaded,
       pollError: this.pollError,
     };

@@ -64,6 +64,7 @@ function start(token) {
     alarmUnits: () => alarms.activeUnits(),
   });
   alarms.addEventListener("change", () => map.changed());
+  alarms.listen(session);
   alarms.start();
   // Directives to one unit, opened from the court tree, a tile's header or key d.
   const directives = new Directives(session, $("directives-panel"), {

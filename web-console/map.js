@@ -5,7 +5,9 @@
 import { fmtTime } from "./cases.js";
 import { HubError, hubFetch } from "./player.js";
 
-const POLL_MS = 2000;
+// Positions are pushed over the session (a batch a second); reading them back from the hub
+// fills the trail on opening and catches up after a dropped session.
+const POLL_MS = 15_000;
 // Operations change rarely; their list is read less often than positions.
 const CASES_MS = 10_000;
 const TRAIL_US = 10 * 60 * 1_000_000;
@@ -102,6 +104,7 @@ export class MapView {
     this.fitted = false;
     this.visible = false;
     this.polls = 0;
+    this.pushes = 0;
     this.errors = [];
     this.timer = null;
     this.inflight = null;
@@ -144,6 +147,39 @@ export class MapView {
     const refresh = () => this.changed();
     session.addEventListener("ready", refresh);
     session.addEventListener("unit", refresh);
+    session.addEventListener("telemetry", (e) => this.pushed(e.detail));
+  }
+
+  /// A batch of pushed telemetry, as /api/telemetry rows.
+  pushed(points) {
+    const now = Date.now() * 1000;
+    for (const { unitId, telemetry: t = {}, receivedUs } of points) {
+      const p = t.position;
+      const row = {
+        unit: unitId, at_us: Number(t.timestampUs ?? 0), received_us: Number(receivedUs ?? 0),
+        latitude: p ? p.latitude ?? 0 : null, longitude: p ? p.longitude ?? 0 : null,
+        accuracy_m: p ? p.accuracyM ?? 0 : null, speed_mps: p ? p.speedMps ?? 0 : null,
+        heading_deg: p ? p.headingDeg ?? 0 : null, battery_percent: t.batteryPercent ?? 0,
+        signal_dbm: t.signalDbm ?? 0, storage_free_bytes: Number(t.storageFreeBytes ?? 0),
+        recording: t.recording ? 1 : 0, sos: t.sos ? 1 : 0,
+      };
+      const track = this.track(unitId);
+      const had = track.byAt.has(row.at_us);
+      track.byAt.set(row.at_us, row);
+      for (const at of track.byAt.keys()) if (at < now - TRAIL_US) track.byAt.delete(at);
+      if (row.at_us >= track.newestUs) {
+        track.last = row;
+        track.newestUs = row.at_us;
+      }
+      if (hasFix(row) && !had) {
+        track.trail.push(row);
+        track.trail = track.trail.filter((x) => x.at_us >= now - TRAIL_US)
+          .sort((a, b) => a.at_us - b.at_us);
+        track.fix = track.trail.at(-1);
+      }
+    }
+    this.pushes += 1;
+    if (this.visible) this.changed();
   }
 
   /// The map is polled only while it is shown: a hundred units at 2 s is fifty requests a
@@ -737,6 +773,7 @@ export class MapView {
     return {
       visible: this.visible,
       polls: this.polls,
+      pushes: this.pushes,
       view: { lat: centre.lat, lon: centre.lon, zoom: this.view.z, width: this.size.W,
         height: this.size.H, follow: this.follow },
       units: this.unitIds().map((u) => ({ unit: u, state: this.unitState(u),

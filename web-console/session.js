@@ -134,6 +134,8 @@ export class Session extends EventTarget {
     else if (event.error) this.emit("error", event.error);
     else if (event.directive) this.emit("directive", event.directive);
     else if (event.courts) this.emit("courts", event.courts.courts ?? []);
+    else if (event.alarm) this.emit("alarm", event.alarm);
+    else if (event.telemetry) this.emit("telemetry", event.telemetry.points ?? []);
     else if (event.talk) {
       const t = event.talk;
       if (this.talk && t.unitId === this.talk.unitId && t.state === "STATE_LIVE") {

@@ -134,6 +134,8 @@ pub struct Field {
     tx: mpsc::Sender<(String, v1::Telemetry, u64)>,
     /// Every alarm raised, settled or escalated here (the uplink tells the parent).
     alarm_changes: tokio::sync::broadcast::Sender<AlarmRow>,
+    /// Every telemetry point taken, for the consoles' maps.
+    telemetry_points: tokio::sync::broadcast::Sender<Arc<v1::TelemetryPoint>>,
 }
 
 impl Field {
@@ -145,11 +147,23 @@ impl Field {
         let _ = self.alarm_changes.send(row.clone());
     }
 
+    pub fn telemetry_points(&self) -> tokio::sync::broadcast::Receiver<Arc<v1::TelemetryPoint>> {
+        self.telemetry_points.subscribe()
+    }
+
     /// A unit's telemetry point (validated by the caller). Never waits.
     pub fn telemetry(&self, metrics: &Metrics, unit: &str, t: v1::Telemetry) {
+        let received_us = unix_us().max(0) as u64;
+        if self.telemetry_points.receiver_count() > 0 {
+            let _ = self.telemetry_points.send(Arc::new(v1::TelemetryPoint {
+                unit_id: unit.to_string(),
+                telemetry: Some(t),
+                received_us,
+            }));
+        }
         if self
             .tx
-            .try_send((unit.to_string(), t, unix_us().max(0) as u64))
+            .try_send((unit.to_string(), t, received_us))
             .is_err()
         {
             metrics
@@ -217,6 +231,7 @@ impl AlarmRow {
             acked_by: self.acked_by.clone().unwrap_or_default(),
             resolved_by: self.resolved_by.clone().unwrap_or_default(),
             comment: self.comment.clone().unwrap_or_default(),
+            operation_id: self.operation_id.clone().unwrap_or_default(),
         }
     }
 }
@@ -464,6 +479,8 @@ pub fn start(task: FieldTask) -> (Field, tokio::task::JoinHandle<()>) {
     let field = Field {
         tx,
         alarm_changes: task.alarm_changes.clone(),
+        // Deep enough for 2,000 units' second between two console batches.
+        telemetry_points: tokio::sync::broadcast::channel(4096).0,
     };
     (field, tokio::spawn(run(task, rx)))
 }
@@ -844,7 +861,7 @@ pub mod http {
             let text = |s: String| (!s.is_empty()).then_some(s);
             out.push(serde_json::json!({
                 "id": a.id, "rule": a.rule, "severity": a.severity, "unit": a.unit_id,
-                "case_number": text(a.case_number), "operation_id": null,
+                "case_number": text(a.case_number), "operation_id": text(a.operation_id),
                 "raised_us": a.raised_us, "evidence": a.evidence, "state": a.state,
                 "acked_by": text(a.acked_by), "acked_us": null,
                 "resolved_by": text(a.resolved_by), "resolved_us": null,

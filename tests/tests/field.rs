@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tianwang_proto::v1::session_event::Kind as Event;
 use tianwang_proto::v1::{Position, Telemetry};
+use tianwang_tests::console::Console;
 use tianwang_tests::unit::FakeUnit;
 use tianwang_tests::*;
 
@@ -290,6 +292,13 @@ async fn the_sos_button_of_a_simulated_unit_raises_a_critical_alarm() -> anyhow:
         v == 2.0
     })
     .await?;
+    // Two consoles of the court, signed in before the button is pressed.
+    let mut consoles = Vec::new();
+    for token in [commander.clone(), hub.token("viewer", "v-1")] {
+        let mut c = Console::connect(hub.http).await?;
+        c.auth(&token).await?;
+        consoles.push(c);
+    }
     // SIGUSR1 is the button; the simulator wires it to its first unit.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(sim.pid())?),
@@ -304,5 +313,30 @@ async fn the_sos_button_of_a_simulated_unit_raises_a_critical_alarm() -> anyhow:
             .iter()
             .all(|a| a["unit"] != "sim-2" || a["rule"] != "sos")
     );
+    // Every console of the court was told at once, over its session: the alarm, and the
+    // unit's telemetry with the button held.
+    for c in &mut consoles {
+        let pushed = c
+            .until(Duration::from_secs(5), |e| match &e.kind {
+                Some(Event::Alarm(a)) => a.alarm.clone().filter(|a| a.rule == "sos"),
+                _ => None,
+            })
+            .await?;
+        assert_eq!(pushed.unit_id, "sim-1");
+        assert_eq!(pushed.severity, "critical");
+        assert_eq!(pushed.state, "raised");
+        c.until(Duration::from_secs(5), |e| match &e.kind {
+            Some(Event::Telemetry(b)) => b
+                .points
+                .iter()
+                .find(|p| p.unit_id == "sim-1" && p.telemetry.as_ref().is_some_and(|t| t.sos))
+                .cloned(),
+            _ => None,
+        })
+        .await?;
+    }
+    for c in consoles {
+        c.close().await;
+    }
     Ok(())
 }

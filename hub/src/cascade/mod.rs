@@ -45,7 +45,7 @@ pub enum TreeChange {
     /// Courts were added or removed below.
     Courts,
     /// An alarm below was raised, settled or escalated.
-    Alarm(CatalogAlarm),
+    Alarm(Box<CatalogAlarm>),
     /// Operations below were opened or closed.
     Operations,
 }
@@ -596,7 +596,7 @@ impl Cascade {
             } else {
                 self.alarms.insert(key, (a.clone(), link.id));
             }
-            let _ = self.changes.send(TreeChange::Alarm(a));
+            let _ = self.changes.send(TreeChange::Alarm(Box::new(a)));
         }
         if in_full && c.more {
             *lock(&link.full_seen) = Some(seen);

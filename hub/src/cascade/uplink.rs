@@ -168,7 +168,7 @@ async fn serve(
                     }
                 }
                 Ok(TreeChange::Alarm(a)) => send(&out, Kind::Catalog(Catalog {
-                    alarms: vec![a],
+                    alarms: vec![*a],
                     ..Default::default()
                 }))?,
                 // Courts below changed, or we missed news: the whole catalog again.

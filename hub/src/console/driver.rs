@@ -19,6 +19,8 @@ use crate::session::HubContext;
 
 /// Units' rates go to the console every this many seconds.
 const UNIT_REFRESH_TICKS: u64 = 3;
+/// Telemetry points held for one console between two batches: a second of 4,000 units.
+const MAX_PENDING_POINTS: usize = 4096;
 
 /// Why the loop stops.
 enum Stop {
@@ -40,6 +42,8 @@ struct Driver {
     scope: Option<String>,
     /// The push-to-talk under way, and whether the console was told its m-line.
     talk: Option<(Arc<crate::talkback::Talk>, bool)>,
+    /// Telemetry for the next batch.
+    points: std::collections::VecDeque<Arc<tianwang_proto::v1::TelemetryPoint>>,
     /// Where a directive's first answer comes back from its task.
     directed: Option<tokio::sync::mpsc::Sender<SessionEvent>>,
     /// Tiles on view: tile → (unit, since), so each view is audited with its length.
@@ -69,6 +73,7 @@ pub async fn run(
         scope: None,
         directed: None,
         talk: None,
+        points: std::collections::VecDeque::new(),
         views: Default::default(),
     };
     async move {
@@ -101,6 +106,8 @@ impl Driver {
         let mut changes = self.hub.units.changes();
         let mut tree = self.hub.cascade.changes();
         let mut directives = self.hub.directives.changes();
+        let mut alarms = self.hub.field.alarm_changes();
+        let mut points = self.hub.field.telemetry_points();
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<SessionEvent>(16);
         self.directed = Some(done_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -145,9 +152,26 @@ impl Driver {
                         self.unit_changed(c, court);
                     }
                     Ok(crate::cascade::TreeChange::Courts) => self.courts_changed(),
-                    // The console reads alarms from /api/alarms.
-                    Ok(crate::cascade::TreeChange::Alarm(_) | crate::cascade::TreeChange::Operations) => {}
+                    Ok(crate::cascade::TreeChange::Alarm(a)) => self.alarm_changed(*a, true),
+                    // The map reads operations from /api/operations.
+                    Ok(crate::cascade::TreeChange::Operations) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.courts_changed(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
+                },
+                change = alarms.recv() => match change {
+                    Ok(row) => {
+                        let own = self.hub.cascade.own().code.clone();
+                        self.alarm_changed(row.catalog(&own), false);
+                    }
+                    // Missed some: the console's list reads /api/alarms again now and then.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
+                },
+                point = points.recv() => match point {
+                    Ok(p) => self.telemetry_taken(p),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        debug!(missed = n, "telemetry points missed for this console");
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
                 },
                 change = directives.recv() => match change {
@@ -162,6 +186,7 @@ impl Driver {
                 }
                 _ = tick.tick() => {
                     self.stats();
+                    self.send_telemetry();
                     ticks += 1;
                     if ticks.is_multiple_of(UNIT_REFRESH_TICKS) {
                         self.refresh_units();
@@ -238,6 +263,43 @@ impl Driver {
             self.session
                 .send_event(tianwang_proto::v1::session_event::Kind::Directive(update));
         }
+    }
+
+    /// An alarm of this hub (`below` false) or of a court below, to consoles that see it.
+    fn alarm_changed(&mut self, alarm: tianwang_proto::v1::CatalogAlarm, below: bool) {
+        let Some(scope) = &self.scope else { return };
+        if self.hub.cascade.covers(scope, &alarm.court) {
+            self.session
+                .send_event(tianwang_proto::v1::session_event::Kind::Alarm(
+                    tianwang_proto::v1::AlarmEvent {
+                        alarm: Some(Box::new(alarm)),
+                        below,
+                    },
+                ));
+        }
+    }
+
+    /// Telemetry of this hub's units waits for the next tick, to go out as one batch.
+    fn telemetry_taken(&mut self, point: Arc<tianwang_proto::v1::TelemetryPoint>) {
+        let Some(scope) = &self.scope else { return };
+        if !self.hub.cascade.covers(scope, &self.hub.cascade.own().code) {
+            return;
+        }
+        if self.points.len() >= MAX_PENDING_POINTS {
+            self.points.pop_front();
+        }
+        self.points.push_back(point);
+    }
+
+    fn send_telemetry(&mut self) {
+        if self.points.is_empty() {
+            return;
+        }
+        let points = self.points.drain(..).map(|p| (*p).clone()).collect();
+        self.session
+            .send_event(tianwang_proto::v1::session_event::Kind::Telemetry(
+                tianwang_proto::v1::TelemetryBatch { points },
+            ));
     }
 
     fn stats(&mut self) {
