@@ -649,3 +649,52 @@ async fn alarms_escalate_and_are_settled_from_above_and_operations_go_up() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
 }
+
+/// A WebRTC unit is a unit like any other up the tree: a WHIP publisher at an intermediate
+/// court is listed at the supreme court with its court, and watched from there in whole
+/// groups that start at keyframes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whip_unit_below_is_watched_from_the_top() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let t = Tree::start(dir.path()).await?;
+    let [i1, _] = &t.intermediate;
+    let clip = tianwang_tests::whip::h264_clip(dir.path(), 60)?;
+    let mut phone = tianwang_tests::whip::WhipPublisher::publish(
+        i1.http,
+        "phone-1",
+        &i1.token("device", "phone-1"),
+        |o| o,
+    )
+    .await?;
+    phone.wait_connected(Duration::from_secs(10)).await?;
+    // The phone keeps filming (the clip again and again) while the top watches.
+    let filming = tokio::spawn(async move {
+        let mut ts: u32 = 0;
+        loop {
+            for au in &clip {
+                ts = ts.wrapping_add(3000);
+                if phone.send_access_unit(au, ts).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(33)).await;
+            }
+        }
+    });
+    let top = t.supreme.token("commander", "president");
+    let listed = wait_units_online(&t.supreme, &top, &["phone-1"], SETTLE).await?;
+    let phone_court = listed
+        .iter()
+        .find(|s| s.unit_id == "phone-1")
+        .map(|s| s.court.clone());
+    assert_eq!(phone_court.as_deref(), Some(tree::INTERMEDIATE_1));
+    let mut sub = Subscriber::connect(t.supreme.quic, &t.trust(), &top, &Limits::default()).await?;
+    let (s, mut rx) = sub.subscribe("phone-1", 256).await?;
+    let video = track_id(&s, TrackKind::Video);
+    let frames = collect(&mut rx, video, 45, SETTLE).await?;
+    assert_whole_groups(&frames);
+    assert!(tianwang_tests::is_idr_with_parameter_sets(
+        frames[0].frame.payload()
+    ));
+    filming.abort();
+    Ok(())
+}

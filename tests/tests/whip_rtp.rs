@@ -62,6 +62,16 @@ async fn bad_rtp_is_dropped_and_counted_and_the_unit_resumes_at_its_next_keyfram
         Some(&format!("[quic]\nmax_frame_bytes = {MAX_FRAME}\n")),
     )
     .await?;
+    // Malformed SDP that names H.264: refused with the reason, nothing made live.
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/whip/phone-3", hub.http))
+        .bearer_auth(hub.token("device", "phone-3"))
+        .header("content-type", "application/sdp")
+        .body("v=0\r\nthis is not an offer but mentions H264/90000\r\n")
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 400);
+    assert!(res.text().await?.contains("the offer was refused"));
     let clip = h264_clip(dir.path(), 120)?;
     assert!(is_idr_with_parameter_sets(&clip[0]) && is_idr_with_parameter_sets(&clip[60]));
 
