@@ -4,7 +4,8 @@
 // stores the faked position, the SOS button raises an alarm, and a console's instruction
 // reaches the phone, is acknowledged there and comes back DONE; a quality directive is
 // applied to the phone's encoder. An official's talkback plays on the phone, and an ICE
-// restart (what the app does on a network change) keeps the same session on the wall.
+// restart (what the app does on a network change) keeps the same session on the wall; a
+// session ended at the hub is published anew by the app itself.
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
@@ -135,6 +136,19 @@ describe("officer app", () => {
       return { status: r.status, text: await r.text() };
     });
     assert.equal(bad.status, 400, bad.text);
+
+    // The session ended by the hub side (here its DELETE): the app publishes anew by itself.
+    const cut = Date.now();
+    await phone.evaluate(async () => fetch(window.officer.state.resource, { method: "DELETE",
+      headers: { Authorization: `Bearer ${window.officer.state.token}` } }));
+    const again = await waitFor("published anew", 60000, () => phone.evaluate((old) => {
+      const { resource, pc } = window.officer.state;
+      return resource && resource !== old && pc?.connectionState === "connected" ? resource : null;
+    }, before.resource));
+    assert.match(again, /^\/whip\/officer-1\/[0-9a-f]+$/);
+    console.log(JSON.stringify({ republished_after_ms: Date.now() - cut }));
+    await waitFor("officer-1 online again", 15000, async () =>
+      (await demo.metrics()).tianwang_units_online === 2);
     assert.deepEqual(errors, []);
   });
 });
