@@ -7,6 +7,7 @@
 pub mod broadcast;
 pub mod capture;
 pub mod directives;
+pub mod position;
 pub mod route;
 pub mod seen;
 pub mod simulate;

@@ -11,6 +11,7 @@ use field_agent::capture::{
     Audio, Capture, EncodeSettings, Source, pipeline_description, track_kinds,
 };
 use field_agent::directives::{Directives, Executor};
+use field_agent::position::PositionSource;
 use field_agent::simulate;
 use field_agent::uplink::{self, UplinkConfig, UplinkStats};
 use tianwang_transport::Trust;
@@ -133,8 +134,15 @@ struct RunArgs {
     #[arg(long, default_value_t = 256)]
     queue_frames: usize,
     /// A simulated route for the GPS position (`lat,lon` lines, `speed N`, `loop`).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["nmea", "gpsd"])]
     route: Option<PathBuf>,
+    /// NMEA 0183 for the position: a GPS receiver's serial device, or a recorded file
+    /// (replayed an RMC a second; its last fix stands at the end).
+    #[arg(long, conflicts_with = "gpsd")]
+    nmea: Option<PathBuf>,
+    /// gpsd for the position (HOST:PORT, usually 127.0.0.1:2947).
+    #[arg(long)]
+    gpsd: Option<String>,
     /// Where the unit keeps directive state, marks, instructions, snapshots and talkback
     /// (`talkback/<talk>.ogg`, `talkback.jsonl`).
     #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
@@ -266,7 +274,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.speaker = !args.no_speaker;
     if let Some(path) = &args.route {
         let route = field_agent::route::Route::load(path)?;
-        config.route = Some((Arc::new(route), std::time::Instant::now()));
+        config.position = Some(PositionSource::Route(
+            Arc::new(route),
+            std::time::Instant::now(),
+        ));
+    } else if let Some(path) = &args.nmea {
+        let latest = field_agent::position::nmea(path.clone(), shutdown.clone());
+        config.position = Some(PositionSource::Live(latest));
+    } else if let Some(addr) = &args.gpsd {
+        let latest = field_agent::position::gpsd(addr.clone(), shutdown.clone());
+        config.position = Some(PositionSource::Live(latest));
     }
     sos_on_signal(vec![Arc::clone(&config.sos)]);
     let stats = Arc::new(UplinkStats::default());
@@ -366,7 +383,10 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             let path = dir.join(format!("{unit}.route"));
             if path.exists() {
                 let route = field_agent::route::Route::load(&path)?;
-                config.route = Some((Arc::new(route), std::time::Instant::now()));
+                config.position = Some(PositionSource::Route(
+                    Arc::new(route),
+                    std::time::Instant::now(),
+                ));
             }
         }
         // SIGUSR1 presses the first unit's SOS button.

@@ -33,8 +33,8 @@ pub struct UplinkConfig {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     pub limits: Limits,
-    /// A simulated route: its position goes into the telemetry.
-    pub route: Option<(Arc<crate::route::Route>, Instant)>,
+    /// Where the position in the telemetry comes from (none: no position).
+    pub position: Option<crate::position::PositionSource>,
     /// The SOS button: pressed until this instant (SIGUSR1 presses it for a while).
     pub sos: Arc<std::sync::Mutex<Option<Instant>>>,
     /// Where the unit keeps its files: the telemetry's free storage is measured there,
@@ -57,7 +57,7 @@ impl UplinkConfig {
             },
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
-            route: None,
+            position: None,
             sos: Arc::default(),
             data_dir: ".".into(),
             speaker: false,
@@ -386,16 +386,7 @@ fn current_telemetry(config: &UplinkConfig, broadcast: &LocalBroadcast) -> Telem
             .lock()
             .map(|until| until.is_some_and(|u| Instant::now() < u))
             .unwrap_or(false),
-        position: config.route.as_ref().map(|(route, since)| {
-            let fix = route.fix(since.elapsed());
-            tianwang_proto::v1::Position {
-                latitude: fix.latitude,
-                longitude: fix.longitude,
-                accuracy_m: 5.0,
-                speed_mps: fix.speed_mps as f32,
-                heading_deg: fix.heading_deg as f32,
-            }
-        }),
+        position: config.position.as_ref().and_then(|p| p.position()),
         ..Default::default()
     }
 }

@@ -340,3 +340,115 @@ async fn the_sos_button_of_a_simulated_unit_raises_a_critical_alarm() -> anyhow:
     }
     Ok(())
 }
+
+/// An NMEA log around the demo's fence: RMC (valid fixes, 3.5 knots east) and GGA (HDOP
+/// 0.9) each second, latitude rising 0.01' a second from 39°54.522'.
+fn nmea_log(seconds: u32) -> String {
+    let sentence = |body: String| {
+        let sum = body.bytes().fold(0u8, |a, b| a ^ b);
+        format!("${body}*{sum:02X}\r\n")
+    };
+    let mut out = String::new();
+    for i in 0..seconds {
+        let lat = 3954.522 + f64::from(i) * 0.01;
+        let t = format!("1200{i:02}.00");
+        out += &sentence(format!(
+            "GPGGA,{t},{lat:09.4},N,11623.850,E,1,08,0.9,50.0,M,0.0,M,,"
+        ));
+        out += &sentence(format!(
+            "GPRMC,{t},A,{lat:09.4},N,11623.850,E,3.5,90.0,291126,,,A"
+        ));
+    }
+    out
+}
+
+/// Positions the hub stored for a unit, once it has `n`.
+async fn positions(hub: &Hub, token: &str, unit: &str, n: usize) -> Vec<Value> {
+    for _ in 0..150 {
+        let (_, v) = api(
+            hub,
+            token,
+            "GET",
+            &format!("/api/telemetry?unit={unit}"),
+            "",
+        )
+        .await;
+        let points: Vec<Value> = v["points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| p["latitude"].is_f64())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if points.len() >= n {
+            return points;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {n} positions of {unit} stored");
+}
+
+/// A GPS receiver as the agent meets it: an NMEA file replayed, and gpsd (the real daemon,
+/// fed the same log through a pseudo-terminal by gpsfake). The hub stores the receiver's
+/// positions, accuracy and speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_come_from_nmea_and_from_gpsd() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(tmp.path(), None).await?;
+    let commander = hub.token("commander", "cmdr-1");
+    let log = tmp.path().join("track.nmea");
+    std::fs::write(&log, nmea_log(20))?;
+
+    let log_arg = log.display().to_string();
+    let _nmea = Agent::start(
+        &hub.quic.to_string(),
+        &hub.ca(),
+        "gps-nmea",
+        &hub.token("device", "gps-nmea"),
+        tmp.path(),
+        &["--nmea", &log_arg],
+    )?;
+    let points = positions(&hub, &commander, "gps-nmea", 3).await;
+    let first = &points[0];
+    let lat = first["latitude"].as_f64().unwrap_or_default();
+    // 39°54.522' (or a later second of the log), 116°23.850'.
+    assert!((39.908_7..39.912).contains(&lat), "{first}");
+    assert!((first["longitude"].as_f64().unwrap_or_default() - 116.3975).abs() < 1e-6);
+    assert!((first["accuracy_m"].as_f64().unwrap_or_default() - 4.5).abs() < 1e-3);
+    assert!((first["speed_mps"].as_f64().unwrap_or_default() - 1.8).abs() < 0.01);
+    assert!(
+        points
+            .windows(2)
+            .all(|w| w[1]["latitude"].as_f64() >= w[0]["latitude"].as_f64()),
+        "the replay moves north: {points:?}"
+    );
+
+    // gpsd, through gpsfake: a daemon on a free port, the log on a pseudo-terminal.
+    let port = free_tcp_addr().port().to_string();
+    let mut gpsfake = std::process::Command::new("gpsfake")
+        .args(["-1", "-c", "0.5", "-P", &port, "-q", &log_arg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let gpsd_addr = format!("127.0.0.1:{port}");
+    let _gpsd = Agent::start(
+        &hub.quic.to_string(),
+        &hub.ca(),
+        "gps-gpsd",
+        &hub.token("device", "gps-gpsd"),
+        tmp.path(),
+        &["--gpsd", &gpsd_addr],
+    )?;
+    let points = positions(&hub, &commander, "gps-gpsd", 2).await;
+    let _ = gpsfake.kill();
+    let _ = gpsfake.wait();
+    let p = &points[0];
+    let lat = p["latitude"].as_f64().unwrap_or_default();
+    assert!((39.908_7..39.912).contains(&lat), "{p}");
+    assert!((p["longitude"].as_f64().unwrap_or_default() - 116.3975).abs() < 1e-6);
+    // gpsd's own error estimate (eph), not a made-up one.
+    assert!(p["accuracy_m"].as_f64().unwrap_or_default() > 0.0, "{p}");
+    Ok(())
+}
