@@ -17,6 +17,8 @@ use tianwang_transport::{Limits, Trust, client, control};
 
 pub struct FakeUnit {
     pub keyframe_requests: Arc<AtomicU64>,
+    /// While set, no frames go out (the connection and telemetry stay).
+    paused: Arc<std::sync::atomic::AtomicBool>,
     telemetry: tokio::sync::mpsc::UnboundedSender<Telemetry>,
     task: tokio::task::JoinHandle<()>,
     _endpoint: quinn::Endpoint,
@@ -58,6 +60,8 @@ impl FakeUnit {
         let keyframe_requests = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&keyframe_requests);
         let (telemetry, mut points) = tokio::sync::mpsc::unbounded_channel::<Telemetry>();
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hold = Arc::clone(&paused);
         let task = tokio::spawn(async move {
             let (mut tx, mut rx) = ctl.split();
             let telemetry_out = async {
@@ -85,6 +89,9 @@ impl FakeUnit {
                 let mut stream: Option<quinn::SendStream> = None;
                 for n in 0u64.. {
                     tick.tick().await;
+                    if hold.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     if n.is_multiple_of(60) {
                         if let Some(mut s) = stream.take() {
                             let _ = s.finish();
@@ -131,6 +138,7 @@ impl FakeUnit {
         });
         Ok(Self {
             keyframe_requests,
+            paused,
             telemetry,
             task,
             _endpoint: endpoint,
@@ -140,6 +148,11 @@ impl FakeUnit {
     /// Sends a telemetry message on the control stream.
     pub fn telemetry(&self, t: Telemetry) {
         let _ = self.telemetry.send(t);
+    }
+
+    /// Stops (or resumes) the media, as a camera that froze while its link stays up.
+    pub fn pause_media(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 
     pub fn keyframe_requests(&self) -> u64 {

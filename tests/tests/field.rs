@@ -452,3 +452,124 @@ async fn positions_come_from_nmea_and_from_gpsd() -> anyhow::Result<()> {
     assert!(p["accuracy_m"].as_f64().unwrap_or_default() > 0.0, "{p}");
     Ok(())
 }
+
+/// The rules the other scenarios do not reach, each through a running hub with short
+/// thresholds: a unit in an operation that stops recording, runs low on battery and
+/// storage and whose camera freezes; a second unit that never connects; an operation that
+/// runs past its end and is then closed with evidence missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_stopped_stream_stalled_low_battery_and_storage_overrun_and_missing_evidence()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(
+        tmp.path(),
+        Some(
+            "[alarms]\noffline_grace = \"2s\"\nstall = \"2s\"\nrecording_grace = \"2s\"\n\
+             overrun_grace = \"1s\"\nevidence_tolerance = \"1s\"\n\
+             battery_low_percent = 15.0\nstorage_low_bytes = 1000000\n",
+        ),
+    )
+    .await?;
+    let commander = hub.token("commander", "cmdr-1");
+    let url = format!("http://{}", hub.http);
+    let case = |args: &[&str]| -> anyhow::Result<()> {
+        let mut all = vec!["case", "--hub", &url, "--token", &commander];
+        all.extend_from_slice(args);
+        let o = std::process::Command::new(bin("hub")).args(&all).output()?;
+        anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Ok(())
+    };
+    case(&["create", "--number", CASE])?;
+    case(&[
+        "operation",
+        "--case",
+        CASE,
+        "--id",
+        "op-r",
+        "--units",
+        "bwc-r1,bwc-r2",
+        "--duration",
+        "4s",
+        "--lat",
+        "39.9087",
+        "--lon",
+        "116.3975",
+        "--radius",
+        "200",
+    ])?;
+    let unit = FakeUnit::start(
+        hub.quic,
+        &hub.trust(),
+        "bwc-r1",
+        &hub.token("device", "bwc-r1"),
+    )
+    .await?;
+    // Inside the fence, but not recording, 5 % battery, 500 kB free; then the camera freezes.
+    let report = |u: &FakeUnit| {
+        let mut t = point(CENTRE.0, CENTRE.1);
+        t.recording = false;
+        t.battery_percent = 5.0;
+        t.storage_free_bytes = 500_000;
+        u.telemetry(t);
+    };
+    report(&unit);
+    unit.pause_media(true);
+    let feeding = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            report(&unit);
+        }
+    };
+    let expect = async {
+        for (rule, severity) in [
+            ("battery_low", "info"),
+            ("storage_low", "info"),
+            ("recording_stopped", "critical"),
+            ("stream_stalled", "warning"),
+            ("unit_offline", "critical"),
+            ("operation_overrun", "warning"),
+        ] {
+            let a = wait_alarm(&hub, &commander, rule, Duration::from_secs(15)).await;
+            let who = if rule == "unit_offline" {
+                "bwc-r2"
+            } else {
+                "bwc-r1"
+            };
+            if rule != "operation_overrun" {
+                assert_eq!(a["unit"], who, "{rule}: {a}");
+            }
+            assert_eq!(a["severity"], severity, "{rule}: {a}");
+            assert_eq!(a["case_number"], CASE, "{rule}: {a}");
+        }
+    };
+    tokio::select! {
+        _ = feeding => unreachable!("feeding never ends"),
+        _ = expect => {}
+    }
+    // Closed: bwc-r2 recorded nothing of the window, bwc-r1 only a frozen stream.
+    case(&["close-operation", "--id", "op-r"])?;
+    let a = wait_alarm(
+        &hub,
+        &commander,
+        "missing_evidence",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(a["case_number"], CASE, "{a}");
+    let m = hub.metrics().await?;
+    for rule in [
+        "battery_low",
+        "storage_low",
+        "recording_stopped",
+        "stream_stalled",
+        "unit_offline",
+        "operation_overrun",
+        "missing_evidence",
+    ] {
+        assert!(
+            m.get(&format!("tianwang_alarms_raised_total{{rule=\"{rule}\"}}")) >= 1.0,
+            "{rule} not counted"
+        );
+    }
+    Ok(())
+}
