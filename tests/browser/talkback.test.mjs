@@ -1,7 +1,8 @@
 // Talkback in a real browser, against `hub demo`: an official holds the talk button in
 // sim-1's directives panel; Chromium's fake microphone goes over the console's WebRTC
 // session to the hub and on over QUIC to the simulated unit, which keeps it as an Ogg Opus
-// file (and the delay it measured). The file must decode and not be silent. A commander's
+// file (and the delay it measured). The file must decode, not be silent, and carry the fake
+// microphone's 400 Hz tone. A commander's
 // press is refused with the reason.
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -24,6 +25,40 @@ async function signIn(chrome, base, token) {
   await page.waitForSelector("#court-tree li.unit.online", { timeout: 10000 });
   await page.evaluate(() => window.tianwang.directives.open("sim-1"));
   return { page, errors };
+}
+
+/// Chromium's fake audio capture device beeps at this pitch (its FakeAudioInputStream).
+const FAKE_TONE_HZ = 400;
+
+/// The pitch of a recording's loud parts: ffmpeg decodes to 48 kHz mono; 10 ms windows
+/// above a tenth of the peak level are kept, and a Goertzel filter scans 100–4000 Hz in 10 Hz
+/// steps for the strongest.
+async function dominantHz(file) {
+  const { stdout } = await run("ffmpeg", ["-hide_banner", "-loglevel", "error", "-i", file,
+    "-ac", "1", "-ar", "48000", "-f", "s16le", "-"], { encoding: "buffer", maxBuffer: 1 << 26 });
+  const pcm = new Int16Array(stdout.buffer, stdout.byteOffset, Math.floor(stdout.length / 2));
+  let peak = 0;
+  for (const v of pcm) peak = Math.max(peak, Math.abs(v));
+  const loud = [];
+  for (let w = 0; w + 480 <= pcm.length && loud.length < 24000; w += 480) {
+    let level = 0;
+    for (let i = w; i < w + 480; i++) level += Math.abs(pcm[i]);
+    if (level / 480 >= peak / 10) for (let i = w; i < w + 480; i++) loud.push(pcm[i]);
+  }
+  let best = [0, 0];
+  for (let f = 100; f <= 4000; f += 10) {
+    const k = 2 * Math.cos((2 * Math.PI * f) / 48000);
+    let s1 = 0;
+    let s2 = 0;
+    for (const x of loud) {
+      const s0 = x + k * s1 - s2;
+      s2 = s1;
+      s1 = s0;
+    }
+    const power = s1 * s1 + s2 * s2 - k * s1 * s2;
+    if (power > best[1]) best = [f, power];
+  }
+  return best[0];
 }
 
 /// The newest record of the unit's talkback log, once it has one.
@@ -77,6 +112,10 @@ describe("talkback", () => {
       "volumedetect", "-f", "null", "-"]);
     const max = Number(/max_volume: (-?[\d.]+) dB/.exec(stderr)?.[1] ?? "-inf");
     assert.ok(max > -50, `the talk is silent (max ${max} dB)`);
+    // And it is the fake microphone's tone: the pitch of its loud parts.
+    const tone = await dominantHz(file);
+    console.log(`talkback: the unit heard a ${tone.toFixed(0)} Hz tone`);
+    assert.ok(Math.abs(tone - FAKE_TONE_HZ) <= 20, `heard ${tone} Hz, not the ${FAKE_TONE_HZ} Hz tone`);
     const pressed = (await talkLog(page)).find((t) => t.state === "pressed").at;
     console.log(`talkback: press → first audio at the unit ${(rec.first_frame_us / 1000 - pressed)
       .toFixed(0)} ms; hub → unit delay p50 ${rec.delay_p50_ms} ms p95 ${rec.delay_p95_ms} ms; `
