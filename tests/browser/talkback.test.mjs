@@ -2,8 +2,7 @@
 // sim-1's directives panel; Chromium's fake microphone goes over the console's WebRTC
 // session to the hub and on over QUIC to the simulated unit, which keeps it as an Ogg Opus
 // file (and the delay it measured). The file must decode, not be silent, and carry the fake
-// microphone's 400 Hz tone. A commander's
-// press is refused with the reason.
+// microphone's 400 Hz tone. A commander's press is refused with the reason.
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
