@@ -454,7 +454,7 @@ fn engine_operation(op: &OperationRow, units: Vec<String>) -> alarms::Operation 
         latitude: op.latitude,
         longitude: op.longitude,
         radius_m: op.radius_m,
-        units,
+        units: units.into(),
     }
 }
 
@@ -595,7 +595,7 @@ async fn sync_operations(
             continue;
         }
         let mut recorded = HashMap::new();
-        for unit in &op.units {
+        for unit in op.units.iter() {
             let spans = t
                 .index
                 .segments_between(unit, op.starts_us as i64, op.ends_us as i64)
@@ -618,7 +618,7 @@ async fn sync_operations(
     binding.clear();
     for op in current.values() {
         if op.starts_us <= n && n < op.ends_us {
-            for u in &op.units {
+            for u in op.units.iter() {
                 binding.insert(u.clone(), (op.case_number.clone(), op.id.clone()));
             }
         }

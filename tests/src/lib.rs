@@ -271,6 +271,18 @@ impl Metrics {
         self.0.get(series).copied().unwrap_or(0.0)
     }
 
+    /// Every label set of a metric with its value.
+    pub fn series(&self, name: &str) -> Vec<(String, f64)> {
+        let mut out: Vec<_> = self
+            .0
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{name}{{")))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The sum over all label sets of a metric.
     pub fn sum(&self, name: &str) -> f64 {
         self.0

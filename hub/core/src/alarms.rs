@@ -118,7 +118,8 @@ pub struct Operation {
     pub latitude: f64,
     pub longitude: f64,
     pub radius_m: f64,
-    pub units: Vec<String>,
+    /// Shared: the engine copies operations while it evaluates them.
+    pub units: std::sync::Arc<[String]>,
 }
 
 /// One telemetry point, already validated by the shell.
@@ -178,7 +179,13 @@ pub struct AlarmEngine {
     raised: HashSet<(Rule, String, Option<String>)>,
     out: Vec<Alarm>,
     started_us: Option<u64>,
+    /// When the timers were last evaluated: events evaluate them at most every
+    /// `EVENT_SCAN_US` (a scan visits every unit of every active operation).
+    scanned_us: Option<u64>,
 }
+
+/// Timers run at second granularity; events between two scans need not rescan.
+const EVENT_SCAN_US: u64 = 100_000;
 
 /// Great-circle distance in metres (haversine).
 pub fn distance_m(a: (f64, f64), b: (f64, f64)) -> f64 {
@@ -199,6 +206,7 @@ impl AlarmEngine {
             raised: HashSet::new(),
             out: Vec::new(),
             started_us: None,
+            scanned_us: None,
         }
     }
 
@@ -282,7 +290,12 @@ impl AlarmEngine {
             }
             Event::Telemetry(unit, t) => self.telemetry(now, &unit, &t),
         }
-        self.handle_timeout(now);
+        if self
+            .scanned_us
+            .is_none_or(|s| now.saturating_sub(s) >= EVENT_SCAN_US)
+        {
+            self.handle_timeout(now);
+        }
     }
 
     fn telemetry(&mut self, now: u64, unit: &str, t: &Telemetry) {
@@ -363,6 +376,7 @@ impl AlarmEngine {
 
     /// Time-based rules: offline, stalled, not recording, overrun.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.scanned_us = Some(now);
         let ops: Vec<Operation> = self
             .operations
             .values()
@@ -388,7 +402,7 @@ impl AlarmEngine {
             if now >= op.ends_us {
                 continue;
             }
-            for unit in &op.units {
+            for unit in op.units.iter() {
                 let started = self.started_us.unwrap_or(now);
                 let (online, since, not_recording) = match self.units.get(unit) {
                     Some(s) => (s.online, s.since_us, s.not_recording_since),
@@ -456,7 +470,7 @@ impl AlarmEngine {
         recorded: &HashMap<String, Vec<(u64, u64)>>,
     ) {
         let window = (op.starts_us, op.ends_us.min(now));
-        for unit in &op.units {
+        for unit in op.units.iter() {
             let mut spans = recorded.get(unit).cloned().unwrap_or_default();
             spans.sort_unstable();
             let mut missing = 0u64;

@@ -42,6 +42,8 @@ struct Driver {
     scope: Option<String>,
     /// The push-to-talk under way, and whether the console was told its m-line.
     talk: Option<(Arc<crate::talkback::Talk>, bool)>,
+    /// Where the next unit refresh begins in the list of visible units.
+    refresh_from: usize,
     /// Telemetry for the next batch.
     points: std::collections::VecDeque<Arc<tianwang_proto::v1::TelemetryPoint>>,
     /// Where a directive's first answer comes back from its task.
@@ -73,6 +75,7 @@ pub async fn run(
         scope: None,
         directed: None,
         talk: None,
+        refresh_from: 0,
         points: std::collections::VecDeque::new(),
         views: Default::default(),
     };
@@ -218,7 +221,16 @@ impl Driver {
         let Some(scope) = self.scope.clone() else {
             return;
         };
-        for summary in self.hub.cascade.visible_units(&self.hub.units, &scope) {
+        let units = self.hub.cascade.visible_units(&self.hub.units, &scope);
+        if units.is_empty() {
+            return;
+        }
+        // A share of the free room in the event queue, resumed where the last refresh
+        // stopped: a court of thousands of units is refreshed over several ticks rather
+        // than overflowing the queue (which closes the console) in one.
+        let budget = (self.io.outgoing.capacity() / 2).clamp(1, units.len());
+        let start = self.refresh_from % units.len();
+        for summary in units.into_iter().cycle().skip(start).take(budget) {
             self.session.unit_event(UnitEvent {
                 unit_id: summary.unit_id,
                 online: summary.online,
@@ -228,6 +240,7 @@ impl Driver {
                 court: summary.court,
             });
         }
+        self.refresh_from = start + budget;
     }
 
     fn unit_changed(&mut self, c: crate::registry::UnitChange, court: String) {

@@ -339,19 +339,30 @@ pub async fn start(
         .into_response()
 }
 
+/// The refusal of a request on a WHIP resource unless it carries the unit's own token.
+#[allow(clippy::result_large_err)] // a refusal is built once per refused request
+pub(crate) fn own_unit(hub: &HubContext, headers: &HeaderMap, unit: &str) -> Result<(), Response> {
+    let Some(token) = crate::console::whep::bearer(headers) else {
+        return Err(problem(
+            StatusCode::UNAUTHORIZED,
+            "Authorization: Bearer required",
+        ));
+    };
+    match hub.authority.verify(token) {
+        Ok(c) if c.role == Role::Device && c.sub == unit => Ok(()),
+        Ok(_) => Err(problem(StatusCode::FORBIDDEN, "not this unit's token")),
+        Err(e) => Err(problem(StatusCode::UNAUTHORIZED, e.to_string())),
+    }
+}
+
 /// DELETE /whip/{unit}/{id}: only with the unit's own token.
 pub async fn stop(
     State(hub): State<Arc<HubContext>>,
     Path((unit, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(token) = crate::console::whep::bearer(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "Authorization: Bearer required");
-    };
-    match hub.authority.verify(token) {
-        Ok(c) if c.role == Role::Device && c.sub == unit => {}
-        Ok(_) => return problem(StatusCode::FORBIDDEN, "not this unit's token"),
-        Err(e) => return problem(StatusCode::UNAUTHORIZED, e.to_string()),
+    if let Err(refused) = own_unit(&hub, &headers, &unit) {
+        return refused;
     }
     match hub.whip.remove_if(&id, |_, s| s.unit == unit) {
         Some((_, session)) => {

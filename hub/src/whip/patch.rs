@@ -13,7 +13,6 @@ use tianwang_proto::v1::IceCandidate;
 use tokio::sync::oneshot;
 
 use super::problem;
-use crate::auth::Role;
 use crate::session::HubContext;
 
 pub const SDPFRAG: &str = "application/trickle-ice-sdpfrag";
@@ -154,13 +153,8 @@ pub async fn patch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(token) = crate::console::whep::bearer(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "Authorization: Bearer required");
-    };
-    match hub.authority.verify(token) {
-        Ok(c) if c.role == Role::Device && c.sub == unit => {}
-        Ok(_) => return problem(StatusCode::FORBIDDEN, "not this unit's token"),
-        Err(e) => return problem(StatusCode::UNAUTHORIZED, e.to_string()),
+    if let Err(refused) = super::own_unit(&hub, &headers, &unit) {
+        return refused;
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)

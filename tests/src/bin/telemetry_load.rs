@@ -109,15 +109,46 @@ async fn main() -> anyhow::Result<()> {
             bail!("hub case: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    let tokens: HashMap<String, String> =
-        std::fs::read_to_string(hub.fleet("tel-", args.units))?
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(u, t)| (u.to_string(), t.to_string()))
-            .collect();
+    let tokens: HashMap<String, String> = std::fs::read_to_string(hub.fleet("tel-", args.units))?
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(u, t)| (u.to_string(), t.to_string()))
+        .collect();
 
+    // The console reads all along, as a browser does (one that stops reading is closed):
+    // batches counted, left_geofence alarms timed on arrival.
     let mut console = Console::connect(hub.http).await?;
     console.auth(&commander).await?;
+    let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pushed_points = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (alarm_tx, mut alarm_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let reader = {
+        let (batches, pushed_points) = (Arc::clone(&batches), Arc::clone(&pushed_points));
+        tokio::spawn(async move {
+            loop {
+                match console.next(Duration::from_secs(1)).await {
+                    Ok(Some(e)) => match e.kind {
+                        Some(Event::Telemetry(b)) => {
+                            batches.fetch_add(1, Ordering::Relaxed);
+                            pushed_points.fetch_add(b.points.len() as u64, Ordering::Relaxed);
+                        }
+                        Some(Event::Alarm(a)) => {
+                            if let Some(a) = a.alarm
+                                && a.rule == "left_geofence"
+                                && a.state == "raised"
+                            {
+                                let _ = alarm_tx.send((a.unit_id.clone(), Instant::now()));
+                            }
+                        }
+                        _ => {}
+                    },
+                    Ok(None) => return "the hub closed the console session",
+                    // Quiet for a second: keep reading.
+                    Err(_) => {}
+                }
+            }
+        })
+    };
 
     // One client endpoint, a connection per unit; each sends telemetry once a second,
     // started at its own offset in the second.
@@ -165,7 +196,11 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 };
                 let sent = Instant::now();
-                if ctl.send(ControlMessage::new(Kind::Telemetry(t))).await.is_err() {
+                if ctl
+                    .send(ControlMessage::new(Kind::Telemetry(t)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 if out {
@@ -184,42 +219,34 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let m0 = hub.metrics().await?;
     let cpu0 = cpu_seconds(pid).context("hub cpu")?;
+    let (b0, p0) = (
+        batches.load(Ordering::Relaxed),
+        pushed_points.load(Ordering::Relaxed),
+    );
     let t0 = Instant::now();
-    let mut batches = 0u64;
-    let mut pushed_points = 0u64;
-    let window = Duration::from_secs(args.duration);
-    while t0.elapsed() < window {
-        if let Ok(Some(e)) = console.next(Duration::from_millis(200)).await
-            && let Some(Event::Telemetry(b)) = e.kind
-        {
-            batches += 1;
-            pushed_points += b.points.len() as u64;
-        }
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    if reader.is_finished() {
+        bail!("{}", reader.await.unwrap_or("the console reader failed"));
     }
+    let batches = batches.load(Ordering::Relaxed) - b0;
+    let pushed_points = pushed_points.load(Ordering::Relaxed) - p0;
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid).context("hub cpu")? - cpu0;
     let m1 = hub.metrics().await?;
     let taken = m1.get("tianwang_telemetry_total") - m0.get("tianwang_telemetry_total");
-    let rejected = m1.sum("tianwang_telemetry_rejected_total")
-        - m0.sum("tianwang_telemetry_rejected_total");
+    let rejected =
+        m1.sum("tianwang_telemetry_rejected_total") - m0.sum("tianwang_telemetry_rejected_total");
 
     // Ten units leave the fence: telemetry sent → the alarm on the console session.
     leave.store(true, Ordering::Relaxed);
     let mut delays = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while delays.len() < CROSSERS && Instant::now() < deadline {
-        let Ok(Some(e)) = console.next(Duration::from_millis(500)).await else {
-            continue;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while delays.len() < CROSSERS {
+        let Ok(Some((unit, at))) = tokio::time::timeout_at(deadline, alarm_rx.recv()).await else {
+            break;
         };
-        if let Some(Event::Alarm(a)) = e.kind
-            && let Some(a) = a.alarm
-            && a.rule == "left_geofence"
-            && a.state == "raised"
-        {
-            let at = Instant::now();
-            if let Some(sent) = crossed.lock().await.get(&a.unit_id) {
-                delays.push(at.duration_since(*sent).as_secs_f64() * 1000.0);
-            }
+        if let Some(sent) = crossed.lock().await.get(&unit) {
+            delays.push(at.duration_since(*sent).as_secs_f64() * 1000.0);
         }
     }
     delays.sort_by(f64::total_cmp);
@@ -229,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
         "connect_s": connect_s,
         "points_per_s": taken / elapsed,
         "rejected": rejected,
+        "rejected_by_reason": m1.series("tianwang_telemetry_rejected_total"),
         "hub_cpu_s_per_s": cpu / elapsed,
         "hub_cpu_us_per_point": cpu * 1e6 / taken.max(1.0),
         "console_batches_per_s": batches as f64 / elapsed,
@@ -240,6 +268,6 @@ async fn main() -> anyhow::Result<()> {
     });
     println!("{report}");
     tasks.shutdown().await;
-    console.close().await;
+    reader.abort();
     Ok(())
 }
