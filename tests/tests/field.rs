@@ -441,15 +441,20 @@ async fn positions_come_from_nmea_and_from_gpsd() -> anyhow::Result<()> {
         tmp.path(),
         &["--gpsd", &gpsd_addr],
     )?;
-    let points = positions(&hub, &commander, "gps-gpsd", 2).await;
+    let points = positions(&hub, &commander, "gps-gpsd", 4).await;
     let _ = gpsfake.kill();
     let _ = gpsfake.wait();
     let p = &points[0];
     let lat = p["latitude"].as_f64().unwrap_or_default();
     assert!((39.908_7..39.912).contains(&lat), "{p}");
     assert!((p["longitude"].as_f64().unwrap_or_default() - 116.3975).abs() < 1e-6);
-    // gpsd's own error estimate (eph), not a made-up one.
-    assert!(p["accuracy_m"].as_f64().unwrap_or_default() > 0.0, "{p}");
+    // gpsd's own error estimate (eph), not a made-up one (its first report may have none).
+    assert!(
+        points
+            .iter()
+            .any(|p| p["accuracy_m"].as_f64().unwrap_or_default() > 0.0),
+        "{points:?}"
+    );
     Ok(())
 }
 
