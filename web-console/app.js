@@ -70,7 +70,28 @@ function start(token) {
   const directives = new Directives(session, $("directives-panel"), {
     units: () => [...wall.units.values()],
     onSelect: (unit) => courts.select(unit),
+    // A video link fills the screen with the unit (its tile enlarged, with its sound) and
+    // shows your camera in a corner until it ends.
+    onLink: (unit) => {
+      const self = $("link-self");
+      if (!unit) {
+        self.hidden = true;
+        $("link-self-video").srcObject = null;
+        return;
+      }
+      showView("wall");
+      const slot = wall.watch(unit);
+      if (wall.enlargedUnit() !== unit) {
+        wall.unenlarge();
+        wall.toggleEnlarge(slot);
+      }
+      $("link-self-label").textContent = `you → ${unit}`;
+      $("link-self-video").srcObject = session.camera;
+      self.hidden = false;
+      status(`video link with ${unit}`);
+    },
   });
+  $("link-end").addEventListener("click", () => directives.linkStop());
   const courts = new CourtTree(session, $("court-tree"), $("court-count"), {
     // A unit anywhere below the user's court goes on the wall like one of the list.
     onWatch: (unit) => {

@@ -49,13 +49,16 @@ function detailOf(req) {
 }
 
 export class Directives extends EventTarget {
-  constructor(session, root, { units = () => [], onSelect = () => {} } = {}) {
+  constructor(session, root, { units = () => [], onSelect = () => {}, onLink = () => {} } = {}) {
     super();
     this.session = session;
     this.root = root;
     this.q = (sel) => root.querySelector(sel);
     this.units = units;
     this.onSelect = onSelect;
+    // A video link went live (unit) or ended (null): the app fills the screen with it.
+    this.onLink = onLink;
+    this.linking = null;
     this.unitId = null;
     this.user = "";
     // directive id (or a local id while unanswered) → record, and the requests not yet
@@ -129,6 +132,11 @@ export class Directives extends EventTarget {
     talk.addEventListener("keyup", (e) => {
       if (e.key === " " || e.key === "Enter") release();
     });
+    // A video link: a toggle, open until pressed again (or ended from the self view).
+    this.q("#link-button").addEventListener("click", () => {
+      if (this.linking) this.linkStop();
+      else if (this.unitId && !this.talking) this.linkStart();
+    });
     session.addEventListener("talk", (e) => this.onTalk(e.detail));
     root.addEventListener("keydown", (e) => {
       if (e.key === "Escape") {
@@ -153,15 +161,44 @@ export class Directives extends EventTarget {
     this.session.talkStop();
   }
 
+  async linkStart() {
+    const unit = this.unitId;
+    this.linking = unit;
+    this.q("#link-button").setAttribute("aria-pressed", "true");
+    this.q("#talk-state").textContent = `opening a video link with ${unit}…`;
+    this.talkLog.push({ unit, at: Date.now(), state: "pressed", video: true });
+    if (!(await this.session.linkStart(unit))) this.linkStop();
+  }
+
+  linkStop() {
+    const was = this.linking;
+    this.linking = null;
+    this.q("#link-button").setAttribute("aria-pressed", "false");
+    this.q("#link-button").classList.remove("live");
+    if (was) this.session.talkStop();
+    this.onLink(null);
+  }
+
   onTalk(t) {
     const state = (t.state ?? "").replace("STATE_", "").toLowerCase();
-    this.talkLog.push({ unit: t.unitId, at: Date.now(), state, reason: t.reason ?? "" });
-    const text = {
+    const video = !!this.linking && t.unitId === this.linking;
+    this.talkLog.push({ unit: t.unitId, at: Date.now(), state, reason: t.reason ?? "", video });
+    const text = video ? {
+      live: `video link with ${t.unitId}`,
+      stopped: "",
+      refused: `no video link with ${t.unitId}: ${t.reason}`,
+    }[state] : {
       live: `talking to ${t.unitId}`,
       stopped: "",
       refused: `cannot talk to ${t.unitId}: ${t.reason}`,
-    }[state] ?? "";
-    this.q("#talk-state").textContent = text;
+    }[state];
+    this.q("#talk-state").textContent = text ?? "";
+    if (video) {
+      this.q("#link-button").classList.toggle("live", state === "live");
+      if (state === "live") this.onLink(t.unitId);
+      else if (state === "refused" || state === "stopped") this.linkStop();
+      return;
+    }
     this.q("#talk-button").classList.toggle("live", state === "live");
     if (state === "refused") {
       this.talking = false;

@@ -16,6 +16,8 @@ export class Session extends EventTarget {
     // the hub's receive-only audio m-line that carries it.
     this.mic = null;
     this.talk = null;
+    // A video link: the camera and microphone (asked for at each link, released after).
+    this.cam = null;
   }
 
   connect() {
@@ -83,22 +85,55 @@ export class Session extends EventTarget {
     return this.send({ talk: { unitId, on: true } });
   }
 
-  /// Push-to-talk released: the microphone stops at once, then the hub ends the talk.
-  talkStop() {
-    const unitId = this.talk?.unitId;
-    this.talk = null;
-    this.attachMic();
-    if (unitId) this.send({ talk: { unitId, on: false } });
+  /// A video link opened: the camera and microphone go to `unitId` once the hub says
+  /// where. Resolves false when they are refused (the hub is not asked then).
+  async linkStart(unitId) {
+    if (!this.cam) {
+      try {
+        this.cam = await navigator.mediaDevices.getUserMedia({
+          audio: true, video: { width: { ideal: 640 }, height: { ideal: 480 } } });
+      } catch (e) {
+        this.emit("talk", { unitId, state: "STATE_REFUSED", reason: `camera: ${e.message}` });
+        return false;
+      }
+    }
+    this.talk = { unitId, mid: null, videoMid: null, video: true };
+    return this.send({ talk: { unitId, on: true, video: true } });
   }
 
-  /// The talk line's sender carries the microphone while a talk is live, nothing otherwise.
+  /// The camera of the link under way, for the self view.
+  get camera() {
+    return this.cam;
+  }
+
+  /// Push-to-talk released or the link ended: the microphone (and camera) stop at once,
+  /// then the hub ends the talk.
+  talkStop() {
+    const unitId = this.talk?.unitId;
+    const video = this.talk?.video;
+    this.talk = null;
+    this.attachMic().then(() => {
+      if (video && !this.talk?.video) {
+        this.cam?.getTracks().forEach((t) => t.stop());
+        this.cam = null;
+      }
+    });
+    if (unitId) this.send({ talk: { unitId, on: false, video: !!video } });
+  }
+
+  /// The talk line's sender carries the microphone while a talk is live (the camera's line
+  /// the camera during a link), nothing otherwise.
   async attachMic() {
     const pc = this.pc;
     if (!pc) return;
-    const track = this.talk?.mid ? this.mic?.getAudioTracks()[0] ?? null : null;
+    const source = this.talk?.video ? this.cam : this.mic;
+    const audio = this.talk?.mid ? source?.getAudioTracks()[0] ?? null : null;
+    const video = this.talk?.videoMid ? this.cam?.getVideoTracks()[0] ?? null : null;
     for (const t of pc.getTransceivers()) {
-      if (!this.talkMids.has(t.mid)) continue;
-      const wanted = t.mid === this.talk?.mid ? track : null;
+      let wanted;
+      if (this.talkMids.has(t.mid)) wanted = t.mid === this.talk?.mid ? audio : null;
+      else if (this.linkMids.has(t.mid)) wanted = t.mid === this.talk?.videoMid ? video : null;
+      else continue;
       if (t.sender.track !== wanted) await t.sender.replaceTrack(wanted).catch(() => {});
     }
   }
@@ -140,6 +175,7 @@ export class Session extends EventTarget {
       const t = event.talk;
       if (this.talk && t.unitId === this.talk.unitId && t.state === "STATE_LIVE") {
         this.talk.mid = t.mid;
+        this.talk.videoMid = t.videoMid || null;
         this.talk.id = t.talkId;
       }
       if (t.state === "STATE_REFUSED" && this.talk?.unitId === t.unitId) this.talk = null;
@@ -156,9 +192,14 @@ export class Session extends EventTarget {
       await pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
       // The hub's receive-only audio m-line is the talk line: we send on it (the track is
       // put on while a talk is live).
-      this.talkMids = recvonlyAudioMids(offer.sdp);
+      this.talkMids = recvonlyMids(offer.sdp, "audio");
+      // Its receive-only video m-line is a video link's camera line: H.264 first, which
+      // the hub records in a form every player here plays.
+      this.linkMids = recvonlyMids(offer.sdp, "video");
       for (const t of pc.getTransceivers()) {
-        if (this.talkMids.has(t.mid) && t.direction !== "sendonly") t.direction = "sendonly";
+        const ours = this.talkMids.has(t.mid) || this.linkMids.has(t.mid);
+        if (ours && t.direction !== "sendonly") t.direction = "sendonly";
+        if (this.linkMids.has(t.mid)) preferH264(t);
       }
       for (const c of this.pendingCandidates.splice(0)) await pc.addIceCandidate(c);
       const answer = await pc.createAnswer();
@@ -188,6 +229,7 @@ export class Session extends EventTarget {
   }
 
   talkMids = new Set();
+  linkMids = new Set();
 
   /// The media of a tile, once its tracks have arrived.
   streamFor(tileId) {
@@ -195,11 +237,26 @@ export class Session extends EventTarget {
   }
 }
 
-/// The mids of the audio m-lines an offer marks a=recvonly (the hub's talk line).
-function recvonlyAudioMids(sdp) {
+/// Constrained baseline H.264 first on a transceiver we send video on (when the browser
+/// lets us choose); the rest after it, so a browser without it still sends something.
+function preferH264(transceiver) {
+  const codecs = RTCRtpReceiver.getCapabilities?.("video")?.codecs;
+  if (!codecs || !transceiver.setCodecPreferences) return;
+  const rank = (c) => (/h264/i.test(c.mimeType) && /packetization-mode=1/.test(c.sdpFmtpLine ?? "")
+    ? (/42e01f/.test(c.sdpFmtpLine) ? 0 : 1) : 2);
+  try {
+    transceiver.setCodecPreferences([...codecs].sort((a, b) => rank(a) - rank(b)));
+  } catch {
+    // Preferences are a wish: the browser's default order works too.
+  }
+}
+
+/// The mids of the m-lines of `kind` an offer marks a=recvonly (the hub's talk and link
+/// lines).
+function recvonlyMids(sdp, kind) {
   const mids = new Set();
   for (const section of sdp.split(/\r?\nm=/).slice(1)) {
-    if (!section.startsWith("audio")) continue;
+    if (!section.startsWith(kind)) continue;
     const mid = /\r?\na=mid:(\S+)/.exec(section)?.[1];
     if (mid && /\r?\na=recvonly/.test(section)) mids.add(mid);
   }

@@ -9,12 +9,19 @@
 //! of each talk appends a [`TalkRecord`] with the hub → device delay to
 //! `<data-dir>/talkback.jsonl`.
 //!
+//! A remote video link is a talk with a picture: `Talkback{on}` names a second track
+//! (`video_track_id`) and, once the hub knows it, its codec (`video_codec`, sent again for
+//! the talk that is on); that track's frames go to a [`screen::Screen`] (a Matroska file
+//! beside the talk's audio, and the display unless disabled), and the talk's record gets
+//! the picture's figures.
+//!
 //! Bad input costs the talk or the stream, never the session: a stream for no talk is
 //! stopped, a frame too large for Opus stops its stream, a codec other than Opus is
 //! refused, a failing pipeline ends its talk. Every such case is counted in
 //! [`TalkbackStats`].
 
 pub mod player;
+pub mod screen;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use player::{AudioFormat, Player, Pushed};
+use screen::Screen;
+use tianwang_core::codec::{VideoCodec, vp8_keyframe_size};
 
 /// Where talks land in the data dir.
 pub const TALKBACK_DIR: &str = "talkback";
@@ -38,6 +47,10 @@ pub const TALKBACK_LOG: &str = "talkback.jsonl";
 
 /// The largest frame accepted on a talkback stream: an Opus packet is at most 1275 bytes.
 pub const MAX_FRAME: usize = 2048;
+/// The largest frame of a video link's picture.
+pub const MAX_VIDEO_FRAME: usize = 4 << 20;
+/// Picture frames held while the link's codec is not yet known (a group's worth).
+const PENDING_VIDEO: usize = 600;
 /// Longest talk id accepted: it becomes a file name (escaped, at most three times longer).
 pub const MAX_TALK_ID_BYTES: usize = 64;
 /// How long a group stream may take to send its header.
@@ -103,6 +116,11 @@ pub struct TalkbackStats {
     /// Group streams that broke the framing (an oversized frame, garbage, no header in
     /// time): stopped.
     pub streams_bad: AtomicU64,
+    /// A video link's picture frames handed to its screen.
+    pub video_frames: AtomicU64,
+    /// Picture frames of a group older than the newest, or before the first keyframe:
+    /// dropped (they would not decode).
+    pub video_frames_late: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -133,6 +151,18 @@ pub struct TalkRecord {
     pub file: Option<String>,
     /// Why the talk ended early, if it did.
     pub error: Option<String>,
+    /// A video link's picture: its codec, frames shown, the Matroska file (relative to
+    /// the data dir) and the hub → device delay of its frames.
+    #[serde(default)]
+    pub video_codec: Option<String>,
+    #[serde(default)]
+    pub video_frames: u64,
+    #[serde(default)]
+    pub video_file: Option<String>,
+    #[serde(default)]
+    pub video_delay_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub video_delay_p95_ms: Option<f64>,
 }
 
 /// A talk as the hub announced it, validated.
@@ -142,6 +172,9 @@ struct TalkSpec {
     by: String,
     track_id: u32,
     format: AudioFormat,
+    /// A video link: the picture's track, and its codec once the hub says.
+    video_track_id: Option<u32>,
+    video_codec: Option<VideoCodec>,
 }
 
 /// Checks a `Talkback{on}`.
@@ -167,6 +200,23 @@ fn validate(t: &v1::Talkback) -> Result<TalkSpec, TalkbackError> {
     if !(1..=2).contains(&t.channels) {
         return refuse(format!("{} channels (1 or 2)", t.channels));
     }
+    let video_track_id = (t.video_track_id != 0).then_some(t.video_track_id);
+    if video_track_id == Some(t.track_id) {
+        return refuse("the picture and the sound on one track".into());
+    }
+    let video_codec = match t.video_codec.as_str() {
+        "" => None,
+        name => match VideoCodec::from_name(name) {
+            Some(c) if video_track_id.is_some() => Some(c),
+            Some(_) => return refuse("a video codec without a video track".into()),
+            None => {
+                return refuse(format!(
+                    "video codec {:?} is not supported (h264, vp8)",
+                    printable(name)
+                ));
+            }
+        },
+    };
     Ok(TalkSpec {
         id: t.talk_id.clone(),
         by: printable(&t.by),
@@ -175,6 +225,8 @@ fn validate(t: &v1::Talkback) -> Result<TalkSpec, TalkbackError> {
             sample_rate: t.sample_rate,
             channels: t.channels,
         },
+        video_track_id,
+        video_codec,
     })
 }
 
@@ -195,18 +247,34 @@ struct Incoming {
     arrived_us: u64,
 }
 
-/// Where a talk's streams deliver: the talk on for a track.
+/// Where a talk's streams deliver: the talk on for a track (and its picture's track).
 #[derive(Clone)]
 struct Route {
     track_id: u32,
     talk_id: Arc<str>,
     frames: mpsc::Sender<Incoming>,
+    video: Option<(u32, mpsc::Sender<Incoming>)>,
+}
+
+impl Route {
+    /// The talk's queue for `track`, and whether it is the picture.
+    fn queue(&self, track: u32) -> Option<(&mpsc::Sender<Incoming>, bool)> {
+        if track == self.track_id {
+            return Some((&self.frames, false));
+        }
+        match &self.video {
+            Some((id, q)) if *id == track => Some((q, true)),
+            _ => None,
+        }
+    }
 }
 
 /// The talk that is on.
 struct Current {
     id: String,
     end: CancellationToken,
+    /// A video link's codec, once the hub has said.
+    video_codec: Option<watch::Sender<Option<VideoCodec>>>,
 }
 
 /// One session's talkback: the talk that is on and its streams. Dropping it ends the talk
@@ -253,27 +321,51 @@ impl Talkback {
                 return;
             }
         };
-        if self.current.as_ref().is_some_and(|c| c.id == spec.id) {
-            debug!(talk = %spec.id, "talkback on again for the talk that is on: ignored");
+        if let Some(c) = self.current.as_ref().filter(|c| c.id == spec.id) {
+            // The talk that is on: the hub may now name its picture's codec.
+            match (&c.video_codec, spec.video_codec) {
+                (Some(known), Some(codec)) => {
+                    known.send_if_modified(|k| k.is_none() && k.replace(codec).is_none());
+                }
+                _ => debug!(talk = %spec.id, "talkback on again for the talk that is on: ignored"),
+            }
             return;
         }
         // One talk at a time: a new one ends the one before (its file is finished).
         self.end_current();
         let (tx, rx) = mpsc::channel(QUEUED_FRAMES);
+        let video = spec.video_track_id.map(|id| {
+            let (vtx, vrx) = mpsc::channel(QUEUED_FRAMES);
+            let (codec_tx, codec_rx) = watch::channel(spec.video_codec);
+            ((id, vtx), (vrx, codec_rx), codec_tx)
+        });
+        let (video_route, video_in, codec_tx) = match video {
+            Some((route, input, codec)) => (Some(route), Some(input), Some(codec)),
+            None => (None, None, None),
+        };
         let end = CancellationToken::new();
         self.route.send_replace(Some(Route {
             track_id: spec.track_id,
             talk_id: spec.id.as_str().into(),
             frames: tx,
+            video: video_route,
         }));
         self.current = Some(Current {
             id: spec.id.clone(),
             end: end.clone(),
+            video_codec: codec_tx,
         });
         // The session's span (the unit) follows the talk into its tasks and threads.
         self.talks.spawn(
-            run_talk(spec, self.config.clone(), Arc::clone(&self.stats), rx, end)
-                .instrument(tracing::Span::current()),
+            run_talk(
+                spec,
+                self.config.clone(),
+                Arc::clone(&self.stats),
+                rx,
+                video_in,
+                end,
+            )
+            .instrument(tracing::Span::current()),
         );
     }
 
@@ -321,7 +413,7 @@ async fn read_stream(
     stats: Arc<TalkbackStats>,
 ) {
     let (header, mut reader) =
-        match tokio::time::timeout(HEADER_WAIT, GroupReader::open(recv, MAX_FRAME)).await {
+        match tokio::time::timeout(HEADER_WAIT, GroupReader::open(recv, MAX_VIDEO_FRAME)).await {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) => {
                 bump(&stats.streams_bad);
@@ -335,7 +427,7 @@ async fn read_stream(
             }
         };
     let track = header.track_id;
-    let wanted = |r: &Option<Route>| r.as_ref().is_some_and(|r| r.track_id == track);
+    let wanted = |r: &Option<Route>| r.as_ref().is_some_and(|r| r.queue(track).is_some());
     // The watch's guard is released within this statement: the session loop writes it.
     let Some(talk) = tokio::time::timeout(TALK_WAIT, route.wait_for(wanted))
         .await
@@ -353,16 +445,25 @@ async fn read_stream(
         return;
     };
     drop(route);
+    let Some((queue, picture)) = talk.queue(track) else {
+        return;
+    };
     bump(&stats.streams);
     loop {
         match reader.next_frame().await {
+            Ok(Some(frame)) if !picture && frame.encoded.len() > MAX_FRAME + 32 => {
+                bump(&stats.streams_bad);
+                debug!(talk = %talk.talk_id, bytes = frame.encoded.len(), "a talkback frame too large for Opus");
+                reader.stop(STREAM_PROTOCOL);
+                return;
+            }
             Ok(Some(frame)) => {
                 let incoming = Incoming {
                     group: header.sequence,
                     frame,
                     arrived_us: crate::unix_now_us(),
                 };
-                if talk.frames.send(incoming).await.is_err() {
+                if queue.send(incoming).await.is_err() {
                     // The talk is over: the rest of this group is not wanted.
                     reader.stop(STREAM_SHUTDOWN);
                     return;
@@ -380,21 +481,35 @@ async fn read_stream(
     }
 }
 
-/// One talk, from its `on` to its end: the player fed from the talk's streams.
+/// A video link's picture as the talk task receives it: frames, and the codec once known.
+type VideoIn = (
+    mpsc::Receiver<Incoming>,
+    watch::Receiver<Option<VideoCodec>>,
+);
+
+/// One talk, from its `on` to its end: the player fed from the talk's streams, and a video
+/// link's screen from its picture's.
 async fn run_talk(
     spec: TalkSpec,
     config: TalkbackConfig,
     stats: Arc<TalkbackStats>,
     mut frames: mpsc::Receiver<Incoming>,
+    video: Option<VideoIn>,
     end: CancellationToken,
 ) {
     let span = tracing::Span::current();
     let in_span = span.clone();
-    let started =
+    let started = {
+        let config = config.clone();
         tokio::task::spawn_blocking(move || in_span.in_scope(|| Talk::start(spec, &config, stats)))
-            .await;
+            .await
+    };
     let Ok(mut talk) = started else {
         return;
+    };
+    let (mut pictures, mut codec) = match video {
+        Some((p, c)) => (Some(p), Some(c)),
+        None => (None, None),
     };
     // Frames already on their way when the talk is ended still belong to it.
     let over = async {
@@ -404,20 +519,80 @@ async fn run_talk(
     tokio::pin!(over);
     if talk.is_playing() {
         loop {
-            let next = tokio::select! {
+            tokio::select! {
                 biased;
-                _ = &mut over => None,
-                f = frames.recv() => f,
-            };
-            let Some(f) = next else { break };
-            if !talk.frame(f) {
-                break;
+                _ = &mut over => break,
+                f = frames.recv() => match f {
+                    Some(f) => if !talk.frame(f) { break },
+                    None => break,
+                },
+                f = next_picture(&mut pictures) => match f {
+                    Some(f) => {
+                        let known = codec.as_ref().and_then(|c| *c.borrow());
+                        talk.picture(f, known, &config, &span).await;
+                    }
+                    None => pictures = None,
+                },
+                changed = codec_changed(&mut codec) => {
+                    if changed {
+                        let known = codec.as_ref().and_then(|c| *c.borrow());
+                        talk.picture_codec(known, &config, &span).await;
+                    } else {
+                        codec = None;
+                    }
+                }
             }
         }
     }
     // Streams of this talk still open are stopped from here on.
     drop(frames);
+    drop(pictures);
     let _ = tokio::task::spawn_blocking(move || span.in_scope(|| talk.end())).await;
+}
+
+async fn next_picture(p: &mut Option<mpsc::Receiver<Incoming>>) -> Option<Incoming> {
+    match p {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// True when the codec changed; false once the sender is gone.
+async fn codec_changed(c: &mut Option<watch::Receiver<Option<VideoCodec>>>) -> bool {
+    match c {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// A video link's picture on the device.
+struct Picture {
+    screen: Option<Screen>,
+    codec: Option<VideoCodec>,
+    /// The Matroska file, relative to the data dir, once opened.
+    file: Option<String>,
+    frames: u64,
+    delays_us: Vec<i64>,
+    newest_group: Option<u64>,
+    /// Frames held while the codec is unknown (the newest group's only).
+    pending: Vec<Incoming>,
+    /// The screen could not be opened, or failed: the rest of the picture is dropped.
+    failed: bool,
+}
+
+impl Picture {
+    fn new() -> Self {
+        Self {
+            screen: None,
+            codec: None,
+            file: None,
+            frames: 0,
+            delays_us: Vec::new(),
+            newest_group: None,
+            pending: Vec::new(),
+            failed: false,
+        }
+    }
 }
 
 /// A talk's state: its player, what it received, and how late.
@@ -435,12 +610,13 @@ struct Talk {
     newest_group: Option<u64>,
     error: Option<String>,
     ended: bool,
+    picture: Picture,
 }
 
 impl Talk {
     /// Opens the talk's file and player. Blocking. A failure is kept and ends the talk.
     fn start(spec: TalkSpec, config: &TalkbackConfig, stats: Arc<TalkbackStats>) -> Talk {
-        match talk_file(&config.data_dir, &spec.id) {
+        match talk_file(&config.data_dir, &spec.id, "ogg") {
             Ok((file, path)) => {
                 let player = Player::start(&path, spec.format, config.speaker);
                 Talk::opened(spec, &config.data_dir, file, player, stats)
@@ -471,6 +647,7 @@ impl Talk {
             newest_group: None,
             error: None,
             ended: false,
+            picture: Picture::new(),
         };
         match player {
             Ok(player) => {
@@ -544,6 +721,132 @@ impl Talk {
         true
     }
 
+    /// The hub named the picture's codec: frames held for it go to the screen.
+    async fn picture_codec(
+        &mut self,
+        codec: Option<VideoCodec>,
+        config: &TalkbackConfig,
+        span: &tracing::Span,
+    ) {
+        if self.picture.codec.is_some() || codec.is_none() {
+            return;
+        }
+        self.picture.codec = codec;
+        for f in std::mem::take(&mut self.picture.pending) {
+            self.show(f, config, span).await;
+        }
+    }
+
+    /// One frame of the picture: held until the codec is known, then shown.
+    async fn picture(
+        &mut self,
+        f: Incoming,
+        codec: Option<VideoCodec>,
+        config: &TalkbackConfig,
+        span: &tracing::Span,
+    ) {
+        if self.picture.codec.is_none() && codec.is_some() {
+            self.picture_codec(codec, config, span).await;
+        }
+        if self.picture.codec.is_none() {
+            let p = &mut self.picture.pending;
+            // Only the newest group is worth keeping: it starts at a keyframe.
+            if p.first().is_some_and(|first| first.group < f.group) {
+                p.clear();
+            }
+            if p.len() < PENDING_VIDEO {
+                p.push(f);
+            } else {
+                bump(&self.stats.video_frames_late);
+            }
+            return;
+        }
+        self.show(f, config, span).await;
+    }
+
+    async fn show(&mut self, f: Incoming, config: &TalkbackConfig, span: &tracing::Span) {
+        let Some(codec) = self.picture.codec else {
+            return;
+        };
+        if self.picture.failed {
+            return;
+        }
+        // A picture decodes only from a group's keyframe on, and groups never mix: a
+        // frame of a group older than the newest is dropped.
+        let payload = f.frame.encoded.slice(f.frame.payload_offset..);
+        // The hub begins a group at each keyframe: only a group's first frame is one.
+        let keyframe = match self.picture.newest_group {
+            Some(g) if f.group < g => {
+                bump(&self.stats.video_frames_late);
+                return;
+            }
+            Some(g) if f.group == g => false,
+            _ => {
+                let keyframe = match codec {
+                    VideoCodec::H264 => is_idr(&payload),
+                    VideoCodec::Vp8 => vp8_keyframe_size(&payload).is_some(),
+                };
+                if !keyframe {
+                    // A group whose start was lost: nothing of it decodes.
+                    bump(&self.stats.video_frames_late);
+                    return;
+                }
+                self.picture.newest_group = Some(f.group);
+                true
+            }
+        };
+        if self.picture.screen.is_none() {
+            let opened = match talk_file(&self.data_dir, &self.spec.id, "mkv") {
+                Ok((file, path)) => {
+                    let first = payload.clone();
+                    let show = config.speaker;
+                    let in_span = span.clone();
+                    let started = tokio::task::spawn_blocking(move || {
+                        in_span.in_scope(|| Screen::start(&path, codec, &first, show))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(TalkbackError::Media(e.to_string())));
+                    started.map(|s| (file, s))
+                }
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok((file, s)) => {
+                    info!(talk = %self.spec.id, codec = codec.name(), file = %file,
+                        screen = s.has_screen(), "video link {} from {} shown", self.spec.id, self.spec.by);
+                    self.picture.file = Some(file);
+                    self.picture.screen = Some(s);
+                }
+                Err(e) => {
+                    self.picture.failed = true;
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+        let Some(screen) = self.picture.screen.as_mut() else {
+            return;
+        };
+        if let Err(e) = screen.push(
+            payload,
+            f.frame.header.timestamp_us,
+            keyframe,
+            f.frame.header.duration_us,
+        ) {
+            self.picture.failed = true;
+            self.fail(e);
+            return;
+        }
+        bump(&self.stats.video_frames);
+        self.picture.frames += 1;
+        if self.picture.delays_us.len() < MAX_DELAY_SAMPLES {
+            let delay = i128::from(f.arrived_us) - i128::from(f.frame.header.timestamp_us);
+            self.picture
+                .delays_us
+                .push(delay.clamp(i64::MIN.into(), i64::MAX.into()) as i64);
+        }
+    }
+
     /// Finishes the file, appends the record and logs the figures. Blocking; once.
     fn end(&mut self) -> Option<TalkRecord> {
         if self.ended {
@@ -562,7 +865,14 @@ impl Talk {
             // Nothing was said: no empty file to mistake for a recording.
             let _ = std::fs::remove_file(self.data_dir.join(f));
         }
+        if let Some(screen) = self.picture.screen.take()
+            && let Err(e) = screen.finish()
+        {
+            self.fail(e);
+        }
+        let video_file = self.picture.file.clone();
         self.delays_us.sort_unstable();
+        self.picture.delays_us.sort_unstable();
         let record = TalkRecord {
             talk_id: self.spec.id.clone(),
             by: self.spec.by.clone(),
@@ -573,6 +883,11 @@ impl Talk {
             delay_p95_ms: percentile_ms(&self.delays_us, 95),
             file,
             error: self.error.clone(),
+            video_codec: self.picture.codec.map(|c| c.name().to_string()),
+            video_frames: self.picture.frames,
+            video_file,
+            video_delay_p50_ms: percentile_ms(&self.picture.delays_us, 50),
+            video_delay_p95_ms: percentile_ms(&self.picture.delays_us, 95),
         };
         let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
         info!(
@@ -604,18 +919,28 @@ fn percentile_ms(sorted_us: &[i64], p: usize) -> Option<f64> {
     Some(sorted_us[rank - 1] as f64 / 1000.0)
 }
 
-/// `talkback/<id>.ogg` under the data dir (the directory made), relative and absolute. A
-/// talk id seen before (a talk resumed after a reconnect) gets `<id>~2.ogg` and so on:
+/// Whether an Annex B access unit holds an IDR slice.
+fn is_idr(au: &[u8]) -> bool {
+    au.windows(4)
+        .any(|w| w[0] == 0 && w[1] == 0 && w[2] == 1 && w[3] & 0x1f == 5)
+}
+
+/// `talkback/<id>.<ext>` under the data dir (the directory made), relative and absolute. A
+/// talk id seen before (a talk resumed after a reconnect) gets `<id>~2.<ext>` and so on:
 /// what was heard is never overwritten, and `~` never occurs in an escaped id.
-fn talk_file(data_dir: &Path, talk_id: &str) -> Result<(String, PathBuf), TalkbackError> {
+fn talk_file(
+    data_dir: &Path,
+    talk_id: &str,
+    ext: &str,
+) -> Result<(String, PathBuf), TalkbackError> {
     let dir = data_dir.join(TALKBACK_DIR);
     std::fs::create_dir_all(&dir)
         .map_err(|e| TalkbackError::io(format!("creating {}", dir.display()), e))?;
     let base = crate::file_name_for(talk_id);
     for n in 1..=1000u32 {
         let name = match n {
-            1 => format!("{base}.ogg"),
-            n => format!("{base}~{n}.ogg"),
+            1 => format!("{base}.{ext}"),
+            n => format!("{base}~{n}.{ext}"),
         };
         let path = dir.join(&name);
         if std::fs::symlink_metadata(&path).is_err() {

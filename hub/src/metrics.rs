@@ -36,6 +36,8 @@ pub struct Metrics {
     pub telemetry_rejected: IntCounterVec,
     /// Media from WHIP publishers that the hub would not relay, by reason.
     pub whip_dropped: IntCounterVec,
+    /// A video link's camera frames from consoles not relayed, by reason.
+    pub link_dropped: IntCounterVec,
     /// Units pulled from child hubs right now (one per unit, however many watch here).
     pub cascade_pulls: IntGauge,
     pub cascade_pulls_started: IntCounter,
@@ -283,6 +285,15 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(whip_dropped.clone()))?;
+        let link_dropped = IntCounterVec::new(
+            Opts::new(
+                "tianwang_link_dropped_total",
+                "Video link camera media from consoles not relayed (lost, undecodable, \
+                 oversize, a codec the hub cannot relay), by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(link_dropped.clone()))?;
         for c in [
             &recorded_segments,
             &recorded_bytes,
@@ -360,6 +371,7 @@ impl Metrics {
             alarms_escalated,
             telemetry_rejected,
             whip_dropped,
+            link_dropped,
         })
     }
 

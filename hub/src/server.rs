@@ -183,6 +183,7 @@ impl RunningHub {
             Some(tokio::spawn(recorder::run(
                 shared,
                 Arc::clone(&context.units),
+                context.evidence.extras.clone(),
                 recorder_stop.clone(),
             )))
         } else {

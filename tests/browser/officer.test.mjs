@@ -110,6 +110,12 @@ describe("officer app", () => {
     assert.ok(heard.energy > 0, JSON.stringify(heard));
     assert.match(await phone.innerText("#talk"), /Command centre speaking/);
     await official.mouse.up();
+    // A video link needs a field agent: the officer app takes talk only, and the official
+    // is told so.
+    await official.click("#link-button");
+    const link = await waitFor("the video link refused", 10000, () => official.evaluate(() =>
+      window.tianwang.directives.talkLog.find((t) => t.state === "refused" && t.video)));
+    assert.match(link.reason, /needs a field agent/);
 
     // ICE restart: same WHIP resource, a new ICE session (ETag), the wall keeps decoding.
     await desk.evaluate(() => window.tianwang.wall.assign(0, "officer-1"));

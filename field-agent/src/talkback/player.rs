@@ -323,7 +323,7 @@ impl Player {
 
 /// An error message as one line: the element, what failed, and the system's reason when
 /// the debug text gives one (its first line is only the source location).
-fn describe(e: &gst::message::Error) -> String {
+pub(super) fn describe(e: &gst::message::Error) -> String {
     let element = e.src().map(|s| s.name().to_string()).unwrap_or_default();
     let reason = e
         .debug()

@@ -197,6 +197,8 @@ fn spec(id: &str, channels: u32) -> TalkSpec {
             sample_rate: 48_000,
             channels,
         },
+        video_track_id: None,
+        video_codec: None,
     }
 }
 
@@ -331,8 +333,26 @@ fn talkback_on_is_checked() {
         channels,
         on: true,
         by: "x".into(),
+        ..Default::default()
     };
     assert!(validate(&on("opus", 48_000, 2, "t")).is_ok());
+    // A video link: a track of its own, a codec the screen plays (or none yet).
+    let link = |video_track_id, video_codec: &str| v1::Talkback {
+        video_track_id,
+        video_codec: video_codec.into(),
+        ..on("opus", 48_000, 2, "t")
+    };
+    let spec = validate(&link(2, "")).expect("a link before its codec is known");
+    assert_eq!((spec.video_track_id, spec.video_codec), (Some(2), None));
+    let spec = validate(&link(2, "H264")).expect("an H.264 link");
+    assert_eq!(spec.video_codec, Some(VideoCodec::H264));
+    assert!(validate(&link(2, "vp8")).is_ok());
+    for bad in [link(1, "h264"), link(0, "h264"), link(2, "av1")] {
+        assert!(
+            matches!(validate(&bad), Err(TalkbackError::Refused(_))),
+            "{bad:?}"
+        );
+    }
     assert!(validate(&on("OPUS", 16_000, 1, "t")).is_ok());
     for bad in [
         on("pcm", 48_000, 1, "t"),
@@ -461,6 +481,7 @@ fn talkback(id: &str, on: bool) -> ControlMessage {
         channels: 1,
         on,
         by: "commander-7".into(),
+        ..Default::default()
     }))
 }
 

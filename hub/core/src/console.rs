@@ -81,11 +81,13 @@ pub enum Action {
     /// Issue a directive for the console's user (the shell checks role and jurisdiction,
     /// and its states come back as events).
     Direct(DirectiveRequest),
-    /// Start (or stop) push-to-talk to a unit; the shell answers with `talk_channel_added`
-    /// when the PeerConnection needs a new offer for it, and sends the TalkState.
+    /// Start (or stop) push-to-talk to a unit, or with `video` a remote video link; the
+    /// shell answers with `talk_channel_added` when the PeerConnection needs a new offer
+    /// for it, and sends the TalkState.
     Talk {
         unit_id: String,
         on: bool,
+        video: bool,
     },
     /// End the session (the error was sent already).
     Close {
@@ -259,6 +261,7 @@ impl ConsoleSession {
             Request::Talk(t) => self.actions.push_back(Action::Talk {
                 unit_id: t.unit_id,
                 on: t.on,
+                video: t.video,
             }),
             Request::Keyframe(k) => {
                 if self.tiles.contains_key(&k.tile_id) {

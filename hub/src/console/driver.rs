@@ -10,7 +10,7 @@ use tianwang_proto::v1::session_request::Kind as Request;
 use tianwang_proto::v1::talk_state::State as TalkLifecycle;
 use tianwang_proto::v1::{Auth, SessionEvent, SessionRequest, TalkState, TileStats, UnitEvent};
 use tokio::sync::mpsc::error::TrySendError;
-use tracing::{Instrument, debug, info};
+use tracing::{Instrument, debug, info, warn};
 use webrtc::peer_connection::RTCPeerConnectionState;
 
 use super::peer::{Peer, PeerConfig, PeerEvent};
@@ -42,6 +42,9 @@ struct Driver {
     scope: Option<String>,
     /// The push-to-talk under way, and whether the console was told its m-line.
     talk: Option<(Arc<crate::talkback::Talk>, bool)>,
+    /// The case and operation the unit was working on when the talk began (its audit
+    /// entries name them).
+    talk_bound: Option<(String, String)>,
     /// Where the next unit refresh begins in the list of visible units.
     refresh_from: usize,
     /// Telemetry for the next batch.
@@ -75,6 +78,7 @@ pub async fn run(
         scope: None,
         directed: None,
         talk: None,
+        talk_bound: None,
         refresh_from: 0,
         points: std::collections::VecDeque::new(),
         views: Default::default(),
@@ -455,9 +459,9 @@ impl Driver {
                     b.request_keyframe("video");
                 }
             }
-            Action::Talk { unit_id, on } => {
+            Action::Talk { unit_id, on, video } => {
                 if on {
-                    self.start_talk(unit_id).await;
+                    self.start_talk(unit_id, video).await;
                 } else {
                     self.stop_talk();
                 }
@@ -497,34 +501,46 @@ impl Driver {
         Ok(())
     }
 
-    fn talk_state(&mut self, unit: &str, state: TalkLifecycle, mid: &str, reason: &str, id: &str) {
+    fn talk_state(
+        &mut self,
+        unit: &str,
+        state: TalkLifecycle,
+        mids: (&str, &str),
+        reason: &str,
+        id: &str,
+    ) {
         self.session
             .send_event(tianwang_proto::v1::session_event::Kind::Talk(TalkState {
                 unit_id: unit.to_string(),
                 state: state as i32,
-                mid: mid.to_string(),
+                mid: mids.0.to_string(),
                 reason: reason.to_string(),
                 talk_id: id.to_string(),
+                video_mid: mids.1.to_string(),
             }));
     }
 
-    /// Push-to-talk pressed: an official, a unit of this hub within their court, online.
-    async fn start_talk(&mut self, unit: String) {
+    /// Push-to-talk pressed, or a video link opened: an official, a unit of this hub
+    /// within their court, online (for video, a field agent).
+    async fn start_talk(&mut self, unit: String, video: bool) {
+        let what = if video { "link" } else { "talk" };
         let refuse = |d: &mut Self, reason: String| {
             d.hub.evidence.audit.record(
                 d.user.as_deref().unwrap_or("?"),
-                "talk.refused",
+                &format!("{what}.refused"),
                 &unit,
                 serde_json::json!({ "reason": reason }),
             );
-            d.talk_state(&unit, TalkLifecycle::Refused, "", &reason, "");
+            d.talk_state(&unit, TalkLifecycle::Refused, ("", ""), &reason, "");
         };
         if !self.role.is_some_and(|r| r.can_talk()) {
             let role = self.role.map(|r| format!("{r:?}")).unwrap_or_default();
-            return refuse(
-                self,
-                format!("a {role} token cannot talk to officers (officials can)"),
-            );
+            let reason = if video {
+                format!("a {role} token cannot open a video link with officers (officials can)")
+            } else {
+                format!("a {role} token cannot talk to officers (officials can)")
+            };
+            return refuse(self, reason);
         }
         let scope = self.scope.clone().unwrap_or_default();
         let cascade = &self.hub.cascade;
@@ -551,7 +567,7 @@ impl Driver {
         };
         self.stop_talk();
         let added = match self.ensure_peer().await {
-            Ok(peer) => peer.ensure_talk().await.map_err(|e| e.to_string()),
+            Ok(peer) => peer.ensure_talk(video).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         let added = match added {
@@ -559,18 +575,36 @@ impl Driver {
             Err(e) => return refuse(self, format!("talkback: {e}")),
         };
         let by = self.user.clone().unwrap_or_default();
-        let talk = match crate::talkback::Talk::start(broadcast, &by) {
+        let recording = video.then(|| self.hub.evidence.extras.clone());
+        let talk = match crate::talkback::Talk::start(broadcast, &by, recording) {
             Ok(t) => t,
             Err(e) => return refuse(self, e.to_string()),
         };
         if let Some(peer) = self.peer.as_ref() {
             *peer.talk_sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&talk));
         }
+        // A link is part of the case the unit is working on: the audit entry names it.
+        let bound = match self
+            .hub
+            .evidence
+            .index
+            .active_operation(&unit, crate::evidence::audit::unix_us())
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "reading the unit's operation for the audit trail");
+                None
+            }
+        };
+        self.talk_bound = bound.clone();
+        let (case, operation) = bound.unzip();
         self.hub.evidence.audit.record(
             &by,
-            "talk.start",
+            &format!("{what}.start"),
             &unit,
-            serde_json::json!({ "talk": talk.id, "console": self.id }),
+            serde_json::json!({ "talk": talk.id, "console": self.id, "case": case,
+                "operation": operation, "recording": talk.recording_chain() }),
         );
         self.talk = Some((talk, false));
         if added {
@@ -586,13 +620,24 @@ impl Driver {
         let Some((talk, false)) = self.talk.clone() else {
             return;
         };
-        let mid = match self.peer.as_ref() {
-            Some(peer) => peer.talk_mid().await,
-            None => None,
+        let (mid, video_mid) = match self.peer.as_ref() {
+            Some(peer) => (peer.talk_mid().await, peer.link_mid().await),
+            None => (None, None),
         };
-        if let Some(mid) = mid {
+        let video_mid = if talk.has_video() {
+            video_mid
+        } else {
+            Some(String::new())
+        };
+        if let (Some(mid), Some(video_mid)) = (mid, video_mid) {
             self.talk = Some((Arc::clone(&talk), true));
-            self.talk_state(&talk.unit, TalkLifecycle::Live, &mid, "", &talk.id);
+            self.talk_state(
+                &talk.unit,
+                TalkLifecycle::Live,
+                (&mid, &video_mid),
+                "",
+                &talk.id,
+            );
         }
     }
 
@@ -607,15 +652,24 @@ impl Driver {
                 .take();
         }
         talk.stop();
+        let what = if talk.has_video() {
+            "link.end"
+        } else {
+            "talk.end"
+        };
+        let (case, operation) = self.talk_bound.take().unzip();
         self.hub.evidence.audit.record(
             &talk.by,
-            "talk.end",
+            what,
             &talk.unit,
             serde_json::json!({ "talk": talk.id, "seconds": talk.started.elapsed().as_secs_f64(),
-                "packets": talk.packets.load(std::sync::atomic::Ordering::Relaxed) }),
+                "case": case, "operation": operation,
+                "packets": talk.packets.load(std::sync::atomic::Ordering::Relaxed),
+                "video_frames": talk.video_frames.load(std::sync::atomic::Ordering::Relaxed),
+                "recording": talk.recording_chain() }),
         );
         let (unit, id) = (talk.unit.clone(), talk.id.clone());
-        self.talk_state(&unit, TalkLifecycle::Stopped, "", "", &id);
+        self.talk_state(&unit, TalkLifecycle::Stopped, ("", ""), "", &id);
     }
 
     /// Audits the end of a tile's view, with how long it lasted.

@@ -60,6 +60,7 @@ struct Handler {
     talk: crate::talkback::TalkSink,
     /// A publishing peer (WHIP): every remote track goes to its owner.
     ingest: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
+    link_dropped: prometheus::IntCounterVec,
 }
 
 #[async_trait::async_trait]
@@ -85,13 +86,18 @@ impl PeerConnectionEventHandler for Handler {
         let _ = self.events.send(PeerEvent::State(state));
     }
 
-    /// The only track a console sends is its microphone, for talkback.
+    /// A console sends its microphone, for talkback, and its camera, for a video link.
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         if let Some(ingest) = &self.ingest {
             let _ = ingest.send(track);
             return;
         }
-        if track.kind().await != RtpCodecKind::Audio {
+        if track.kind().await == RtpCodecKind::Video {
+            tokio::spawn(crate::talkback::link_video(
+                track,
+                Arc::clone(&self.talk),
+                self.link_dropped.clone(),
+            ));
             return;
         }
         let talk = Arc::clone(&self.talk);
@@ -180,6 +186,8 @@ pub struct Peer {
     pumps: tokio::task::JoinSet<()>,
     /// The receive-only audio transceiver for talkback, once asked for.
     talk: Option<Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>>,
+    /// The receive-only video transceiver for a video link's camera, once asked for.
+    link: Option<Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>>,
     pub talk_sink: crate::talkback::TalkSink,
 }
 
@@ -282,6 +290,7 @@ impl Peer {
                 events,
                 talk: Arc::clone(&talk_sink),
                 ingest,
+                link_dropped: metrics.link_dropped.clone(),
             }))
             .with_udp_addrs(addrs)
             .build()
@@ -295,6 +304,7 @@ impl Peer {
                 metrics,
                 pumps: tokio::task::JoinSet::new(),
                 talk: None,
+                link: None,
                 talk_sink,
             },
             rx,
@@ -520,30 +530,74 @@ impl Peer {
         Ok(())
     }
 
-    /// Makes sure there is a receive-only audio m-line for the console's microphone. True
-    /// if it was added now (the session must offer again before it carries anything).
-    pub async fn ensure_talk(&mut self) -> Result<bool, PeerError> {
-        if self.talk.is_some() {
-            return Ok(false);
+    /// Makes sure there is a receive-only audio m-line for the console's microphone (and,
+    /// with `video`, a receive-only video m-line for its camera). True if one was added
+    /// now (the session must offer again before it carries anything).
+    pub async fn ensure_talk(&mut self, video: bool) -> Result<bool, PeerError> {
+        let mut added = false;
+        if self.talk.is_none() {
+            self.talk = Some(self.receive_only(RtpCodecKind::Audio).await?);
+            added = true;
         }
+        if video && self.link.is_none() {
+            self.link = Some(self.receive_only(RtpCodecKind::Video).await?);
+            added = true;
+        }
+        Ok(added)
+    }
+
+    /// A receive-only line that `add_track` never takes over: it reuses any transceiver
+    /// of the kind without a sender (and would make the console's talk line a tile's), so
+    /// this one is made with a sender that never sends, then turned receive-only.
+    async fn receive_only(
+        &self,
+        kind: RtpCodecKind,
+    ) -> Result<Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>, PeerError> {
+        let (name, codec) = match kind {
+            RtpCodecKind::Video => ("link-video", h264()),
+            _ => ("talk-audio", opus()),
+        };
+        let placeholder = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "console".to_string(),
+            name.to_string(),
+            name.to_string(),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(rand::random()),
+                    ..Default::default()
+                },
+                codec,
+                ..Default::default()
+            }],
+        )));
         let t = self
             .pc
-            .add_transceiver_from_kind(
-                RtpCodecKind::Audio,
+            .add_transceiver_from_track(
+                placeholder as Arc<dyn TrackLocal>,
                 Some(rtc::rtp_transceiver::RTCRtpTransceiverInit {
-                    direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+                    direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Sendrecv,
                     streams: Vec::new(),
                     send_encodings: Vec::new(),
                 }),
             )
             .await?;
-        self.talk = Some(t);
-        Ok(true)
+        t.set_direction(rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly)
+            .await?;
+        Ok(t)
     }
 
     /// The talk m-line's mid, once an offer has carried it.
     pub async fn talk_mid(&self) -> Option<String> {
         match &self.talk {
+            Some(t) => t.mid().await.ok().flatten(),
+            None => None,
+        }
+    }
+
+    /// The camera m-line's mid, once an offer has carried it.
+    pub async fn link_mid(&self) -> Option<String> {
+        match &self.link {
             Some(t) => t.mid().await.ok().flatten(),
             None => None,
         }

@@ -34,6 +34,8 @@ pub struct Evidence {
     pub operations_changed: Arc<tokio::sync::Notify>,
     /// Bumped at the same moments, for any number of watchers (the uplink to the parent).
     pub operations_version: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Recordings besides the units' own (the official's side of a video link).
+    pub extras: recorder::Extras,
     /// (user, unit, recording) → when its playback was last audited.
     played: Arc<dashmap::DashMap<(String, String, String), std::time::Instant>>,
 }
@@ -82,6 +84,7 @@ impl Evidence {
             audit,
             dir: dir.to_path_buf(),
             played: Arc::default(),
+            extras: recorder::Extras::default(),
             operations_changed: Arc::default(),
             operations_version: Arc::new(tokio::sync::watch::Sender::new(0)),
         })

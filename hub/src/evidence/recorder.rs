@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use tianwang_core::Track;
 use tianwang_core::segmenter::{Init, Output, Segment, Segmenter, SegmenterConfig, VideoCodec};
-use tianwang_proto::v1::TrackKind;
+use tianwang_proto::v1::{TrackInfo, TrackKind};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
@@ -63,8 +65,114 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// Records every unit that comes online, until `stop`; then finishes the open segments.
-pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken) {
+/// Media recorded besides the units' own: the official's side of a remote video link (the
+/// console's camera and microphone), in a chain of its own named `<unit>~official` (`~`
+/// never occurs in a unit id), bound to the unit's case like the unit's own recording.
+pub struct Extra {
+    pub chain: String,
+    /// The unit whose active operation binds the segments.
+    pub unit: String,
+    /// Who is on camera, kept in each row's officer field.
+    pub by: String,
+    pub video: (TrackInfo, Arc<Track>),
+    pub audio: Option<(TrackInfo, Arc<Track>)>,
+}
+
+/// The chain the official's side of a link with `unit` is recorded in.
+pub fn official_chain(unit: &str) -> String {
+    format!("{unit}~official")
+}
+
+/// Where extra recordings are handed to the recorder; without one (recording off) they
+/// are refused.
+#[derive(Clone)]
+pub struct Extras {
+    tx: mpsc::Sender<Extra>,
+    rx: Arc<std::sync::Mutex<Option<mpsc::Receiver<Extra>>>>,
+}
+
+impl std::fmt::Debug for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extras").finish_non_exhaustive()
+    }
+}
+
+impl Default for Extras {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        Self {
+            tx,
+            rx: Arc::new(std::sync::Mutex::new(Some(rx))),
+        }
+    }
+}
+
+impl Extras {
+    /// Hands a recording to the recorder; false when no recorder runs.
+    pub fn record(&self, extra: Extra) -> bool {
+        // Not taken: no recorder runs, nothing would drain the queue.
+        if self.rx.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return false;
+        }
+        self.tx.try_send(extra).is_ok()
+    }
+
+    /// The recorder's end, once.
+    fn take(&self) -> Option<mpsc::Receiver<Extra>> {
+        self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// What one recorder task records.
+struct Source {
+    /// The chain's name (a unit id, or an extra's chain).
+    chain: String,
+    /// The unit whose operation binds the rows.
+    bind: String,
+    tracks: Vec<(TrackInfo, Arc<Track>)>,
+    officer: Officer,
+}
+
+enum Officer {
+    /// The unit's live publisher says.
+    Unit(Arc<Broadcast>),
+    Fixed(String),
+}
+
+impl Source {
+    fn unit(b: Arc<Broadcast>) -> Self {
+        Self {
+            chain: b.unit_id.clone(),
+            bind: b.unit_id.clone(),
+            tracks: b
+                .tracks()
+                .iter()
+                .map(|e| (e.info.clone(), Arc::clone(&e.track)))
+                .collect(),
+            officer: Officer::Unit(b),
+        }
+    }
+
+    fn extra(e: Extra) -> Self {
+        Self {
+            chain: e.chain,
+            bind: e.unit,
+            tracks: std::iter::once(e.video).chain(e.audio).collect(),
+            officer: Officer::Fixed(e.by),
+        }
+    }
+
+    fn officer(&self) -> Option<String> {
+        match &self.officer {
+            Officer::Unit(b) => b.officer(),
+            Officer::Fixed(by) => Some(by.clone()),
+        }
+    }
+}
+
+/// Records every unit that comes online, and the extras handed over, until `stop`; then
+/// finishes the open segments.
+pub async fn run(shared: Arc<Shared>, units: Arc<Units>, extras: Extras, stop: CancellationToken) {
     let mut changes = units.changes();
     // Unit → its recorder's stop token. A recorder told to stop stays here until its task
     // has written its last segment, so a unit that comes back meanwhile never gets a second
@@ -72,6 +180,9 @@ pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut ids: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut tasks = JoinSet::new();
+    let mut extras = extras.take();
+    // Extras waiting for the previous recording of their chain to finish.
+    let mut waiting: HashMap<String, Extra> = HashMap::new();
     // Units online before the recorder started.
     for b in units.list().into_iter().filter(|b| b.is_online()) {
         start(&shared, &mut running, &mut ids, &mut tasks, b);
@@ -106,6 +217,15 @@ pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
+            Some(extra) = next_extra(&mut extras) => {
+                if let Some(token) = running.get(&extra.chain) {
+                    // One recording per chain at a time: the one before ends first.
+                    token.cancel();
+                    waiting.insert(extra.chain.clone(), extra);
+                } else {
+                    spawn(&shared, &mut running, &mut ids, &mut tasks, Source::extra(extra));
+                }
+            }
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 let id = match &done {
                     Ok((id, _)) => *id,
@@ -116,6 +236,10 @@ pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken
                 };
                 if let Some(unit) = ids.remove(&id) {
                     running.remove(&unit);
+                    if let Some(extra) = waiting.remove(&unit) {
+                        spawn(&shared, &mut running, &mut ids, &mut tasks, Source::extra(extra));
+                        continue;
+                    }
                     units.release_if_idle(&unit);
                     // Online again (or still): record it on.
                     if let Some(b) = units.get(&unit).filter(|b| b.is_online()) {
@@ -132,6 +256,13 @@ pub async fn run(shared: Arc<Shared>, units: Arc<Units>, stop: CancellationToken
     while tasks.join_next().await.is_some() {}
 }
 
+async fn next_extra(extras: &mut Option<mpsc::Receiver<Extra>>) -> Option<Extra> {
+    match extras {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn start(
     shared: &Arc<Shared>,
     running: &mut HashMap<String, CancellationToken>,
@@ -139,8 +270,18 @@ fn start(
     tasks: &mut JoinSet<()>,
     broadcast: Arc<Broadcast>,
 ) {
+    spawn(shared, running, ids, tasks, Source::unit(broadcast));
+}
+
+fn spawn(
+    shared: &Arc<Shared>,
+    running: &mut HashMap<String, CancellationToken>,
+    ids: &mut HashMap<tokio::task::Id, String>,
+    tasks: &mut JoinSet<()>,
+    source: Source,
+) {
     let token = CancellationToken::new();
-    let unit = broadcast.unit_id.clone();
+    let unit = source.chain.clone();
     running.insert(unit.clone(), token.clone());
     let span = tracing::info_span!("recorder", unit = %unit);
     let shared = Arc::clone(shared);
@@ -149,7 +290,7 @@ fn start(
             shared.metrics.recordings_active.inc();
             // Counted down however the task ends.
             let _active = scopeguard(&shared.metrics.recordings_active);
-            record(&shared, broadcast, token).await;
+            record(&shared, source, token).await;
         }
         .instrument(span),
     );
@@ -170,6 +311,8 @@ fn scopeguard(gauge: &prometheus::IntGauge) -> impl Drop + '_ {
 /// The chain of one unit, as this recorder extends it.
 struct Chain {
     unit: String,
+    /// The unit whose active operation binds the rows (the chain's own, or a link's unit).
+    bind: String,
     seq: i64,
     prev: String,
     /// End (capture time) of the last media segment, for gap detection.
@@ -185,45 +328,52 @@ struct Chain {
     officer: Option<String>,
 }
 
-async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationToken) {
-    let unit = broadcast.unit_id.clone();
-    if !crate::session::valid_unit_id(&unit) {
+async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
+    let unit = source.chain.clone();
+    let base = unit.strip_suffix("~official").unwrap_or(&unit);
+    if !crate::session::valid_unit_id(base) {
         // Publishers are refused such ids; this is a second line against path tricks.
         error!("a unit id unfit for a path: not recording");
         stop.cancelled().await;
         return;
     }
-    let tracks = broadcast.tracks();
-    let video = tracks.iter().find(|t| t.info.kind() == TrackKind::Video);
+    let tracks = &source.tracks;
+    let video = tracks
+        .iter()
+        .find(|(info, _)| info.kind() == TrackKind::Video);
     let Some(video) = video else {
         // Wait for the unit to go: returning would have the recorder start this one again.
         warn!("no video track: not recording");
         stop.cancelled().await;
         return;
     };
-    let codec = if video.info.codec.is_empty() {
+    let (video_info, video_track) = video;
+    let codec = if video_info.codec.is_empty() {
         Some(VideoCodec::H264)
     } else {
-        VideoCodec::from_name(&video.info.codec)
+        VideoCodec::from_name(&video_info.codec)
     };
     let Some(codec) = codec else {
-        warn!(codec = %video.info.codec, "a video codec the recorder cannot write: not recording");
+        warn!(codec = %video_info.codec, "a video codec the recorder cannot write: not recording");
         stop.cancelled().await;
         return;
     };
-    let audio = tracks.iter().find(|t| t.info.kind() == TrackKind::Audio);
-    let mut video_sub = video.track.subscribe_with(QUEUE_FRAMES, u64::MAX);
-    let mut audio_sub = audio.map(|a| a.track.subscribe_with(QUEUE_FRAMES, u64::MAX));
+    let audio = tracks
+        .iter()
+        .find(|(info, _)| info.kind() == TrackKind::Audio);
+    let mut video_sub = video_track.subscribe_with(QUEUE_FRAMES, u64::MAX);
+    let mut audio_sub = audio.map(|(_, t)| t.subscribe_with(QUEUE_FRAMES, u64::MAX));
     let mut segmenter = Segmenter::new(SegmenterConfig {
         target_us: shared.config.target.as_micros() as u64,
-        width: video.info.width.min(u32::from(u16::MAX)) as u16,
-        height: video.info.height.min(u32::from(u16::MAX)) as u16,
+        width: video_info.width.min(u32::from(u16::MAX)) as u16,
+        height: video_info.height.min(u32::from(u16::MAX)) as u16,
         audio: audio.is_some(),
         video: codec,
     });
     let mut chain = match shared.index.last_segment(&unit).await {
         Ok(last) => Chain {
             unit: unit.clone(),
+            bind: source.bind.clone(),
             seq: last.as_ref().map(|r| r.seq).unwrap_or(0),
             prev: last
                 .as_ref()
@@ -264,7 +414,7 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
             _ = stop.cancelled() => break,
         }
         while let Some(out) = segmenter.poll() {
-            write(shared, &broadcast, &mut chain, out).await;
+            write(shared, &source, &mut chain, out).await;
         }
     }
     // What is queued was received: record it, in capture order, before closing.
@@ -293,7 +443,7 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
             );
         }
         while let Some(out) = segmenter.poll() {
-            write(shared, &broadcast, &mut chain, out).await;
+            write(shared, &source, &mut chain, out).await;
         }
     }
     // Finish the segment under way.
@@ -301,7 +451,7 @@ async fn record(shared: &Shared, broadcast: Arc<Broadcast>, stop: CancellationTo
         error!(error = %e, "closing the last segment");
     }
     while let Some(out) = segmenter.poll() {
-        write(shared, &broadcast, &mut chain, out).await;
+        write(shared, &source, &mut chain, out).await;
     }
     // The chain's head goes into the audit trail, so cutting rows off the end of a chain
     // (which no link would reveal) shows in `hub verify`.
@@ -321,10 +471,10 @@ async fn next_audio(sub: &mut Option<tianwang_core::Subscription>) -> Option<tia
     }
 }
 
-async fn write(shared: &Shared, broadcast: &Broadcast, chain: &mut Chain, out: Output) {
+async fn write(shared: &Shared, source: &Source, chain: &mut Chain, out: Output) {
     let result = match out {
-        Output::Init(init) => write_init(shared, broadcast, chain, init).await,
-        Output::Segment(segment) => write_segment(shared, broadcast, chain, segment).await,
+        Output::Init(init) => write_init(shared, source, chain, init).await,
+        Output::Segment(segment) => write_segment(shared, source, chain, segment).await,
     };
     match result {
         Ok(()) if chain.failing => {
@@ -373,7 +523,7 @@ fn recording_id(start_us: u64) -> String {
 
 async fn write_init(
     shared: &Shared,
-    broadcast: &Broadcast,
+    source: &Source,
     chain: &mut Chain,
     init: Init,
 ) -> Result<(), RecordError> {
@@ -383,10 +533,10 @@ async fn write_init(
     let rel = format!("{}/{}/init.mp4", chain.unit, chain.recording);
     let sha = write_file(&shared.config.dir, &rel, vec![init.data.clone()]).await?;
     let start = init.start_us as i64;
-    gap_if_any(shared, broadcast, chain, start).await?;
+    gap_if_any(shared, source, chain, start).await?;
     append(
         shared,
-        broadcast,
+        source,
         chain,
         SegmentRow {
             kind: "init".into(),
@@ -405,7 +555,7 @@ async fn write_init(
 
 async fn write_segment(
     shared: &Shared,
-    broadcast: &Broadcast,
+    source: &Source,
     chain: &mut Chain,
     segment: Segment,
 ) -> Result<(), RecordError> {
@@ -416,7 +566,7 @@ async fn write_segment(
             start_us: segment.start_us,
             ..init
         };
-        write_init(shared, broadcast, chain, init).await?;
+        write_init(shared, source, chain, init).await?;
     }
     let rel = format!(
         "{}/{}/{:06}.m4s",
@@ -425,10 +575,10 @@ async fn write_segment(
     let bytes = segment.bytes as i64;
     let sha = write_file(&shared.config.dir, &rel, segment.chunks).await?;
     let start = segment.start_us as i64;
-    gap_if_any(shared, broadcast, chain, start).await?;
+    gap_if_any(shared, source, chain, start).await?;
     append(
         shared,
-        broadcast,
+        source,
         chain,
         SegmentRow {
             kind: "media".into(),
@@ -482,7 +632,7 @@ fn row(chain: &Chain) -> SegmentRow {
 /// Records the time between the last media segment and `start_us`, when it is a gap.
 async fn gap_if_any(
     shared: &Shared,
-    broadcast: &Broadcast,
+    source: &Source,
     chain: &mut Chain,
     start_us: i64,
 ) -> Result<(), RecordError> {
@@ -495,7 +645,7 @@ async fn gap_if_any(
     let description = serde_json::json!(["gap", chain.unit, end, start_us]).to_string();
     append(
         shared,
-        broadcast,
+        source,
         chain,
         SegmentRow {
             kind: "gap".into(),
@@ -513,7 +663,7 @@ async fn gap_if_any(
 /// Links, binds, signs and indexes a row; advances the chain.
 async fn append(
     shared: &Shared,
-    broadcast: &Broadcast,
+    source: &Source,
     chain: &mut Chain,
     mut r: SegmentRow,
 ) -> Result<(), RecordError> {
@@ -524,13 +674,13 @@ async fn append(
     r.recorded_us = unix_us();
     if let Some((case, op)) = shared
         .index
-        .active_operation(&chain.unit, r.recorded_us)
+        .active_operation(&chain.bind, r.recorded_us)
         .await?
     {
         r.case_number = Some(case);
         r.operation_id = Some(op);
     }
-    if let Some(o) = broadcast.officer() {
+    if let Some(o) = source.officer() {
         chain.officer = Some(o);
     }
     r.officer = chain.officer.clone();

@@ -32,6 +32,12 @@ struct Clock {
     first: Option<u32>,
     last: u32,
     extended: i64,
+    /// Never ahead of arrival: when a frame arrives sooner after the first than its RTP
+    /// time says (the first was held up), the base moves back to it, so timestamps read
+    /// as arrival at the least delayed frame and the receiver's delay figures mean
+    /// something (a video link's). Timestamps stay non-decreasing.
+    anchored: bool,
+    last_out: u64,
 }
 
 impl Clock {
@@ -42,6 +48,8 @@ impl Clock {
             first: None,
             last: 0,
             extended: 0,
+            anchored: false,
+            last_out: 0,
         }
     }
 
@@ -58,7 +66,17 @@ impl Clock {
             }
         }
         let offset = self.extended.max(0) as u64 * 1_000_000 / self.rate;
-        self.base_us + offset
+        let mut us = self.base_us + offset;
+        if self.anchored {
+            let now = crate::evidence::audit::unix_us().max(0) as u64;
+            if us > now {
+                self.base_us -= us - now;
+                us = now;
+            }
+            us = us.max(self.last_out);
+            self.last_out = us;
+        }
+        us
     }
 }
 
@@ -114,14 +132,39 @@ fn starts_group(codec: VideoCodec, frame: &[u8]) -> bool {
 
 /// How many packets may wait behind a hole, and for how long: enough for a retransmission
 /// (NACK) on a mobile link, short enough that a real loss costs little live delay.
-const REORDER_PACKETS: usize = 512;
-const REORDER_WAIT: Duration = Duration::from_millis(250);
+pub(crate) const REORDER_PACKETS: usize = 512;
+pub(crate) const REORDER_WAIT: Duration = Duration::from_millis(250);
+
+/// Where an assembler's keyframe news goes: a WHIP unit's keyframe coalescer, or a video
+/// link's PLI to the console.
+pub(crate) trait Keyframes: Send {
+    /// A group broke while one was being written: ask the sender for a keyframe.
+    fn request(&self);
+    /// A keyframe began a group.
+    fn arrived(&self) {}
+}
+
+/// A WHIP unit's video track: requests go through the unit's coalescer.
+struct UnitKeyframes {
+    entry: Arc<TrackEntry>,
+    broadcast: Arc<Broadcast>,
+}
+
+impl Keyframes for UnitKeyframes {
+    fn request(&self) {
+        self.broadcast.request_keyframe("video");
+    }
+
+    fn arrived(&self) {
+        self.broadcast.keyframe_arrived(&self.entry);
+    }
+}
 
 /// Video RTP, in sequence order → frames (a marker bit, or a new timestamp, ends one; H.264
 /// as Annex B access units) → groups from each keyframe. A lost packet, a packet that does
 /// not depacketize or a frame over the limit breaks the group: nothing more of it until
 /// the next keyframe, which is asked for.
-struct Assembler {
+pub(crate) struct Assembler {
     codec: VideoCodec,
     depacketizer: Box<dyn Depacketizer + Send>,
     clock: Clock,
@@ -131,13 +174,42 @@ struct Assembler {
     group: Option<GroupWriter>,
     broken: bool,
     max_frame: usize,
-    entry: Arc<TrackEntry>,
-    broadcast: Arc<Broadcast>,
+    track: Arc<tianwang_core::Track>,
+    keyframes: Box<dyn Keyframes>,
     dropped: IntCounterVec,
 }
 
 impl Assembler {
-    fn packet(&mut self, p: &rtc::rtp::Packet) {
+    /// Frames into `track`; drops are counted in `dropped` by reason. `anchored`: capture
+    /// times never ahead of arrival (see `Clock`).
+    pub(crate) fn new(
+        codec: VideoCodec,
+        track: Arc<tianwang_core::Track>,
+        keyframes: Box<dyn Keyframes>,
+        max_frame: usize,
+        dropped: IntCounterVec,
+        anchored: bool,
+    ) -> Self {
+        Self {
+            codec,
+            depacketizer: depacketizer(codec),
+            clock: Clock {
+                anchored,
+                ..Clock::new(90_000)
+            },
+            frame: BytesMut::new(),
+            frame_ts: None,
+            last_us: None,
+            group: None,
+            broken: false,
+            max_frame,
+            track,
+            keyframes,
+            dropped,
+        }
+    }
+
+    pub(crate) fn packet(&mut self, p: &rtc::rtp::Packet) {
         let ts = p.header.timestamp;
         if let Some(t) = self.frame_ts.filter(|t| *t != ts) {
             // The previous frame lost its last packet (marker): take what came.
@@ -167,7 +239,7 @@ impl Assembler {
     }
 
     /// Packets that never came: whatever they belonged to cannot be decoded.
-    fn lost(&mut self, count: u16) {
+    pub(crate) fn lost(&mut self, count: u16) {
         debug!(count, "video packets lost");
         self.depacketizer = depacketizer(self.codec);
         self.break_group("lost");
@@ -177,7 +249,7 @@ impl Assembler {
         if !self.broken {
             self.dropped.with_label_values(&[reason]).inc();
             if self.group.is_some() {
-                self.broadcast.request_keyframe("video");
+                self.keyframes.request();
             }
         }
         self.broken = true;
@@ -203,8 +275,8 @@ impl Assembler {
             .unwrap_or(33_333);
         self.last_us = Some(us);
         if starts_group(self.codec, &data) {
-            self.group = Some(self.entry.track.begin_group());
-            self.broadcast.keyframe_arrived(&self.entry);
+            self.group = Some(self.track.begin_group());
+            self.keyframes.arrived();
         }
         if let Some(g) = self.group.as_mut() {
             g.push(frame(&data, us, duration));
@@ -220,20 +292,9 @@ pub(super) async fn video(
     codec: VideoCodec,
     dropped: IntCounterVec,
 ) {
-    let mut assembler = Assembler {
-        codec,
-        depacketizer: depacketizer(codec),
-        clock: Clock::new(90_000),
-        frame: BytesMut::new(),
-        frame_ts: None,
-        last_us: None,
-        group: None,
-        broken: false,
-        max_frame,
-        entry,
-        broadcast,
-        dropped,
-    };
+    let track_out = Arc::clone(&entry.track);
+    let keyframes = Box::new(UnitKeyframes { entry, broadcast });
+    let mut assembler = Assembler::new(codec, track_out, keyframes, max_frame, dropped, false);
     let mut reorder = Reorder::new(REORDER_PACKETS, REORDER_WAIT);
     let mut released = Vec::new();
     loop {
@@ -303,6 +364,22 @@ mod tests {
         let p_slice = [0, 0, 0, 1, 0x41, 1, 2, 3];
         assert!(!has_idr(&p_slice));
         assert!(!has_idr(&[]));
+    }
+
+    #[test]
+    fn an_anchored_clock_is_never_ahead_of_arrival_nor_goes_back() {
+        let mut c = Clock {
+            anchored: true,
+            ..Clock::new(90_000)
+        };
+        let now = || crate::evidence::audit::unix_us() as u64;
+        let t0 = c.us(0);
+        // A frame a whole second later by the RTP clock, arriving at once: the first was
+        // held up, so the base moves back and the new frame reads as arriving now.
+        let t1 = c.us(90_000);
+        assert!(t1 <= now() && t1 >= t0, "{t0} {t1}");
+        let t2 = c.us(90_000 + 3_000);
+        assert!(t2 >= t1 && t2 <= now());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::console::peer::{Peer, PeerConfig, PeerEvent};
 use crate::registry::{PublisherLink, TalkPath};
 use crate::session::HubContext;
 
-mod media;
+pub(crate) mod media;
 pub mod patch;
 
 use patch::{PatchReply, PatchRequest, SdpFrag};
