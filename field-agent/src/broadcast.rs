@@ -4,7 +4,7 @@
 //! newest group instead of building up delay.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -27,6 +27,8 @@ pub struct LocalTrack {
     writer: Mutex<Writer>,
     /// The broadcast's live switch (STOP_LIVE / GO_LIVE).
     live: Arc<AtomicBool>,
+    /// Where every frame is kept, live or not, until the hub has recorded it.
+    spool: Arc<OnceLock<Arc<crate::spool::Spool>>>,
 }
 
 #[derive(Default)]
@@ -51,6 +53,17 @@ impl LocalTrack {
         wire::encode_frame(&header, payload, &mut buf);
         let payload_offset = buf.len() - payload.len();
         let data = buf.freeze();
+        // The spool keeps evidence whether the unit is live or not.
+        if let Some(spool) = self.spool.get() {
+            spool.frame(
+                self.info.id,
+                self.info.kind(),
+                data.clone(),
+                timestamp_us,
+                duration_us,
+                keyframe,
+            );
+        }
         if self.info.kind() == TrackKind::Video {
             if keyframe {
                 state.picture.clear();
@@ -106,6 +119,7 @@ pub struct LocalBroadcast {
     /// The video's quality since the last QUALITY directive (bitrate bit/s, width,
     /// height), announced on the next connection instead of the start-up figures.
     video_quality: Mutex<Option<(u32, u32, u32)>>,
+    spool: Arc<OnceLock<Arc<crate::spool::Spool>>>,
 }
 
 impl LocalBroadcast {
@@ -114,6 +128,7 @@ impl LocalBroadcast {
         let stats = Arc::new(RelayStats::default());
         // Units start live.
         let live = Arc::new(AtomicBool::new(true));
+        let spool = Arc::new(OnceLock::new());
         let config = TrackConfig {
             queue_frames,
             ..TrackConfig::default()
@@ -127,13 +142,24 @@ impl LocalBroadcast {
                     info,
                     writer: Mutex::new(Writer::default()),
                     live: Arc::clone(&live),
+                    spool: Arc::clone(&spool),
                 })
                 .collect(),
             keyframe_hook: Mutex::new(None),
             stats,
             live,
             video_quality: Mutex::new(None),
+            spool,
         })
+    }
+
+    /// Keeps every frame from now on in `spool` (once; a second spool is ignored).
+    pub fn set_spool(&self, spool: Arc<crate::spool::Spool>) {
+        let _ = self.spool.set(spool);
+    }
+
+    pub fn spool(&self) -> Option<&Arc<crate::spool::Spool>> {
+        self.spool.get()
     }
 
     pub fn is_live(&self) -> bool {

@@ -12,6 +12,7 @@ pub mod route;
 pub mod seen;
 pub mod simulate;
 pub mod snapshot;
+pub mod spool;
 pub mod talkback;
 pub mod uplink;
 

@@ -147,9 +147,14 @@ struct RunArgs {
     /// (`talkback/<talk>.ogg`, `talkback.jsonl`).
     #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
     data_dir: PathBuf,
-    /// Keep talkback from the command centre in files only; do not play it.
+    /// Keep talkback and video links from the command centre in files only; do not play
+    /// or show them.
     #[arg(long)]
     no_speaker: bool,
+    /// The spool (`DATA/spool`): every encoded group kept until the hub has recorded it,
+    /// so a dropped link loses no evidence; at most this many MiB (0: no spool).
+    #[arg(long, default_value_t = 2048)]
+    spool_mib: u64,
     #[command(flatten)]
     encode: Encode,
 }
@@ -176,6 +181,10 @@ struct SimulateArgs {
     /// there, never played).
     #[arg(long, env = "TIANWANG_AGENT_DATA", default_value = DATA_DIR)]
     data_dir: PathBuf,
+    /// A spool per unit (`DATA/<unit>/spool`) of at most this many MiB; 0 (the default:
+    /// load runs measure the hub, not the disk) for none.
+    #[arg(long, default_value_t = 0)]
+    spool_mib: u64,
     #[command(flatten)]
     encode: Encode,
 }
@@ -256,6 +265,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         infos.push(audio_info(1));
     }
     let broadcast = LocalBroadcast::new(&args.unit, infos, args.queue_frames);
+    let spool = open_spool(&broadcast, &dir, args.spool_mib)?;
     let description = pipeline_description(&args.unit, &args.source, audio, &settings);
     let capture = Capture::start(&description, &broadcast, &settings)?;
     info!(unit = %args.unit, source = ?args.source, data = %dir.display(), "capturing");
@@ -305,7 +315,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown.cancelled() => {}
     }
     uplink.await.context("uplink task")??;
+    close_spool(spool).await;
     Ok(())
+}
+
+/// The unit's spool in `dir/spool`, attached to its broadcast; none for 0 MiB.
+fn open_spool(
+    broadcast: &LocalBroadcast,
+    dir: &std::path::Path,
+    mib: u64,
+) -> anyhow::Result<Option<Arc<field_agent::spool::Spool>>> {
+    if mib == 0 {
+        return Ok(None);
+    }
+    let spool = field_agent::spool::Spool::open(&dir.join("spool"), mib << 20)
+        .with_context(|| format!("opening the spool in {}", dir.display()))?;
+    broadcast.set_spool(Arc::clone(&spool));
+    Ok(Some(spool))
+}
+
+/// Completes the groups being written (synced) before the agent exits.
+async fn close_spool(spool: Option<Arc<field_agent::spool::Spool>>) {
+    if let Some(spool) = spool {
+        let _ = tokio::task::spawn_blocking(move || spool.close()).await;
+    }
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
@@ -351,6 +384,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     // Spread the units' keyframes over one group so they do not all burst at once.
     let group = Duration::from_micros(clip.duration_us / 2);
     let mut tasks = tokio::task::JoinSet::new();
+    let mut spools = Vec::new();
     let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let n = units.len() as u32;
     for (i, (unit, token)) in units.into_iter().enumerate() {
@@ -368,6 +402,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         let offset = group * i as u32 / n;
         let video = simulate::UnitVideo::new(Arc::clone(&renditions));
         let unit_dir = data_dir(&dir.join(field_agent::file_name_for(&unit)))?;
+        spools.extend(open_spool(&broadcast, &unit_dir, args.spool_mib)?);
         let executor = Executor::open(&unit_dir, Arc::clone(&broadcast), video.clone())
             .with_context(|| format!("opening the directive log in {}", unit_dir.display()))?;
         let directives = Directives::start(executor);
@@ -405,6 +440,9 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         });
     }
     while tasks.join_next().await.is_some() {}
+    for spool in spools {
+        close_spool(Some(spool)).await;
+    }
     if refused.load(std::sync::atomic::Ordering::Relaxed) {
         bail!("the hub refused a simulated unit (see the log above)");
     }

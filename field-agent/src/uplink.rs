@@ -56,7 +56,10 @@ impl UplinkConfig {
                 ..Default::default()
             },
             min_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(10),
+            // Attempts themselves are staggered (a new one a second while the link is
+            // dark): the pause between rounds stays short, so a returning link is used
+            // within about a second.
+            max_backoff: Duration::from_secs(2),
             position: None,
             sos: Arc::default(),
             data_dir: ".".into(),
@@ -64,6 +67,8 @@ impl UplinkConfig {
             limits: Limits {
                 // Notice a dead link within a few seconds.
                 idle_timeout: Duration::from_secs(6),
+                // A handshake packet lost to a dark link is sent again soon.
+                initial_rtt: Some(Duration::from_millis(100)),
                 ..Limits::default()
             },
         }
@@ -240,9 +245,14 @@ async fn session(
             ep
         }
     };
-    let conn = tianwang_transport::connect(&ep, &config.hub)
-        .await
-        .map_err(|e| SessionEnd::Retry(e.to_string()))?;
+    let conn = tianwang_transport::endpoint::connect_staggered(
+        &ep,
+        &config.hub,
+        CONNECT_EVERY,
+        CONNECT_WITHIN,
+    )
+    .await
+    .map_err(|e| SessionEnd::Retry(e.to_string()))?;
     let hello = Hello {
         role: v1::Role::Publisher as i32,
         unit_id: broadcast.unit.clone(),
@@ -259,6 +269,24 @@ async fn session(
     }));
     if let Err(e) = control.send(announce).await {
         return Err(classify(e, &conn).await);
+    }
+    // What the spool holds that the hub has not confirmed: the hub asks for what its
+    // recording lacks.
+    if let Some(spool) = broadcast.spool() {
+        let holdings = spool.holdings(None);
+        if !holdings.ranges.is_empty() || holdings.refused_groups > 0 {
+            info!(
+                windows = holdings.ranges.len(),
+                refused = holdings.refused_groups,
+                "telling the hub what the spool holds"
+            );
+        }
+        if let Err(e) = control
+            .send(ControlMessage::new(Kind::Holdings(holdings)))
+            .await
+        {
+            return Err(classify(e, &conn).await);
+        }
     }
     stats.connects.fetch_add(1, Ordering::Relaxed);
     info!(hub = %config.hub, "connected");
@@ -295,6 +323,8 @@ async fn session(
         },
         Arc::clone(&stats.talkback),
     );
+    let mut backfills: JoinSet<()> = JoinSet::new();
+    let mut missed = tokio::time::interval(MISSED_CHECK);
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -304,9 +334,36 @@ async fn session(
                 break Ok(());
             }
             msg = control::recv(&mut rx) => match msg {
+                Ok(ControlMessage { kind: Some(Kind::Recorded(r)) }) => {
+                    if let Some(spool) = broadcast.spool().cloned() {
+                        // Renames on the spool's disk: off the control loop.
+                        tokio::task::spawn_blocking(move || spool.recorded(&r.ranges));
+                    }
+                }
+                Ok(ControlMessage { kind: Some(Kind::BackfillRequest(req)) }) => {
+                    if let Some(spool) = broadcast.spool().cloned() {
+                        while backfills.try_join_next().is_some() {}
+                        let groups = spool.take_for_backfill(&req.ranges);
+                        info!(windows = req.ranges.len(), groups = groups.len(), "the hub asked for backfill");
+                        backfills.spawn(send_backfill(conn.clone(), spool, groups, priority.clone()).in_current_span());
+                    }
+                }
                 Ok(m) => handle_control(broadcast, directives, &mut talkback, m),
                 Err(e) => break Err(classify(e, &conn).await),
             },
+            _ = missed.tick() => {
+                // Groups the hub has not recorded though it recorded later ones (the link
+                // lost them live, a hub restart): the hub hears of them again.
+                if let Some(spool) = broadcast.spool().filter(|s| s.has_missed()) {
+                    use futures::SinkExt;
+                    let holdings = spool.holdings(Some(spool.recorded_until()));
+                    if !holdings.ranges.is_empty()
+                        && let Err(e) = tx.send(ControlMessage::new(Kind::Holdings(holdings))).await
+                    {
+                        break Err(classify(e, &conn).await);
+                    }
+                }
+            }
             // The hub's only streams towards a unit carry talkback.
             stream = conn.accept_uni() => match stream {
                 Ok(recv) => talkback.accept(recv),
@@ -336,6 +393,7 @@ async fn session(
         }
     };
     senders.shutdown().await;
+    backfills.shutdown().await;
     if result.is_err() {
         conn.close(
             tianwang_transport::close_code(ErrorCode::Unspecified),
@@ -345,6 +403,65 @@ async fn session(
     // A talk ends with its session; its file is finished before the next one starts.
     talkback.close().await;
     result
+}
+
+/// A new connection attempt this often while earlier ones wait, for this long.
+const CONNECT_EVERY: Duration = Duration::from_secs(1);
+const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+/// How often the uplink looks for spooled groups the hub missed live.
+const MISSED_CHECK: Duration = Duration::from_secs(5);
+
+/// Backfill streams in flight at once: few, so groups reach the hub nearly in order.
+const BACKFILL_IN_FLIGHT: usize = 4;
+
+/// Sends spooled groups as backfill streams, oldest first, below live media, with at most
+/// a few unacknowledged at a time.
+async fn send_backfill(
+    conn: quinn::Connection,
+    spool: Arc<crate::spool::Spool>,
+    groups: Vec<(crate::spool::Key, std::path::PathBuf)>,
+    priority: Priority,
+) {
+    let total = groups.len();
+    let mut in_flight = JoinSet::new();
+    for (n, (_, path)) in groups.into_iter().enumerate() {
+        let data = match tokio::fs::read(&path).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Delivered (and evicted) meanwhile, or the disk failed: the next holdings
+                // tell the hub what is still there.
+                debug!(file = %path.display(), error = %e, "a spooled group is gone");
+                continue;
+            }
+        };
+        while in_flight.len() >= BACKFILL_IN_FLIGHT {
+            in_flight.join_next().await;
+        }
+        let mut send = match conn.open_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, sent = n, total, "backfill ended with the connection");
+                return;
+            }
+        };
+        let _ = send.set_priority(priority.next(Priority::BACKFILL));
+        if let Err(e) = send.write_all(&data).await {
+            debug!(error = %e, sent = n, total, "backfill ended");
+            return;
+        }
+        let _ = send.finish();
+        // Done once the hub has read it all (or stopped it).
+        in_flight.spawn(async move {
+            let _ = send.stopped().await;
+        });
+        spool
+            .stats
+            .backfill_groups_sent
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    while in_flight.join_next().await.is_some() {}
+    info!(groups = total, "backfill sent");
 }
 
 fn handle_control(
@@ -377,8 +494,8 @@ fn current_telemetry(config: &UplinkConfig, broadcast: &LocalBroadcast) -> Telem
     Telemetry {
         timestamp_us: crate::unix_now_us(),
         storage_free_bytes,
-        // Nothing records on the device yet (no spool): off live, nothing is recorded
-        // anywhere, and the hub should know.
+        // Off live, only the spool records (and without one, nothing does): the hub's
+        // recording has stopped either way, and the hub should know.
         recording: broadcast.is_live(),
         battery_percent: battery_percent().unwrap_or(0.0),
         sos: config

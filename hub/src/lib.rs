@@ -4,6 +4,7 @@
 //! `docs/ARCHITECTURE.md` maps the modules.
 
 pub mod auth;
+pub mod backfill;
 pub mod cascade;
 pub mod config;
 pub mod console;

@@ -26,6 +26,11 @@ pub struct Metrics {
     pub console_tiles: IntGauge,
     pub recordings_active: IntGauge,
     pub recorded_segments: IntCounter,
+    /// Groups from devices' spools (backfill) taken in, and segments recorded from them.
+    pub backfill_groups: IntCounter,
+    pub backfill_segments: IntCounter,
+    /// Groups devices reported they could not spool (full of unrecorded data).
+    pub spool_refused: IntCounter,
     pub recorded_bytes: IntCounter,
     pub recording_errors: IntCounter,
     pub recording_lag: Histogram,
@@ -236,6 +241,18 @@ impl Metrics {
             "tianwang_recorded_segments_total",
             "Media segments written and indexed",
         )?;
+        let backfill_groups = IntCounter::new(
+            "tianwang_backfill_groups_total",
+            "Groups from devices' spools sent as backfill and taken in",
+        )?;
+        let backfill_segments = IntCounter::new(
+            "tianwang_backfill_segments_total",
+            "Media segments recorded from backfill",
+        )?;
+        let spool_refused = IntCounter::new(
+            "tianwang_spool_refused_groups_total",
+            "Groups devices could not keep in their spool (full of unrecorded evidence)",
+        )?;
         let recorded_bytes = IntCounter::new(
             "tianwang_recorded_bytes_total",
             "Bytes of media segments written",
@@ -296,6 +313,9 @@ impl Metrics {
         registry.register(Box::new(link_dropped.clone()))?;
         for c in [
             &recorded_segments,
+            &backfill_groups,
+            &backfill_segments,
+            &spool_refused,
             &recorded_bytes,
             &recording_errors,
             &retention_deleted,
@@ -363,6 +383,9 @@ impl Metrics {
             console_tiles,
             recordings_active,
             recorded_segments,
+            backfill_groups,
+            backfill_segments,
+            spool_refused,
             recorded_bytes,
             recording_errors,
             recording_lag,

@@ -94,6 +94,7 @@ pub(crate) async fn run(
         max_frame: hub.config.quic.max_frame_bytes,
         header_timeout: hub.config.quic.hello_timeout,
         newest: std::sync::Mutex::new(HashMap::new()),
+        backfill_groups: hub.metrics.backfill_groups.clone(),
     });
     let (tx, mut rx) = control.split();
     // Messages to the device go out from their own task: a device that stops reading its
@@ -111,7 +112,7 @@ pub(crate) async fn run(
                 return Err(SessionError::new(ErrorCode::Shutdown, "shutdown", "hub shutting down"));
             }
             msg = control::recv(&mut rx) => match msg {
-                Ok(m) => publisher_message(hub, unit, &mut limit, m)?,
+                Ok(m) => publisher_message(hub, &broadcast, &mut limit, m)?,
                 Err(ControlError::Closed) | Err(ControlError::Refused { .. }) => return Ok(()),
                 Err(ControlError::Connection(e)) => return connection_end(e),
                 Err(e) => return Err(e.into()),
@@ -140,11 +141,14 @@ pub(crate) async fn run(
 
 fn publisher_message(
     hub: &Arc<HubContext>,
-    unit: &str,
+    broadcast: &Arc<Broadcast>,
     limit: &mut crate::field::RateLimit,
     msg: ControlMessage,
 ) -> Result<(), SessionError> {
+    let unit = broadcast.unit_id.as_str();
     match msg.kind {
+        Some(Kind::Holdings(h)) => crate::backfill::holdings(hub, broadcast, h)
+            .map_err(|e| SessionError::protocol(e.to_string())),
         Some(Kind::Telemetry(t)) => {
             crate::field::accept(hub, unit, limit, t);
             Ok(())
@@ -169,6 +173,7 @@ struct Ingest {
     header_timeout: std::time::Duration,
     /// The newest group sequence the device sent per track, this session.
     newest: std::sync::Mutex<HashMap<u32, u64>>,
+    backfill_groups: prometheus::IntCounter,
 }
 
 impl Ingest {
@@ -215,11 +220,50 @@ async fn ingest_group(recv: quinn::RecvStream, ingest: Arc<Ingest>) -> Result<()
             format!("group for unannounced track {}", header.track_id),
         ));
     };
+    if header.backfill {
+        // From the spool: to the recorder only, in the order it comes, whatever its age.
+        ingest.backfill_groups.inc();
+        return relay_into(reader, &entry.backfill).await;
+    }
     if !ingest.is_newest(header.track_id, header.sequence) {
         reader.stop(STREAM_STALE);
         return Ok(());
     }
     relay_group(reader, entry, &ingest.broadcast).await
+}
+
+/// Reads a backfill group into a track no viewer reads. The device sends many at once:
+/// each is read whole, then pushed in one go, so groups never interleave in the track (a
+/// reader skips a group another one overtook).
+async fn relay_into(
+    mut reader: GroupReader,
+    track: &Arc<tianwang_core::Track>,
+) -> Result<(), SessionError> {
+    let mut frames = Vec::new();
+    loop {
+        match reader.next_frame().await {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => break,
+            // Given up, or the link is going: the device offers it again later.
+            Err(e) if e.is_reset() => return Ok(()),
+            Err(GroupError::Read(_)) | Err(GroupError::Io(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // One group at a time is written (across all units: each push is brief).
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut group = track.begin_group();
+    for frame in frames {
+        group.push(FrameIn {
+            payload_offset: frame.payload_offset as u32,
+            timestamp_us: frame.header.timestamp_us,
+            duration_us: frame.header.duration_us,
+            data: frame.encoded,
+            received_at: Instant::now(),
+        });
+    }
+    Ok(())
 }
 
 /// Relays one group stream, frame by frame, into its track (a device's, or a unit pulled

@@ -23,6 +23,9 @@ pub struct TrackEntry {
     /// As announced, except `id`: the track's position in the broadcast.
     pub info: TrackInfo,
     pub track: Arc<Track>,
+    /// Groups from the device's spool (backfill): only the recorder reads them, never a
+    /// live viewer.
+    pub backfill: Arc<Track>,
     keyframes: Mutex<KeyframeCoalescer>,
 }
 
@@ -492,6 +495,7 @@ impl Units {
             });
             for t in old.tracks() {
                 t.track.close();
+                t.backfill.close();
             }
         }
         let broadcast = Arc::clone(entry.value());
@@ -512,6 +516,7 @@ impl Units {
                             ..info.clone()
                         },
                         track: Arc::clone(&e.track),
+                        backfill: Arc::clone(&e.backfill),
                         keyframes: Mutex::new(KeyframeCoalescer::new(broadcast.keyframe_interval)),
                     }),
                     None => Arc::new(TrackEntry {
@@ -524,6 +529,11 @@ impl Units {
                             self.track_config,
                             Arc::clone(&self.relay),
                         ),
+                        backfill: Track::new(
+                            format!("{}-backfill", info.name),
+                            self.track_config,
+                            Arc::default(),
+                        ),
                         keyframes: Mutex::new(KeyframeCoalescer::new(broadcast.keyframe_interval)),
                     }),
                 };
@@ -534,6 +544,7 @@ impl Units {
             for e in &old {
                 if !tracks.iter().any(|t| Arc::ptr_eq(&t.track, &e.track)) {
                     e.track.close();
+                    e.backfill.close();
                 }
             }
         }
@@ -580,6 +591,7 @@ impl Units {
         if let Some((_, b)) = removed {
             for t in b.tracks() {
                 t.track.close();
+                t.backfill.close();
             }
         }
     }

@@ -43,6 +43,9 @@ impl ControlMessage {
             Some(Kind::Catalog(_)) => "catalog",
             Some(Kind::AlarmAction(_)) => "alarm_action",
             Some(Kind::Talkback(_)) => "talkback",
+            Some(Kind::Holdings(_)) => "holdings",
+            Some(Kind::BackfillRequest(_)) => "backfill_request",
+            Some(Kind::Recorded(_)) => "recorded",
         }
     }
 }

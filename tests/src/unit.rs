@@ -104,6 +104,7 @@ impl FakeUnit {
                             &GroupHeader {
                                 track_id: 0,
                                 sequence: n / 60 + 1,
+                                backfill: false,
                             },
                             &mut h,
                         );

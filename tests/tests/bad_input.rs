@@ -104,6 +104,7 @@ async fn group_stream(conn: &quinn::Connection, track_id: u32, body: &[u8]) {
         &GroupHeader {
             track_id,
             sequence: 1,
+            backfill: false,
         },
         &mut b,
     );
@@ -325,6 +326,26 @@ async fn bad_input_closes_only_the_offender_with_a_reason() -> anyhow::Result<()
         "garbage frame header",
         ErrorCode::Protocol,
         "frame header does not decode".into(),
+    ));
+    assert_case(&c, cases.last()).await;
+
+    // A device claiming more spool windows than any spool reports.
+    let (_e, c, mut ctl) = publisher(&hub, "bwc-002", &intruder, vec![video_track(1)]).await;
+    let window = tianwang_proto::v1::TimeRange {
+        from_us: 1,
+        to_us: 2,
+    };
+    ctl.send(ControlMessage::new(Kind::Holdings(
+        tianwang_proto::v1::Holdings {
+            ranges: vec![window; 5000],
+            ..Default::default()
+        },
+    )))
+    .await?;
+    cases.push((
+        "holdings with 5000 windows",
+        ErrorCode::Protocol,
+        "holdings with 5000 windows (at most 4096)".into(),
     ));
     assert_case(&c, cases.last()).await;
 

@@ -22,6 +22,9 @@ pub struct Limits {
     pub receive_window: u32,
     /// Bytes we buffer for sending across all streams.
     pub send_window: u64,
+    /// The RTT assumed before one is measured (quinn's default, 333 ms, when None): it
+    /// sets how soon a lost handshake packet is sent again.
+    pub initial_rtt: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -32,6 +35,7 @@ impl Default for Limits {
             stream_receive_window: 4 * 1024 * 1024,
             receive_window: 16 * 1024 * 1024,
             send_window: 8 * 1024 * 1024,
+            initial_rtt: None,
         }
     }
 }
@@ -48,6 +52,9 @@ impl Limits {
         t.stream_receive_window(VarInt::from_u32(self.stream_receive_window));
         t.receive_window(VarInt::from_u32(self.receive_window));
         t.send_window(self.send_window);
+        if let Some(rtt) = self.initial_rtt {
+            t.initial_rtt(rtt);
+        }
         Arc::new(t)
     }
 }
@@ -142,6 +149,44 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, EndpointError> {
 }
 
 /// Connects to `host:port`; the host part is the TLS server name.
+/// Connects over a link that may be down: a fresh attempt starts every `every` while the
+/// earlier ones are still waiting for an answer, so a link that comes back is used within
+/// `every` rather than at the oldest attempt's next (backed-off) retransmission. The first
+/// connection made wins; a refusal other than a timeout ends it at once; after `within`
+/// no new attempt starts.
+pub async fn connect_staggered(
+    endpoint: &Endpoint,
+    addr: &str,
+    every: Duration,
+    within: Duration,
+) -> Result<quinn::Connection, EndpointError> {
+    use futures::StreamExt;
+    let mut attempts = futures::stream::FuturesUnordered::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut tick = tokio::time::interval(every);
+    let mut last = None;
+    loop {
+        let open = tokio::time::Instant::now() < deadline;
+        if !open && attempts.is_empty() {
+            return Err(last.unwrap_or(EndpointError::Handshake {
+                addr: addr.to_string(),
+                source: quinn::ConnectionError::TimedOut,
+            }));
+        }
+        tokio::select! {
+            _ = tick.tick(), if open => attempts.push(connect(endpoint, addr)),
+            Some(result) = attempts.next(), if !attempts.is_empty() => match result {
+                Ok(conn) => return Ok(conn),
+                Err(e @ EndpointError::Handshake { source: quinn::ConnectionError::TimedOut, .. }) => {
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            },
+            _ = tokio::time::sleep_until(deadline), if open && attempts.is_empty() => {}
+        }
+    }
+}
+
 pub async fn connect(endpoint: &Endpoint, addr: &str) -> Result<quinn::Connection, EndpointError> {
     let target = resolve(addr).await?;
     let host = addr

@@ -186,8 +186,11 @@ pub struct Priority {
 impl Priority {
     /// Audio rides this far above video.
     pub const AUDIO: i32 = 1 << 24;
+    /// Backfill from a device's spool rides below all live media.
+    pub const BACKFILL: i32 = -(1 << 25);
 
-    fn next(&self, base: i32) -> i32 {
+    /// The priority of a new stream of a track lifted by `base`.
+    pub fn next(&self, base: i32) -> i32 {
         // Wraps after 2^24 groups per connection; within a session that is years.
         let n = self.clock.fetch_add(1, Ordering::Relaxed) & (Self::AUDIO - 1);
         base.saturating_add(n)
@@ -262,6 +265,7 @@ pub async fn send_track(
                 &GroupHeader {
                     track_id,
                     sequence: frame.group,
+                    backfill: false,
                 },
                 &mut h,
             );

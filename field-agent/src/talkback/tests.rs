@@ -499,6 +499,7 @@ async fn send_group(
         &GroupHeader {
             track_id: track,
             sequence,
+            backfill: false,
         },
         &mut buf,
     );

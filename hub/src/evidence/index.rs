@@ -341,6 +341,17 @@ impl Index {
         .await?)
     }
 
+    /// The latest capture time a unit's chain reaches (backfill rows come later in the
+    /// chain but earlier in time, so this is not the last row's end).
+    pub async fn chain_end(&self, unit: &str) -> Result<Option<i64>, IndexError> {
+        let row: (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(end_us) FROM segments WHERE unit = $1")
+                .bind(unit)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.0)
+    }
+
     pub async fn insert_segment(&self, r: &SegmentRow) -> Result<(), IndexError> {
         sqlx::query(&format!(
             "INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES \

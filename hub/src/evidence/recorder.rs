@@ -130,6 +130,8 @@ struct Source {
     /// The unit whose operation binds the rows.
     bind: String,
     tracks: Vec<(TrackInfo, Arc<Track>)>,
+    /// A unit's backfill tracks (its spool's groups), by kind.
+    backfill: Vec<(TrackKind, Arc<Track>)>,
     officer: Officer,
 }
 
@@ -149,6 +151,11 @@ impl Source {
                 .iter()
                 .map(|e| (e.info.clone(), Arc::clone(&e.track)))
                 .collect(),
+            backfill: b
+                .tracks()
+                .iter()
+                .map(|e| (e.info.kind(), Arc::clone(&e.backfill)))
+                .collect(),
             officer: Officer::Unit(b),
         }
     }
@@ -158,6 +165,7 @@ impl Source {
             chain: e.chain,
             bind: e.unit,
             tracks: std::iter::once(e.video).chain(e.audio).collect(),
+            backfill: Vec::new(),
             officer: Officer::Fixed(e.by),
         }
     }
@@ -326,6 +334,140 @@ struct Chain {
     restart_recording: bool,
     /// The officer last seen with the unit (its final segment is written after it left).
     officer: Option<String>,
+    /// Writing backfill: rows join the chain but not its live timeline (no gap rows, the
+    /// live end unchanged). `other` holds the other mode's recording state.
+    backfill: bool,
+    other: (String, Option<Init>, bool),
+}
+
+impl Chain {
+    /// Switches between the live recording and the backfill one.
+    fn set_backfill(&mut self, on: bool) {
+        if self.backfill != on {
+            self.backfill = on;
+            let live = (
+                std::mem::take(&mut self.recording),
+                self.init.take(),
+                self.restart_recording,
+            );
+            let (recording, init, restart) = std::mem::replace(&mut self.other, live);
+            self.recording = recording;
+            self.init = init;
+            self.restart_recording = restart;
+        }
+    }
+}
+
+/// A backfill gap-filler: frames from the spool's groups, put back in capture order across
+/// tracks (groups arrive a track at a time) and recorded window by window, each window a
+/// recording of its own.
+struct Backfill {
+    pending: std::collections::BTreeMap<(u64, u8, u64), (bool, tianwang_core::Frame)>,
+    n: u64,
+    newest_video: u64,
+    newest_audio: u64,
+    has_audio: bool,
+    segmenter: Option<Segmenter>,
+    config: SegmenterConfig,
+    last_video_us: Option<u64>,
+    last_frame: Option<tokio::time::Instant>,
+}
+
+/// Backfill frames wait this long for the other track's before a window is closed.
+const BACKFILL_IDLE: Duration = Duration::from_secs(1);
+/// Groups of a backfill arrive a few at a time, not quite in order: frames are held until
+/// both tracks are this far past them.
+const BACKFILL_HOLD_US: u64 = 3_000_000;
+/// A jump in backfilled capture time longer than this begins another window.
+const BACKFILL_JUMP_US: u64 = 1_000_000;
+
+impl Backfill {
+    fn push(&mut self, video: bool, f: tianwang_core::Frame) {
+        if video {
+            self.newest_video = self.newest_video.max(f.timestamp_us);
+        } else {
+            self.newest_audio = self.newest_audio.max(f.timestamp_us);
+        }
+        self.n += 1;
+        self.pending
+            .insert((f.timestamp_us, u8::from(!video), self.n), (video, f));
+        self.last_frame = Some(tokio::time::Instant::now());
+    }
+
+    /// Hands the segmenter what is ready (all of it with `all`), and closes the window
+    /// at a jump or, with `all`, at its end.
+    fn release(&mut self, all: bool) {
+        let limit = if all {
+            u64::MAX
+        } else if self.has_audio {
+            self.newest_video
+                .min(self.newest_audio)
+                .saturating_sub(BACKFILL_HOLD_US)
+        } else {
+            self.newest_video.saturating_sub(BACKFILL_HOLD_US)
+        };
+        while let Some(entry) = self.pending.first_entry() {
+            if entry.key().0 > limit {
+                break;
+            }
+            let (video, f) = entry.remove();
+            if video {
+                let jump = self
+                    .last_video_us
+                    .is_some_and(|l| f.timestamp_us < l || f.timestamp_us > l + BACKFILL_JUMP_US);
+                if jump {
+                    self.close();
+                }
+                self.last_video_us = Some(f.timestamp_us);
+                let seg = self
+                    .segmenter
+                    .get_or_insert_with(|| Segmenter::new(self.config));
+                if let Err(e) =
+                    seg.push_video(f.payload(), f.timestamp_us, f.duration_us, f.is_keyframe())
+                {
+                    error!(error = %e, "segmenting backfilled video");
+                }
+            } else if let Some(seg) = self.segmenter.as_mut() {
+                seg.push_audio(
+                    f.data.slice(f.payload_offset as usize..),
+                    f.timestamp_us,
+                    f.duration_us,
+                );
+            }
+        }
+        if all {
+            self.close();
+            self.last_frame = None;
+        }
+    }
+
+    /// Ends the window under way: its last segment goes out.
+    fn close(&mut self) {
+        if let Some(seg) = self.segmenter.as_mut()
+            && let Err(e) = seg.flush()
+        {
+            error!(error = %e, "closing a backfilled segment");
+        }
+        self.last_video_us = None;
+    }
+
+    fn outputs(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Some(seg) = self.segmenter.as_mut() {
+            while let Some(o) = seg.poll() {
+                out.push(o);
+            }
+        }
+        if self.last_video_us.is_none() {
+            // A closed window: the next one starts a recording of its own.
+            self.segmenter = None;
+        }
+        out
+    }
+
+    fn idle_deadline(&self) -> Option<tokio::time::Instant> {
+        self.last_frame.map(|t| t + BACKFILL_IDLE)
+    }
 }
 
 async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
@@ -363,15 +505,37 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
         .find(|(info, _)| info.kind() == TrackKind::Audio);
     let mut video_sub = video_track.subscribe_with(QUEUE_FRAMES, u64::MAX);
     let mut audio_sub = audio.map(|(_, t)| t.subscribe_with(QUEUE_FRAMES, u64::MAX));
-    let mut segmenter = Segmenter::new(SegmenterConfig {
+    let config = SegmenterConfig {
         target_us: shared.config.target.as_micros() as u64,
         width: video_info.width.min(u32::from(u16::MAX)) as u16,
         height: video_info.height.min(u32::from(u16::MAX)) as u16,
         audio: audio.is_some(),
         video: codec,
-    });
-    let mut chain = match shared.index.last_segment(&unit).await {
-        Ok(last) => Chain {
+    };
+    let mut segmenter = Segmenter::new(config);
+    let back_track = |kind| {
+        source
+            .backfill
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, t)| t.subscribe_with(QUEUE_FRAMES, u64::MAX))
+    };
+    let mut back_video = back_track(TrackKind::Video);
+    let mut back_audio = back_track(TrackKind::Audio).filter(|_| audio.is_some());
+    let mut backfill = Backfill {
+        pending: Default::default(),
+        n: 0,
+        newest_video: 0,
+        newest_audio: 0,
+        has_audio: back_audio.is_some(),
+        segmenter: None,
+        config,
+        last_video_us: None,
+        last_frame: None,
+    };
+    let chain_end = shared.index.chain_end(&unit).await;
+    let mut chain = match (shared.index.last_segment(&unit).await, chain_end) {
+        (Ok(last), Ok(end)) => Chain {
             unit: unit.clone(),
             bind: source.bind.clone(),
             seq: last.as_ref().map(|r| r.seq).unwrap_or(0),
@@ -379,14 +543,16 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
                 .as_ref()
                 .map(|r| r.sha256.clone())
                 .unwrap_or_else(|| GENESIS.into()),
-            last_end_us: last.as_ref().map(|r| r.end_us),
+            last_end_us: end,
             recording: String::new(),
             failing: false,
             init: None,
             restart_recording: false,
             officer: None,
+            backfill: false,
+            other: (String::new(), None, false),
         },
-        Err(e) => {
+        (Err(e), _) | (_, Err(e)) => {
             // Returning restarts this recorder: not faster than once a second.
             error!(error = %e, "reading the unit's chain: not recording yet");
             tokio::select! {
@@ -411,11 +577,44 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
                 Some(f) => segmenter.push_audio(f.data.slice(f.payload_offset as usize..), f.timestamp_us, f.duration_us),
                 None => audio_sub = None,
             },
+            frame = next_audio(&mut back_video) => match frame {
+                Some(f) => {
+                    backfill.push(true, f);
+                    backfill.release(false);
+                }
+                None => back_video = None,
+            },
+            frame = next_audio(&mut back_audio) => match frame {
+                Some(f) => {
+                    backfill.push(false, f);
+                    backfill.release(false);
+                }
+                None => back_audio = None,
+            },
+            _ = sleep_until(backfill.idle_deadline()) => backfill.release(true),
             _ = stop.cancelled() => break,
         }
         while let Some(out) = segmenter.poll() {
             write(shared, &source, &mut chain, out).await;
         }
+        let back = backfill.outputs();
+        if !back.is_empty() {
+            chain.set_backfill(true);
+            for out in back {
+                write(shared, &source, &mut chain, out).await;
+            }
+            chain.set_backfill(false);
+        }
+    }
+    // Backfill taken in is recorded before the end.
+    backfill.release(true);
+    let back = backfill.outputs();
+    if !back.is_empty() {
+        chain.set_backfill(true);
+        for out in back {
+            write(shared, &source, &mut chain, out).await;
+        }
+        chain.set_backfill(false);
     }
     // What is queued was received: record it, in capture order, before closing.
     let mut rest: Vec<(bool, tianwang_core::Frame)> = Vec::new();
@@ -464,6 +663,13 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
     info!("recording stopped");
 }
 
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_audio(sub: &mut Option<tianwang_core::Subscription>) -> Option<tianwang_core::Frame> {
     match sub {
         Some(s) => s.next().await,
@@ -500,7 +706,9 @@ async fn write(shared: &Shared, source: &Source, chain: &mut Chain, out: Output)
                     .as_ref()
                     .map(|r| r.sha256.clone())
                     .unwrap_or_else(|| GENESIS.into());
-                chain.last_end_us = last.as_ref().map(|r| r.end_us).or(chain.last_end_us);
+                if !chain.backfill {
+                    chain.last_end_us = last.as_ref().map(|r| r.end_us).or(chain.last_end_us);
+                }
             }
             shared.metrics.recording_errors.inc();
             error!(error = %e, "a segment could not be recorded");
@@ -533,7 +741,9 @@ async fn write_init(
     let rel = format!("{}/{}/init.mp4", chain.unit, chain.recording);
     let sha = write_file(&shared.config.dir, &rel, vec![init.data.clone()]).await?;
     let start = init.start_us as i64;
-    gap_if_any(shared, source, chain, start).await?;
+    if !chain.backfill {
+        gap_if_any(shared, source, chain, start).await?;
+    }
     append(
         shared,
         source,
@@ -575,7 +785,9 @@ async fn write_segment(
     let bytes = segment.bytes as i64;
     let sha = write_file(&shared.config.dir, &rel, segment.chunks).await?;
     let start = segment.start_us as i64;
-    gap_if_any(shared, source, chain, start).await?;
+    if !chain.backfill {
+        gap_if_any(shared, source, chain, start).await?;
+    }
     append(
         shared,
         source,
@@ -594,11 +806,19 @@ async fn write_segment(
         },
     )
     .await?;
-    chain.last_end_us = Some(segment.end_us as i64);
     shared.metrics.recorded_segments.inc();
     shared.metrics.recorded_bytes.inc_by(segment.bytes);
-    let lag = (unix_us() - segment.end_us as i64).max(0) as f64 / 1e6;
-    shared.metrics.recording_lag.observe(lag);
+    if chain.backfill {
+        shared.metrics.backfill_segments.inc();
+    } else {
+        chain.last_end_us = Some(segment.end_us as i64);
+        let lag = (unix_us() - segment.end_us as i64).max(0) as f64 / 1e6;
+        shared.metrics.recording_lag.observe(lag);
+    }
+    // Written, synced and indexed: the device's spool may let it go.
+    if let Officer::Unit(b) = &source.officer {
+        crate::backfill::confirm(b, segment.start_us, segment.end_us);
+    }
     Ok(())
 }
 

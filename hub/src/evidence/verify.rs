@@ -43,7 +43,11 @@ pub fn check_chain(
         |seq: i64, what: String| report_problem(&mut report.problems, unit, seq, what);
     let mut expected_seq = 1;
     let mut prev_hash = GENESIS.to_string();
-    let mut last_media: Option<&SegmentRow> = None;
+    // The last media row of each recording: backfill recordings interleave with the live
+    // one in the chain, each continuous in itself.
+    let mut last_media: HashMap<&str, &SegmentRow> = HashMap::new();
+    // The latest capture time reached (backfill rows lie earlier in time than the rows
+    // before them in the chain).
     let mut last_end: Option<i64> = None;
     let (mut segments, mut bytes, mut gaps) = (0usize, 0u64, 0usize);
     for row in rows {
@@ -79,8 +83,7 @@ pub fn check_chain(
                 if sha256_hex(description.to_string().as_bytes()) != row.sha256 {
                     problem(row.seq, "the gap record was altered".into());
                 }
-                last_end = Some(row.end_us);
-                last_media = None;
+                last_end = Some(last_end.map_or(row.end_us, |e| e.max(row.end_us)));
             }
             "init" | "media" => {
                 if row.deleted_us.is_some() {
@@ -133,7 +136,7 @@ pub fn check_chain(
                 }
                 if row.kind == "media" {
                     segments += 1;
-                    if let Some(prev) = last_media.filter(|p| p.recording == row.recording) {
+                    if let Some(prev) = last_media.get(row.recording.as_str()) {
                         if row.number != prev.number + 1 {
                             problem(
                                 row.seq,
@@ -165,8 +168,8 @@ pub fn check_chain(
                             ),
                         );
                     }
-                    last_media = Some(row);
-                    last_end = Some(row.end_us);
+                    last_media.insert(row.recording.as_str(), row);
+                    last_end = Some(last_end.map_or(row.end_us, |e| e.max(row.end_us)));
                 }
             }
             other => problem(row.seq, format!("unknown kind {other:?}")),
