@@ -110,6 +110,15 @@ impl LocalTrack {
 /// Something that can make the encoder emit a keyframe soon.
 pub type KeyframeHook = Box<dyn Fn(&str) + Send + Sync>;
 
+/// A live encoder's bitrate, for adaptive bitrate: the cap it may not exceed (configured,
+/// or the hub's QUALITY), and the target it is steered to below that.
+pub trait RateControl: Send + Sync {
+    /// kbit/s
+    fn cap(&self) -> u32;
+    /// Aims the encoder at `kbps` (at most the cap).
+    fn steer(&self, kbps: u32);
+}
+
 pub struct LocalBroadcast {
     pub unit: String,
     pub tracks: Vec<LocalTrack>,
@@ -120,6 +129,7 @@ pub struct LocalBroadcast {
     /// height), announced on the next connection instead of the start-up figures.
     video_quality: Mutex<Option<(u32, u32, u32)>>,
     spool: Arc<OnceLock<Arc<crate::spool::Spool>>>,
+    rate: OnceLock<Arc<dyn RateControl>>,
 }
 
 impl LocalBroadcast {
@@ -150,7 +160,17 @@ impl LocalBroadcast {
             live,
             video_quality: Mutex::new(None),
             spool,
+            rate: OnceLock::new(),
         })
+    }
+
+    /// The live encoder adaptive bitrate steers (none for replayed clips).
+    pub fn set_rate_control(&self, rate: Arc<dyn RateControl>) {
+        let _ = self.rate.set(rate);
+    }
+
+    pub fn rate_control(&self) -> Option<&Arc<dyn RateControl>> {
+        self.rate.get()
     }
 
     /// Keeps every frame from now on in `spool` (once; a second spool is ignored).

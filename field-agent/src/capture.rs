@@ -19,6 +19,9 @@ use crate::directives::{DirectiveError, QualityChange, QualityControl};
 pub enum Source {
     /// A moving test pattern with the unit id and a clock burned in.
     Test,
+    /// The same with noise for a picture: it fills any bitrate (for adaptive bitrate and
+    /// load tests; the ball pattern compresses to a few hundred kbit/s).
+    Noise,
     /// A V4L2 camera, e.g. /dev/video0.
     V4l2(String),
     /// A media file, played at its own pace.
@@ -32,6 +35,9 @@ impl FromStr for Source {
         if s == "test" {
             return Ok(Source::Test);
         }
+        if s == "noise" {
+            return Ok(Source::Noise);
+        }
         if let Some(dev) = s.strip_prefix("v4l2:") {
             return Ok(Source::V4l2(dev.to_string()));
         }
@@ -39,7 +45,7 @@ impl FromStr for Source {
             return Ok(Source::File(path.to_string()));
         }
         Err(format!(
-            "unknown source {s:?}: use test, v4l2:/dev/videoN or file:PATH"
+            "unknown source {s:?}: use test, noise, v4l2:/dev/videoN or file:PATH"
         ))
     }
 }
@@ -129,9 +135,14 @@ pub fn pipeline_description(
         _ => ("sync=false", true),
     };
     let video = match source {
-        Source::Test => format!(
-            "videotestsrc is-live=true pattern=ball ! {raw} \
+        Source::Test | Source::Noise => format!(
+            "videotestsrc is-live=true pattern={} ! {raw} \
              ! textoverlay text={} halignment=left valignment=top font-desc=\"Sans 20\" ! {clock}",
+            if *source == Source::Noise {
+                "snow"
+            } else {
+                "ball"
+            },
             quoted(unit)
         ),
         Source::V4l2(dev) => format!(
@@ -299,6 +310,18 @@ impl EncoderControl {
     }
 }
 
+impl crate::broadcast::RateControl for EncoderControl {
+    fn cap(&self) -> u32 {
+        self.current().0
+    }
+
+    fn steer(&self, kbps: u32) {
+        if let Some(encoder) = self.encoder.upgrade() {
+            encoder.set_property("bitrate", kbps.min(self.cap()));
+        }
+    }
+}
+
 impl QualityControl for EncoderControl {
     fn set_quality(
         self: Arc<Self>,
@@ -334,6 +357,7 @@ impl Capture {
             .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
             .ok_or_else(|| anyhow!("the pipeline has no appsink named video"))?;
         let encoder = Arc::new(EncoderControl::find(&pipeline, settings)?);
+        broadcast.set_rate_control(Arc::clone(&encoder) as Arc<dyn crate::broadcast::RateControl>);
         connect_sink(&pipeline, &video, broadcast, TrackKind::Video);
         if let Some(audio) = pipeline
             .by_name("audio")

@@ -4,6 +4,7 @@
 //! the command centre are executed exactly once (`directives`); what the command centre says
 //! to the officer is played and kept (`talkback`).
 
+pub mod abr;
 pub mod broadcast;
 pub mod capture;
 pub mod directives;

@@ -123,7 +123,7 @@ struct RunArgs {
     /// Device token from the hub (`hub token issue --role device --subject UNIT`).
     #[arg(long, env = "TIANWANG_DEVICE_TOKEN", hide_env_values = true)]
     token: String,
-    /// test | v4l2:/dev/videoN | file:PATH
+    /// test | noise | v4l2:/dev/videoN | file:PATH
     #[arg(long, default_value = "test")]
     source: Source,
     /// Sound: test tone, the default microphone, the file's own, or none.
@@ -249,7 +249,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.encode.settings()?;
     let dir = data_dir(&args.data_dir)?;
     let audio = args.audio.unwrap_or(match args.source {
-        Source::Test => Audio::Test,
+        Source::Test | Source::Noise => Audio::Test,
         Source::File(_) => Audio::File,
         Source::V4l2(_) => Audio::None,
     });

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::abr::{PathSample, RateConfig, RateController};
 use crate::broadcast::LocalBroadcast;
 use crate::directives::Directives;
 use crate::talkback::{Talkback, TalkbackConfig, TalkbackStats};
@@ -107,13 +108,18 @@ pub async fn run(
     async move {
         let mut backoff = new_backoff(&config);
         let mut endpoint: Option<(bool, quinn::Endpoint)> = None;
+        // Adaptive bitrate carries its target across reconnects (a path that was full is
+        // likely still full).
+        let mut rate = broadcast
+            .rate_control()
+            .map(|r| RateController::new(RateConfig::default(), r.cap()));
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             let started = Instant::now();
             let outcome = tokio::select! {
-                r = session(&config, &broadcast, &directives, &stats, &mut endpoint, &shutdown) => r,
+                r = session(&config, &broadcast, &directives, &stats, &mut endpoint, &mut rate, &shutdown) => r,
                 _ = shutdown.cancelled() => return Ok(()),
             };
             match outcome {
@@ -227,6 +233,7 @@ async fn session(
     directives: &Directives,
     stats: &Arc<UplinkStats>,
     endpoint: &mut Option<(bool, quinn::Endpoint)>,
+    rate: &mut Option<RateController>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionEnd> {
     let target = tianwang_transport::endpoint::resolve(&config.hub)
@@ -325,6 +332,8 @@ async fn session(
     );
     let mut backfills: JoinSet<()> = JoinSet::new();
     let mut missed = tokio::time::interval(MISSED_CHECK);
+    let mut path = PathWatch::new(&conn);
+    let mut steer = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -351,6 +360,20 @@ async fn session(
                 Ok(m) => handle_control(broadcast, directives, &mut talkback, m),
                 Err(e) => break Err(classify(e, &conn).await),
             },
+            _ = steer.tick(), if rate.is_some() => {
+                if let (Some(c), Some(r)) = (rate.as_mut(), broadcast.rate_control()) {
+                    let sample = path.sample(&conn);
+                    c.set_cap(r.cap());
+                    let before = c.target();
+                    let target = c.tick(&sample);
+                    if target != before {
+                        r.steer(target);
+                        let lost = sample.lost_packets as f64 / sample.sent_packets.max(1) as f64;
+                        info!(kbps = target, cap = c.cap(), rtt_ms = sample.rtt.as_millis() as u64,
+                            loss_pct = format!("{:.1}", lost * 100.0), "adaptive bitrate: {target} kbit/s");
+                    }
+                }
+            }
             _ = missed.tick() => {
                 // Groups the hub has not recorded though it recorded later ones (the link
                 // lost them live, a hub restart): the hub hears of them again.
@@ -403,6 +426,38 @@ async fn session(
     // A talk ends with its session; its file is finished before the next one starts.
     talkback.close().await;
     result
+}
+
+/// The QUIC path's figures between two ticks of adaptive bitrate.
+struct PathWatch {
+    last: quinn::PathStats,
+    min_rtt: Duration,
+}
+
+impl PathWatch {
+    fn new(conn: &quinn::Connection) -> Self {
+        let last = conn.stats().path;
+        Self {
+            min_rtt: last.rtt,
+            last,
+        }
+    }
+
+    fn sample(&mut self, conn: &quinn::Connection) -> PathSample {
+        let now = conn.stats().path;
+        self.min_rtt = self.min_rtt.min(now.rtt);
+        let s = PathSample {
+            rtt: now.rtt,
+            min_rtt: self.min_rtt,
+            sent_packets: now.sent_packets.saturating_sub(self.last.sent_packets),
+            lost_packets: now.lost_packets.saturating_sub(self.last.lost_packets),
+            congestion_events: now
+                .congestion_events
+                .saturating_sub(self.last.congestion_events),
+        };
+        self.last = now;
+        s
+    }
 }
 
 /// A new connection attempt this often while earlier ones wait, for this long.

@@ -1,0 +1,170 @@
+//! Adaptive bitrate: the encoder's target follows what the path to the hub carries.
+//!
+//! Sans-IO: once a second the uplink hands [`RateController::tick`] the QUIC path's figures
+//! (smoothed and minimum RTT, packets sent and lost, congestion events since the last
+//! tick) and gets the bitrate the encoder should aim at. The rule is additive increase,
+//! multiplicative decrease, on two signs of a full path: loss beyond a trickle, or a queue
+//! building up (RTT well above the path's minimum). It never goes above the cap (the
+//! configured bitrate, or the hub's QUALITY directive) nor below the floor.
+
+use std::time::Duration;
+
+/// The path's figures over the last tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PathSample {
+    pub rtt: Duration,
+    pub min_rtt: Duration,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateConfig {
+    /// kbit/s
+    pub floor: u32,
+    /// Added per calm tick, as a share of the cap.
+    pub step: f64,
+    /// Kept per congested tick.
+    pub backoff: f64,
+    /// Loss above this share of the tick's packets is congestion.
+    pub loss: f64,
+    /// RTT above the minimum by more than this is a queue.
+    pub queue: Duration,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        Self {
+            floor: 150,
+            step: 0.05,
+            backoff: 0.8,
+            loss: 0.02,
+            queue: Duration::from_millis(80),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RateController {
+    config: RateConfig,
+    cap: u32,
+    target: f64,
+}
+
+impl RateController {
+    /// Starts at the cap: a good path carries it from the first second.
+    pub fn new(config: RateConfig, cap: u32) -> Self {
+        let cap = cap.max(config.floor);
+        Self {
+            config,
+            cap,
+            target: f64::from(cap),
+        }
+    }
+
+    pub fn target(&self) -> u32 {
+        self.target.round() as u32
+    }
+
+    pub fn cap(&self) -> u32 {
+        self.cap
+    }
+
+    /// A new cap (a QUALITY directive): the target never exceeds it.
+    pub fn set_cap(&mut self, cap: u32) {
+        self.cap = cap.max(self.config.floor);
+        self.target = self.target.min(f64::from(self.cap));
+    }
+
+    /// Whether the last sample showed a full path.
+    pub fn congested(&self, s: &PathSample) -> bool {
+        let lossy =
+            s.sent_packets > 0 && s.lost_packets as f64 > self.config.loss * s.sent_packets as f64;
+        let queued = !s.min_rtt.is_zero() && s.rtt > s.min_rtt + self.config.queue;
+        lossy || queued || s.congestion_events > 1
+    }
+
+    /// One tick: the new target, kbit/s.
+    pub fn tick(&mut self, s: &PathSample) -> u32 {
+        let cap = f64::from(self.cap);
+        let floor = f64::from(self.config.floor);
+        self.target = if self.congested(s) {
+            (self.target * self.config.backoff).max(floor)
+        } else {
+            (self.target + cap * self.config.step).min(cap)
+        };
+        self.target()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calm() -> PathSample {
+        PathSample {
+            rtt: Duration::from_millis(20),
+            min_rtt: Duration::from_millis(20),
+            sent_packets: 200,
+            lost_packets: 0,
+            congestion_events: 0,
+        }
+    }
+
+    fn full() -> PathSample {
+        PathSample {
+            rtt: Duration::from_millis(300),
+            min_rtt: Duration::from_millis(20),
+            sent_packets: 200,
+            lost_packets: 20,
+            congestion_events: 3,
+        }
+    }
+
+    #[test]
+    fn a_full_path_brings_the_target_under_it_and_a_calm_one_back_up() {
+        let mut c = RateController::new(RateConfig::default(), 2000);
+        assert_eq!(c.tick(&calm()), 2000);
+        // A path of 1 Mbit/s: full until the target is below it, within a few ticks.
+        let mut ticks = 0;
+        while c.target() > 900 {
+            c.tick(&full());
+            ticks += 1;
+        }
+        assert!(ticks <= 5, "{ticks}");
+        // Calm again: back to the cap, a step a tick.
+        let mut ticks = 0;
+        while c.target() < 2000 {
+            c.tick(&calm());
+            ticks += 1;
+        }
+        assert!(ticks <= 20, "{ticks}");
+    }
+
+    #[test]
+    fn the_target_stays_between_floor_and_cap() {
+        let mut c = RateController::new(RateConfig::default(), 1000);
+        for _ in 0..100 {
+            c.tick(&full());
+        }
+        assert_eq!(c.target(), 150);
+        c.set_cap(400);
+        for _ in 0..100 {
+            c.tick(&calm());
+        }
+        assert_eq!(c.target(), 400);
+        c.set_cap(50);
+        assert_eq!(c.target(), 150);
+    }
+
+    #[test]
+    fn a_trickle_of_loss_or_jitter_is_not_congestion() {
+        let c = RateController::new(RateConfig::default(), 1000);
+        let mut s = calm();
+        s.lost_packets = 2; // 1 %
+        s.rtt = Duration::from_millis(60);
+        s.congestion_events = 1;
+        assert!(!c.congested(&s));
+    }
+}
