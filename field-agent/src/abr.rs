@@ -3,9 +3,10 @@
 //! Sans-IO: once a second the uplink hands [`RateController::tick`] the QUIC path's figures
 //! (smoothed and minimum RTT, packets sent and lost, congestion events since the last
 //! tick) and gets the bitrate the encoder should aim at. The rule is additive increase,
-//! multiplicative decrease, on two signs of a full path: loss beyond a trickle, or a queue
-//! building up (RTT well above the path's minimum). It never goes above the cap (the
-//! configured bitrate, or the hub's QUALITY directive) nor below the floor.
+//! multiplicative decrease, on two signs of a full path: a queue building up (RTT well
+//! above the path's minimum), or heavy loss. Some loss is what a radio link does whatever
+//! the rate: between `hold_loss` and `loss` the target holds. It never goes above the cap
+//! (the configured bitrate, or the hub's QUALITY directive) nor below the floor.
 
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct RateConfig {
     pub backoff: f64,
     /// Loss above this share of the tick's packets is congestion.
     pub loss: f64,
+    /// Loss above this share holds the target where it is.
+    pub hold_loss: f64,
     /// RTT above the minimum by more than this is a queue.
     pub queue: Duration,
 }
@@ -39,7 +42,8 @@ impl Default for RateConfig {
             floor: 150,
             step: 0.05,
             backoff: 0.8,
-            loss: 0.02,
+            loss: 0.10,
+            hold_loss: 0.02,
             queue: Duration::from_millis(80),
         }
     }
@@ -77,12 +81,14 @@ impl RateController {
         self.target = self.target.min(f64::from(self.cap));
     }
 
+    fn loss(s: &PathSample) -> f64 {
+        s.lost_packets as f64 / s.sent_packets.max(1) as f64
+    }
+
     /// Whether the last sample showed a full path.
     pub fn congested(&self, s: &PathSample) -> bool {
-        let lossy =
-            s.sent_packets > 0 && s.lost_packets as f64 > self.config.loss * s.sent_packets as f64;
         let queued = !s.min_rtt.is_zero() && s.rtt > s.min_rtt + self.config.queue;
-        lossy || queued || s.congestion_events > 1
+        queued || Self::loss(s) > self.config.loss
     }
 
     /// One tick: the new target, kbit/s.
@@ -91,6 +97,8 @@ impl RateController {
         let floor = f64::from(self.config.floor);
         self.target = if self.congested(s) {
             (self.target * self.config.backoff).max(floor)
+        } else if Self::loss(s) > self.config.hold_loss {
+            self.target
         } else {
             (self.target + cap * self.config.step).min(cap)
         };
@@ -159,12 +167,17 @@ mod tests {
     }
 
     #[test]
-    fn a_trickle_of_loss_or_jitter_is_not_congestion() {
+    fn radio_loss_and_jitter_are_not_congestion() {
         let c = RateController::new(RateConfig::default(), 1000);
         let mut s = calm();
-        s.lost_packets = 2; // 1 %
+        s.lost_packets = 10; // 5 %: a lossy radio link, whatever the rate
         s.rtt = Duration::from_millis(60);
-        s.congestion_events = 1;
+        s.congestion_events = 3;
         assert!(!c.congested(&s));
+        // It holds rather than climbs on such a link.
+        let mut low = RateController::new(RateConfig::default(), 1000);
+        low.tick(&full());
+        let held = low.target();
+        assert_eq!(low.tick(&s), held);
     }
 }

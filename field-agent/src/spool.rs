@@ -30,8 +30,9 @@ use tracing::{debug, error, info, warn};
 const QUEUE: usize = 8192;
 /// Audio groups are cut like the live ones: 50 packets (1 s of 20 ms Opus).
 const AUDIO_GROUP_FRAMES: u32 = 50;
-/// Two recorded windows closer than this are one (segments abut within a frame).
-const JOIN_US: u64 = 200_000;
+/// Two confirmed windows of a track closer than this are one: less than a video frame or
+/// an audio packet, so a frame the hub lacks always leaves a hole.
+const JOIN_US: u64 = 10_000;
 /// A group sent as backfill is not offered again for this long (its `Recorded` is on the way).
 const IN_FLIGHT: Duration = Duration::from_secs(60);
 /// The largest frame a spool file may hold (as the hub's default limit).
@@ -82,8 +83,8 @@ struct Entry {
 struct State {
     entries: BTreeMap<Key, Entry>,
     bytes: u64,
-    /// What the hub confirmed, merged, oldest first.
-    recorded: Vec<(u64, u64)>,
+    /// What the hub confirmed per track, merged, oldest first.
+    recorded: HashMap<u32, Vec<(u64, u64)>>,
     /// The newest end the hub confirmed.
     recorded_until: u64,
     refused_unreported: u64,
@@ -381,7 +382,10 @@ impl Spool {
         self.stats.bytes_written.fetch_add(bytes, Ordering::Relaxed);
         let mut s = lock(&self.state);
         s.bytes += bytes;
-        let delivered = covered(&s.recorded, key.0, end_us);
+        let delivered = s
+            .recorded
+            .get(&key.1)
+            .is_some_and(|r| covered(r, key.0, end_us));
         s.entries.insert(
             key,
             Entry {
@@ -444,23 +448,40 @@ impl Spool {
         }
     }
 
-    /// The hub recorded these windows: the groups within them are delivered.
-    pub fn recorded(&self, ranges: &[TimeRange]) {
+    /// The hub recorded these windows of `tracks` (all of them when empty): the groups
+    /// within them are delivered.
+    pub fn recorded(&self, ranges: &[TimeRange], tracks: &[u32]) {
         let mut s = lock(&self.state);
+        let all: Vec<u32> = if tracks.is_empty() {
+            let mut t: Vec<u32> = s.entries.keys().map(|k| k.1).collect();
+            t.sort_unstable();
+            t.dedup();
+            t
+        } else {
+            tracks.to_vec()
+        };
+        let oldest = s.entries.keys().next().map(|k| k.0).unwrap_or(u64::MAX);
         for r in ranges {
             if r.to_us <= r.from_us {
                 continue;
             }
             s.recorded_until = s.recorded_until.max(r.to_us);
-            merge(&mut s.recorded, (r.from_us, r.to_us));
+            for t in &all {
+                let list = s.recorded.entry(*t).or_default();
+                merge(list, (r.from_us, r.to_us));
+                // Windows older than the oldest spooled group are of no more use.
+                list.retain(|&(_, to)| to + JOIN_US >= oldest);
+            }
         }
-        // Windows older than the oldest spooled group are of no more use.
-        let oldest = s.entries.keys().next().map(|k| k.0).unwrap_or(u64::MAX);
-        s.recorded.retain(|&(_, to)| to + JOIN_US >= oldest);
         let now_covered: Vec<Key> = s
             .entries
             .iter()
-            .filter(|(k, e)| !e.delivered && covered(&s.recorded, k.0, e.end_us))
+            .filter(|(k, e)| {
+                !e.delivered
+                    && s.recorded
+                        .get(&k.1)
+                        .is_some_and(|r| covered(r, k.0, e.end_us))
+            })
             .map(|(k, _)| *k)
             .collect();
         for key in now_covered {
@@ -507,8 +528,8 @@ impl Spool {
         lock(&self.state).recorded_until
     }
 
-    /// The undelivered groups overlapping `ranges`, oldest first, with their files; marked
-    /// in flight.
+    /// The undelivered groups overlapping `ranges` and not already on their way, oldest
+    /// first, with their files; marked in flight.
     pub fn take_for_backfill(&self, ranges: &[TimeRange]) -> Vec<(Key, PathBuf)> {
         let mut s = lock(&self.state);
         let now = Instant::now();
@@ -516,7 +537,7 @@ impl Spool {
         let keys: Vec<(Key, u64)> = s
             .entries
             .iter()
-            .filter(|(_, e)| !e.delivered)
+            .filter(|(k, e)| !e.delivered && !s.in_flight.contains_key(k))
             .map(|(k, e)| (*k, e.end_us))
             .collect();
         for (k, end) in keys {
@@ -651,7 +672,7 @@ mod tests {
         assert_eq!(h.ranges[0].from_us, 0);
         assert!(h.ranges[0].to_us >= 2_970_000, "{h:?}");
         // The hub recorded the first two seconds: those groups are delivered.
-        spool.recorded(&[range(0, 1990)]);
+        spool.recorded(&[range(0, 1990)], &[]);
         assert_eq!(spool.stats.delivered.load(Ordering::Relaxed), 2);
         let h = spool.holdings(None);
         assert_eq!(h.ranges.len(), 1);
@@ -729,7 +750,7 @@ mod tests {
         feed(&spool, 0, 60);
         // Both groups recorded (the second completes when the third begins).
         std::thread::sleep(Duration::from_millis(200));
-        spool.recorded(&[range(0, 100_000)]);
+        spool.recorded(&[range(0, 100_000)], &[]);
         feed(&spool, 1980, 90);
         spool.close();
         assert_eq!(spool.stats.refused_groups.load(Ordering::Relaxed), 0);

@@ -331,6 +331,7 @@ async fn session(
         Arc::clone(&stats.talkback),
     );
     let mut backfills: JoinSet<()> = JoinSet::new();
+    let mut queued: Vec<(crate::spool::Key, std::path::PathBuf)> = Vec::new();
     let mut missed = tokio::time::interval(MISSED_CHECK);
     let mut path = PathWatch::new(&conn);
     let mut steer = tokio::time::interval(Duration::from_secs(1));
@@ -346,15 +347,19 @@ async fn session(
                 Ok(ControlMessage { kind: Some(Kind::Recorded(r)) }) => {
                     if let Some(spool) = broadcast.spool().cloned() {
                         // Renames on the spool's disk: off the control loop.
-                        tokio::task::spawn_blocking(move || spool.recorded(&r.ranges));
+                        tokio::task::spawn_blocking(move || spool.recorded(&r.ranges, &r.track_ids));
                     }
                 }
                 Ok(ControlMessage { kind: Some(Kind::BackfillRequest(req)) }) => {
                     if let Some(spool) = broadcast.spool().cloned() {
-                        while backfills.try_join_next().is_some() {}
                         let groups = spool.take_for_backfill(&req.ranges);
                         info!(windows = req.ranges.len(), groups = groups.len(), "the hub asked for backfill");
-                        backfills.spawn(send_backfill(conn.clone(), spool, groups, priority.clone()).in_current_span());
+                        // One sender at a time keeps the groups in order: later requests queue.
+                        queued.extend(groups);
+                        queued.sort_by_key(|(k, _)| *k);
+                        if backfills.is_empty() && !queued.is_empty() {
+                            backfills.spawn(send_backfill(conn.clone(), spool, std::mem::take(&mut queued)).in_current_span());
+                        }
                     }
                 }
                 Ok(m) => handle_control(broadcast, directives, &mut talkback, m),
@@ -372,6 +377,11 @@ async fn session(
                         info!(kbps = target, cap = c.cap(), rtt_ms = sample.rtt.as_millis() as u64,
                             loss_pct = format!("{:.1}", lost * 100.0), "adaptive bitrate: {target} kbit/s");
                     }
+                }
+            }
+            Some(_) = backfills.join_next(), if !backfills.is_empty() => {
+                if let Some(spool) = broadcast.spool().cloned().filter(|_| !queued.is_empty()) {
+                    backfills.spawn(send_backfill(conn.clone(), spool, std::mem::take(&mut queued)).in_current_span());
                 }
             }
             _ = missed.tick() => {
@@ -476,7 +486,6 @@ async fn send_backfill(
     conn: quinn::Connection,
     spool: Arc<crate::spool::Spool>,
     groups: Vec<(crate::spool::Key, std::path::PathBuf)>,
-    priority: Priority,
 ) {
     let total = groups.len();
     let mut in_flight = JoinSet::new();
@@ -500,7 +509,8 @@ async fn send_backfill(
                 return;
             }
         };
-        let _ = send.set_priority(priority.next(Priority::BACKFILL));
+        // Below all live media, and the oldest first (live goes newest first).
+        let _ = send.set_priority(Priority::BACKFILL.saturating_sub(n.min(1 << 20) as i32));
         if let Err(e) = send.write_all(&data).await {
             debug!(error = %e, sent = n, total, "backfill ended");
             return;

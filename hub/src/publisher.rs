@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use tianwang_core::frame::FrameIn;
 use tianwang_core::track::PushOutcome;
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
@@ -14,7 +15,7 @@ use tianwang_transport::group::{GroupError, GroupReader};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::registry::{Attached, Broadcast, PublisherLink, TrackEntry, Units, validate_announce};
 use crate::session::{HubContext, SessionError, connection_end};
@@ -95,6 +96,7 @@ pub(crate) async fn run(
         header_timeout: hub.config.quic.hello_timeout,
         newest: std::sync::Mutex::new(HashMap::new()),
         backfill_groups: hub.metrics.backfill_groups.clone(),
+        slow_headers: AtomicU32::new(0),
     });
     let (tx, mut rx) = control.split();
     // Messages to the device go out from their own task: a device that stops reading its
@@ -174,7 +176,12 @@ struct Ingest {
     /// The newest group sequence the device sent per track, this session.
     newest: std::sync::Mutex<HashMap<u32, u64>>,
     backfill_groups: prometheus::IntCounter,
+    /// Group streams let go for want of a header, this session.
+    slow_headers: AtomicU32,
 }
+
+/// Group streams a publisher may leave without a header in time before its session ends.
+const MAX_SLOW_HEADERS: u32 = 32;
 
 impl Ingest {
     /// Whether a group the device numbered `sequence` is newer than every one before it. A
@@ -202,11 +209,20 @@ async fn ingest_group(recv: quinn::RecvStream, ingest: Arc<Ingest>) -> Result<()
     let (header, reader) = match opened {
         Ok(Ok(r)) => r,
         Err(_) => {
-            return Err(SessionError::new(
-                ErrorCode::Protocol,
-                "timeout",
-                "a group stream without its header in time",
-            ));
+            // A stream can be open without a byte of it here: QUIC opens every lower
+            // stream id when a later one arrives, and a device's backfill streams wait
+            // behind its live ones on a narrow link. Such a stream is let go (dropping it
+            // stops it; the device sends the group again); only many of them are abuse.
+            let slow = ingest.slow_headers.fetch_add(1, Ordering::Relaxed) + 1;
+            if slow > MAX_SLOW_HEADERS {
+                return Err(SessionError::new(
+                    ErrorCode::Protocol,
+                    "timeout",
+                    format!("{slow} group streams without their header in time"),
+                ));
+            }
+            debug!(slow, "a group stream without its header in time: stopped");
+            return Ok(());
         }
         // Given up by the device, or the link is going: not bad input.
         Ok(Err(e)) if e.is_reset() => return Ok(()),

@@ -119,6 +119,13 @@ impl Broadcast {
         }
     }
 
+    /// The id the live publisher announced a track with, by name.
+    pub fn device_track_id(&self, name: &str) -> Option<u32> {
+        lock(&self.publisher)
+            .as_ref()
+            .and_then(|l| l.track_ids.get(name).copied())
+    }
+
     /// The officer of the unit's live publisher, if it said.
     pub fn officer(&self) -> Option<String> {
         lock(&self.publisher)

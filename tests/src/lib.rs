@@ -16,6 +16,7 @@ use tianwang_transport::client::{self, ReceivedFrame, TrackReceiver};
 use tianwang_transport::{Control, Limits, Trust};
 
 pub mod console;
+pub mod impair;
 pub mod postgres;
 pub mod relay;
 pub mod unit;

@@ -1,103 +1,175 @@
-//! A UDP relay between a client and a server that a test can black out: packets in both
-//! directions are dropped while the blackout lasts, as when a unit drives into a tunnel.
-//! It can also cap the client → server rate, like a narrow uplink: packets wait in a
-//! bounded queue (a quarter second at the rate) and are sent paced; past it they drop.
+//! An impairing UDP relay between a client (a unit) and a server (a hub), controllable from
+//! tests: blackouts (packets in both directions dropped, as in a tunnel), loss, delay,
+//! jitter (which reorders), duplication, and a rate cap on the uplink (paced from a queue of
+//! a quarter second at the rate, tail drop past it, like a narrow mobile uplink).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use rand::Rng;
 use tokio::net::UdpSocket;
-use tokio::sync::Mutex;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// What the path does to packets. Delay and jitter apply in each direction (a 200 ms RTT
+/// is 100 ms each way); the rate cap to client → server only.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Impairment {
+    /// Share of packets dropped, each direction.
+    pub loss: f64,
+    pub delay: Duration,
+    /// Each packet's delay varies uniformly by ± this (packets overtake one another).
+    pub jitter: Duration,
+    /// Share of packets delivered twice.
+    pub duplicate: f64,
+    /// bit/s of the uplink; 0 for no cap.
+    pub rate_bps: u64,
+}
+
+struct State {
+    blackout: AtomicBool,
+    impairment: Mutex<Impairment>,
+    dropped: Arc<AtomicU64>,
+}
 
 pub struct UdpRelay {
     pub addr: SocketAddr,
-    blackout: Arc<AtomicBool>,
+    state: Arc<State>,
     pub dropped: Arc<AtomicU64>,
-    /// bit/s of the client → server direction; 0 for no cap.
-    rate: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl UdpRelay {
     pub async fn start(server: SocketAddr) -> std::io::Result<Self> {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let addr = front.local_addr()?;
-        let blackout = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicU64::new(0));
-        let rate = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run(
-            front,
-            server,
-            Arc::clone(&blackout),
-            Arc::clone(&dropped),
-            Arc::clone(&rate),
-        ));
+        let state = Arc::new(State {
+            blackout: AtomicBool::new(false),
+            impairment: Mutex::new(Impairment::default()),
+            dropped: Arc::clone(&dropped),
+        });
+        let (up_tx, up_rx) = mpsc::channel(8192);
+        let (down_tx, down_rx) = mpsc::channel(8192);
+        let tasks = vec![
+            tokio::spawn(line(up_rx, Arc::clone(&state), true)),
+            tokio::spawn(line(down_rx, Arc::clone(&state), false)),
+            tokio::spawn(run(front, server, Arc::clone(&state), up_tx, down_tx)),
+        ];
         Ok(Self {
             addr,
-            blackout,
+            state,
             dropped,
-            rate,
-            task,
+            tasks,
         })
     }
 
     pub fn set_blackout(&self, on: bool) {
-        self.blackout.store(on, Ordering::SeqCst);
+        self.state.blackout.store(on, Ordering::SeqCst);
     }
 
     /// Caps the client → server direction at `bits_per_second` (None: no cap).
     pub fn set_rate(&self, bits_per_second: Option<u64>) {
-        self.rate
-            .store(bits_per_second.unwrap_or(0), Ordering::SeqCst);
+        self.impair(|i| i.rate_bps = bits_per_second.unwrap_or(0));
+    }
+
+    pub fn set_impairment(&self, impairment: Impairment) {
+        self.impair(|i| *i = impairment);
+    }
+
+    fn impair(&self, f: impl FnOnce(&mut Impairment)) {
+        f(&mut self
+            .state
+            .impairment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()));
     }
 }
 
 impl Drop for UdpRelay {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
-/// Sends client → server packets no faster than the cap, from a queue of at most a
-/// quarter second at that rate.
-async fn shaper(
-    mut rx: tokio::sync::mpsc::Receiver<(Arc<UdpSocket>, Vec<u8>)>,
-    server: SocketAddr,
-    rate: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
-) {
-    let mut queue: std::collections::VecDeque<(Arc<UdpSocket>, Vec<u8>)> = Default::default();
-    let mut queued = 0usize;
-    let mut next = tokio::time::Instant::now();
+/// A packet on its way: sent from `via` to `to` at its time.
+struct Packet {
+    via: Arc<UdpSocket>,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// One direction of the path: drops, delays, duplicates and (uplink) paces packets.
+async fn line(mut rx: mpsc::Receiver<Packet>, state: Arc<State>, uplink: bool) {
+    let mut heap: BinaryHeap<Reverse<(Instant, u64, usize)>> = BinaryHeap::new();
+    let mut waiting: HashMap<usize, Packet> = HashMap::new();
+    let mut n: u64 = 0;
+    let mut key: usize = 0;
+    // When the uplink's "wire" is free again.
+    let mut wire_free = Instant::now();
     loop {
-        let cap = rate.load(Ordering::SeqCst);
+        let next = heap.peek().map(|Reverse((at, _, _))| *at);
         tokio::select! {
-            p = rx.recv() => match p {
-                Some(p) => {
-                    let limit = (cap / 8 / 4).max(3000) as usize;
-                    if cap > 0 && queued + p.1.len() > limit {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        queued += p.1.len();
-                        queue.push_back(p);
-                    }
+            p = rx.recv() => {
+                let Some(p) = p else { return };
+                if state.blackout.load(Ordering::SeqCst) {
+                    state.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                None => return,
-            },
-            _ = tokio::time::sleep_until(next), if !queue.is_empty() => {
-                if let Some((up, data)) = queue.pop_front() {
-                    queued -= data.len();
-                    let _ = up.send_to(&data, server).await;
-                    let now = tokio::time::Instant::now();
-                    next = match (data.len() as u64 * 8 * 1_000_000_000).checked_div(cap) {
-                        Some(ns) => {
-                            next.max(now - std::time::Duration::from_millis(5))
-                                + std::time::Duration::from_nanos(ns)
-                        }
-                        None => now,
-                    };
+                let imp = *state.impairment.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rng = rand::rng();
+                if imp.loss > 0.0 && rng.random::<f64>() < imp.loss {
+                    state.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let now = Instant::now();
+                let mut at = now;
+                if uplink && imp.rate_bps > 0 {
+                    let start = wire_free.max(now);
+                    if start > now + Duration::from_millis(250) {
+                        // The queue is full: tail drop.
+                        state.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    wire_free = start
+                        + Duration::from_nanos(p.data.len() as u64 * 8 * 1_000_000_000 / imp.rate_bps);
+                    at = wire_free;
+                }
+                let jitter = if imp.jitter.is_zero() {
+                    0.0
+                } else {
+                    rng.random_range(-1.0..1.0) * imp.jitter.as_secs_f64()
+                };
+                let delay = (imp.delay.as_secs_f64() + jitter).max(0.0);
+                at += Duration::from_secs_f64(delay);
+                let twice = imp.duplicate > 0.0 && rng.random::<f64>() < imp.duplicate;
+                if twice {
+                    key += 1;
+                    n += 1;
+                    waiting.insert(key, Packet { via: Arc::clone(&p.via), to: p.to, data: p.data.clone() });
+                    heap.push(Reverse((at + Duration::from_millis(1), n, key)));
+                }
+                key += 1;
+                n += 1;
+                waiting.insert(key, p);
+                heap.push(Reverse((at, n, key)));
+            }
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let now = Instant::now();
+                while let Some(Reverse((at, _, k))) = heap.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    heap.pop();
+                    if let Some(p) = waiting.remove(&k) {
+                        let _ = p.via.send_to(&p.data, p.to).await;
+                    }
                 }
             }
         }
@@ -107,67 +179,54 @@ async fn shaper(
 async fn run(
     front: Arc<UdpSocket>,
     server: SocketAddr,
-    blackout: Arc<AtomicBool>,
-    dropped: Arc<AtomicU64>,
-    rate: Arc<AtomicU64>,
+    state: Arc<State>,
+    up: mpsc::Sender<Packet>,
+    down: mpsc::Sender<Packet>,
 ) {
-    let (shaped, rx) = tokio::sync::mpsc::channel(4096);
-    let shaper = tokio::spawn(shaper(rx, server, Arc::clone(&rate), Arc::clone(&dropped)));
-    let _stop = AbortOnDrop(shaper);
     // One upstream socket per client address, so the server sees distinct peers.
-    let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+    let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             return;
         };
-        if blackout.load(Ordering::SeqCst) {
-            dropped.fetch_add(1, Ordering::Relaxed);
+        if state.blackout.load(Ordering::SeqCst) {
+            state.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let up = {
-            let mut map = upstreams.lock().await;
-            match map.get(&client) {
-                Some(s) => Arc::clone(s),
-                None => {
-                    let Ok(s) = UdpSocket::bind("127.0.0.1:0").await else {
-                        continue;
-                    };
-                    let s = Arc::new(s);
-                    map.insert(client, Arc::clone(&s));
-                    // Server → client direction for this client.
-                    let (s2, front2, blackout2, dropped2) = (
-                        Arc::clone(&s),
-                        Arc::clone(&front),
-                        Arc::clone(&blackout),
-                        Arc::clone(&dropped),
-                    );
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 65_536];
-                        while let Ok((n, _)) = s2.recv_from(&mut buf).await {
-                            if blackout2.load(Ordering::SeqCst) {
-                                dropped2.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            let _ = front2.send_to(&buf[..n], client).await;
+        let via = match upstreams.get(&client) {
+            Some(s) => Arc::clone(s),
+            None => {
+                let Ok(s) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                let s = Arc::new(s);
+                upstreams.insert(client, Arc::clone(&s));
+                // Server → client for this client, through the down line.
+                let (s2, front2, down2) = (Arc::clone(&s), Arc::clone(&front), down.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok((n, _)) = s2.recv_from(&mut buf).await {
+                        let p = Packet {
+                            via: Arc::clone(&front2),
+                            to: client,
+                            data: buf[..n].to_vec(),
+                        };
+                        if down2.send(p).await.is_err() {
+                            return;
                         }
-                    });
-                    s
-                }
+                    }
+                });
+                s
             }
         };
-        if rate.load(Ordering::SeqCst) > 0 {
-            let _ = shaped.try_send((up, buf[..n].to_vec()));
-        } else {
-            let _ = up.send_to(&buf[..n], server).await;
+        let p = Packet {
+            via,
+            to: server,
+            data: buf[..n].to_vec(),
+        };
+        if up.send(p).await.is_err() {
+            return;
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -368,6 +368,10 @@ struct Backfill {
     newest_audio: u64,
     has_audio: bool,
     segmenter: Option<Segmenter>,
+    /// What closed windows left to write.
+    done: Vec<Output>,
+    /// The frames handed to the segmenters, for truthful confirmations.
+    runs: Runs,
     config: SegmenterConfig,
     last_video_us: Option<u64>,
     last_frame: Option<tokio::time::Instant>,
@@ -419,6 +423,7 @@ impl Backfill {
                     self.close();
                 }
                 self.last_video_us = Some(f.timestamp_us);
+                self.runs.add(true, f.timestamp_us, f.duration_us);
                 let seg = self
                     .segmenter
                     .get_or_insert_with(|| Segmenter::new(self.config));
@@ -428,6 +433,7 @@ impl Backfill {
                     error!(error = %e, "segmenting backfilled video");
                 }
             } else if let Some(seg) = self.segmenter.as_mut() {
+                self.runs.add(false, f.timestamp_us, f.duration_us);
                 seg.push_audio(
                     f.data.slice(f.payload_offset as usize..),
                     f.timestamp_us,
@@ -441,26 +447,27 @@ impl Backfill {
         }
     }
 
-    /// Ends the window under way: its last segment goes out.
+    /// Ends the window under way: its last segment goes out, and the next window (a
+    /// jump either way in capture time) starts a recording of its own, so media time
+    /// always follows capture time.
     fn close(&mut self) {
-        if let Some(seg) = self.segmenter.as_mut()
-            && let Err(e) = seg.flush()
-        {
-            error!(error = %e, "closing a backfilled segment");
+        if let Some(mut seg) = self.segmenter.take() {
+            if let Err(e) = seg.flush() {
+                error!(error = %e, "closing a backfilled segment");
+            }
+            while let Some(o) = seg.poll() {
+                self.done.push(o);
+            }
         }
         self.last_video_us = None;
     }
 
     fn outputs(&mut self) -> Vec<Output> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.done);
         if let Some(seg) = self.segmenter.as_mut() {
             while let Some(o) = seg.poll() {
                 out.push(o);
             }
-        }
-        if self.last_video_us.is_none() {
-            // A closed window: the next one starts a recording of its own.
-            self.segmenter = None;
         }
         out
     }
@@ -529,6 +536,8 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
         newest_audio: 0,
         has_audio: back_audio.is_some(),
         segmenter: None,
+        done: Vec::new(),
+        runs: Runs::default(),
         config,
         last_video_us: None,
         last_frame: None,
@@ -562,11 +571,13 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
             return;
         }
     };
+    let mut live_runs = Runs::default();
     info!("recording");
     loop {
         tokio::select! {
             frame = video_sub.next() => match frame {
                 Some(f) => {
+                    live_runs.add(true, f.timestamp_us, f.duration_us);
                     if let Err(e) = segmenter.push_video(f.payload(), f.timestamp_us, f.duration_us, f.is_keyframe()) {
                         error!(error = %e, "segmenting video");
                     }
@@ -574,7 +585,10 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
                 None => break,
             },
             frame = next_audio(&mut audio_sub) => match frame {
-                Some(f) => segmenter.push_audio(f.data.slice(f.payload_offset as usize..), f.timestamp_us, f.duration_us),
+                Some(f) => {
+                    live_runs.add(false, f.timestamp_us, f.duration_us);
+                    segmenter.push_audio(f.data.slice(f.payload_offset as usize..), f.timestamp_us, f.duration_us);
+                }
                 None => audio_sub = None,
             },
             frame = next_audio(&mut back_video) => match frame {
@@ -595,27 +609,15 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
             _ = stop.cancelled() => break,
         }
         while let Some(out) = segmenter.poll() {
-            write(shared, &source, &mut chain, out).await;
-        }
-        let back = backfill.outputs();
-        if !back.is_empty() {
-            chain.set_backfill(true);
-            for out in back {
-                write(shared, &source, &mut chain, out).await;
+            if let Some((from, to)) = write(shared, &source, &mut chain, out).await {
+                confirm(&source, live_runs.take(from, to));
             }
-            chain.set_backfill(false);
         }
+        write_backfill(shared, &source, &mut chain, &mut backfill).await;
     }
     // Backfill taken in is recorded before the end.
     backfill.release(true);
-    let back = backfill.outputs();
-    if !back.is_empty() {
-        chain.set_backfill(true);
-        for out in back {
-            write(shared, &source, &mut chain, out).await;
-        }
-        chain.set_backfill(false);
-    }
+    write_backfill(shared, &source, &mut chain, &mut backfill).await;
     // What is queued was received: record it, in capture order, before closing.
     let mut rest: Vec<(bool, tianwang_core::Frame)> = Vec::new();
     while let Some(Some(f)) = video_sub.next().now_or_never() {
@@ -628,6 +630,7 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
     }
     rest.sort_by_key(|(_, f)| f.timestamp_us);
     for (is_video, f) in rest {
+        live_runs.add(is_video, f.timestamp_us, f.duration_us);
         if is_video {
             if let Err(e) =
                 segmenter.push_video(f.payload(), f.timestamp_us, f.duration_us, f.is_keyframe())
@@ -642,7 +645,9 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
             );
         }
         while let Some(out) = segmenter.poll() {
-            write(shared, &source, &mut chain, out).await;
+            if let Some((from, to)) = write(shared, &source, &mut chain, out).await {
+                confirm(&source, live_runs.take(from, to));
+            }
         }
     }
     // Finish the segment under way.
@@ -650,7 +655,9 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
         error!(error = %e, "closing the last segment");
     }
     while let Some(out) = segmenter.poll() {
-        write(shared, &source, &mut chain, out).await;
+        if let Some((from, to)) = write(shared, &source, &mut chain, out).await {
+            confirm(&source, live_runs.take(from, to));
+        }
     }
     // The chain's head goes into the audit trail, so cutting rows off the end of a chain
     // (which no link would reveal) shows in `hub verify`.
@@ -661,6 +668,83 @@ async fn record(shared: &Shared, source: Source, stop: CancellationToken) {
         serde_json::json!({ "seq": chain.seq, "sha256": chain.prev }),
     );
     info!("recording stopped");
+}
+
+/// Writes what backfill has ready, as backfill rows, confirming what was written.
+async fn write_backfill(
+    shared: &Shared,
+    source: &Source,
+    chain: &mut Chain,
+    backfill: &mut Backfill,
+) {
+    let back = backfill.outputs();
+    if back.is_empty() {
+        return;
+    }
+    chain.set_backfill(true);
+    for out in back {
+        if let Some((from, to)) = write(shared, source, chain, out).await {
+            confirm(source, backfill.runs.take(from, to));
+        }
+    }
+    chain.set_backfill(false);
+}
+
+/// Tells the unit which capture times of each track its recording now holds, so its
+/// spool may let them go: only where every frame came (a group whose tail was lost, or
+/// skipped on a slow link, is not confirmed and comes again as backfill).
+fn confirm(source: &Source, (video, audio): (Windows, Windows)) {
+    if let Officer::Unit(b) = &source.officer {
+        crate::backfill::confirm(b, "video", &video);
+        crate::backfill::confirm(b, "audio", &audio);
+    }
+}
+
+/// Capture-time windows, [from, to) µs.
+type Windows = Vec<(u64, u64)>;
+
+/// Runs of frames without a missing one between them, per track: what the recorder really
+/// got, as opposed to the span a segment covers.
+#[derive(Default)]
+struct Runs {
+    video: Vec<(u64, u64)>,
+    audio: Vec<(u64, u64)>,
+}
+
+impl Runs {
+    fn add(&mut self, video: bool, ts: u64, duration: u32) {
+        let runs = if video {
+            &mut self.video
+        } else {
+            &mut self.audio
+        };
+        let end = ts + u64::from(duration.max(1));
+        // A frame that starts within half a frame of the run's end continues it.
+        let slack = u64::from(duration / 2) + 5_000;
+        match runs.last_mut() {
+            Some(last) if ts <= last.1 + slack && ts + slack >= last.0 => last.1 = last.1.max(end),
+            _ => runs.push((ts, end)),
+        }
+        // Bounded: a run list only grows with holes, and old ones are taken.
+        if runs.len() > 4096 {
+            runs.remove(0);
+        }
+    }
+
+    /// Each track's runs within [from, to) (a written segment; audio up to its end too,
+    /// as the segment holds the packets before its cut), forgetting what ends before.
+    fn take(&mut self, from: u64, to: u64) -> (Windows, Windows) {
+        let clip = |runs: &[(u64, u64)]| -> Vec<(u64, u64)> {
+            runs.iter()
+                .filter(|(s, e)| *e > from && *s < to)
+                .map(|(s, e)| ((*s).max(from), (*e).min(to)))
+                .collect()
+        };
+        let out = (clip(&self.video), clip(&self.audio));
+        self.video.retain(|(_, e)| *e > to);
+        self.audio.retain(|(_, e)| *e > to);
+        out
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -677,11 +761,22 @@ async fn next_audio(sub: &mut Option<tianwang_core::Subscription>) -> Option<tia
     }
 }
 
-async fn write(shared: &Shared, source: &Source, chain: &mut Chain, out: Output) {
+/// Writes one output; for a media segment written, returns its capture-time range.
+async fn write(
+    shared: &Shared,
+    source: &Source,
+    chain: &mut Chain,
+    out: Output,
+) -> Option<(u64, u64)> {
+    let range = match &out {
+        Output::Segment(s) => Some((s.start_us, s.end_us)),
+        Output::Init(_) => None,
+    };
     let result = match out {
         Output::Init(init) => write_init(shared, source, chain, init).await,
         Output::Segment(segment) => write_segment(shared, source, chain, segment).await,
     };
+    let written = result.is_ok();
     match result {
         Ok(()) if chain.failing => {
             chain.failing = false;
@@ -723,6 +818,7 @@ async fn write(shared: &Shared, source: &Source, chain: &mut Chain, out: Output)
             }
         }
     }
+    if written { range } else { None }
 }
 
 fn recording_id(start_us: u64) -> String {
@@ -814,10 +910,6 @@ async fn write_segment(
         chain.last_end_us = Some(segment.end_us as i64);
         let lag = (unix_us() - segment.end_us as i64).max(0) as f64 / 1e6;
         shared.metrics.recording_lag.observe(lag);
-    }
-    // Written, synced and indexed: the device's spool may let it go.
-    if let Officer::Unit(b) = &source.officer {
-        crate::backfill::confirm(b, segment.start_us, segment.end_us);
     }
     Ok(())
 }
