@@ -190,12 +190,13 @@ export class Session extends EventTarget {
     const pc = this.ensurePeer();
     try {
       await pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
-      // The hub's receive-only audio m-line is the talk line: we send on it (the track is
-      // put on while a talk is live).
-      this.talkMids = recvonlyMids(offer.sdp, "audio");
-      // Its receive-only video m-line is a video link's camera line: H.264 first, which
-      // the hub records in a form every player here plays.
-      this.linkMids = recvonlyMids(offer.sdp, "video");
+      // The lines the hub names for us to send on: its audio one is the talk line (the
+      // microphone goes on while a talk is live), its video one a video link's camera
+      // line (H.264 first, which the hub records in a form every player here plays).
+      // Other receive-only lines are idle tiles' lines, to stay receiving.
+      const send = new Set(offer.sendMids ?? []);
+      this.talkMids = midsOf(offer.sdp, "audio", send);
+      this.linkMids = midsOf(offer.sdp, "video", send);
       for (const t of pc.getTransceivers()) {
         const ours = this.talkMids.has(t.mid) || this.linkMids.has(t.mid);
         if (ours && t.direction !== "sendonly") t.direction = "sendonly";
@@ -251,14 +252,13 @@ function preferH264(transceiver) {
   }
 }
 
-/// The mids of the m-lines of `kind` an offer marks a=recvonly (the hub's talk and link
-/// lines).
-function recvonlyMids(sdp, kind) {
+/// The mids among `wanted` of the offer's m-lines of `kind`.
+function midsOf(sdp, kind, wanted) {
   const mids = new Set();
   for (const section of sdp.split(/\r?\nm=/).slice(1)) {
     if (!section.startsWith(kind)) continue;
     const mid = /\r?\na=mid:(\S+)/.exec(section)?.[1];
-    if (mid && /\r?\na=recvonly/.test(section)) mids.add(mid);
+    if (mid && wanted.has(mid)) mids.add(mid);
   }
   return mids;
 }

@@ -120,6 +120,11 @@ test("tiles added and removed on one PeerConnection leak neither tasks nor trans
   const transceivers = await page.evaluate(() => window.tianwang.session.pc.getTransceivers().length);
   // One video and one audio transceiver per tile at most at once (ten tiles), reused after.
   assert.ok(transceivers <= 20, `${transceivers} transceivers after three rounds of nine tiles`);
+  // Idle tiles' lines stay receiving, for the tiles that reuse them: only talk and link
+  // lines (none here) are sent on.
+  const sending = await page.evaluate(() => window.tianwang.session.pc.getTransceivers()
+    .filter((t) => t.direction !== "recvonly").map((t) => `${t.mid}:${t.direction}`));
+  assert.deepEqual(sending, []);
   const afterward = await waitFor("tasks back to where they were", 5000, async () => {
     const m = await demo.metrics();
     return m.tianwang_tasks_alive <= before.tianwang_tasks_alive ? m : null;

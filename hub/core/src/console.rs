@@ -427,7 +427,14 @@ impl ConsoleSession {
         }
     }
 
-    pub fn offer_created(&mut self, now: Instant, revision: u64, sdp: String) {
+    /// `send_mids`: the offer's lines the console sends on (talk, link).
+    pub fn offer_created(
+        &mut self,
+        now: Instant,
+        revision: u64,
+        sdp: String,
+        send_mids: Vec<String>,
+    ) {
         if self.negotiating.map(|(r, _)| r) != Some(revision) {
             return;
         }
@@ -437,6 +444,7 @@ impl ConsoleSession {
                 r#type: "offer".into(),
                 sdp,
                 revision,
+                send_mids,
             })));
     }
 

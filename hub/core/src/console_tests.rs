@@ -52,6 +52,7 @@ fn answer(revision: u64) -> SessionRequest {
         r#type: "answer".into(),
         sdp: "v=0".into(),
         revision,
+        send_mids: Vec::new(),
     }))
 }
 
@@ -139,7 +140,7 @@ fn a_tile_goes_live_once_its_offer_is_answered() {
     let out = drain(&mut s);
     assert_eq!(tile_states(&out), vec![("a".into(), State::Pending)]);
     assert!(out.contains(&Action::CreateOffer { revision: 1 }));
-    s.offer_created(t0, 1, "offer sdp".into());
+    s.offer_created(t0, 1, "offer sdp".into(), Vec::new());
     assert!(
         matches!(drain(&mut s)[..], [Action::Send(SessionEvent { kind: Some(Event::Offer(ref o)) })] if o.revision == 1)
     );
@@ -162,7 +163,7 @@ fn changes_during_an_offer_wait_for_its_answer_then_go_in_one_more_offer() {
     let mut s = signed_in(t0);
     s.handle_request(t0, add("a", "bwc-1"));
     s.tile_attached("a", "0", "1");
-    s.offer_created(t0, 1, "o1".into());
+    s.offer_created(t0, 1, "o1".into(), Vec::new());
     drain(&mut s);
     s.handle_request(t0, add("b", "bwc-2"));
     s.tile_attached("b", "2", "3");
@@ -179,7 +180,7 @@ fn changes_during_an_offer_wait_for_its_answer_then_go_in_one_more_offer() {
     let out = drain(&mut s);
     assert_eq!(tile_states(&out), vec![("a".into(), State::Live)]);
     assert!(out.contains(&Action::CreateOffer { revision: 2 }));
-    s.offer_created(t0, 2, "o2".into());
+    s.offer_created(t0, 2, "o2".into(), Vec::new());
     s.handle_request(t0, answer(2));
     s.answer_applied(2, Ok(()));
     let states = tile_states(&drain(&mut s));
@@ -197,7 +198,7 @@ fn a_stale_or_unasked_answer_is_an_error_and_a_missing_one_closes_the_session() 
     assert_eq!(errors(&drain(&mut s)), vec!["no offer is outstanding"]);
     s.handle_request(t0, add("a", "bwc-1"));
     s.tile_attached("a", "0", "1");
-    s.offer_created(t0, 1, "o1".into());
+    s.offer_created(t0, 1, "o1".into(), Vec::new());
     drain(&mut s);
     s.handle_request(t0, answer(7));
     assert_eq!(
@@ -216,7 +217,7 @@ fn removing_a_tile_detaches_it_and_renegotiates() {
     let mut s = signed_in(t0);
     s.handle_request(t0, add("a", "bwc-1"));
     s.tile_attached("a", "0", "1");
-    s.offer_created(t0, 1, "o1".into());
+    s.offer_created(t0, 1, "o1".into(), Vec::new());
     s.handle_request(t0, answer(1));
     s.answer_applied(1, Ok(()));
     drain(&mut s);

@@ -424,12 +424,17 @@ impl Driver {
             }
             Action::CreateOffer { revision } => {
                 let offer = match self.ensure_peer().await {
-                    Ok(peer) => peer.create_offer().await.map_err(|e| e.to_string()),
+                    Ok(peer) => match peer.create_offer().await {
+                        // Mids exist once the offer is set locally.
+                        Ok(sdp) => Ok((sdp, peer.send_mids().await)),
+                        Err(e) => Err(e.to_string()),
+                    },
                     Err(e) => Err(e),
                 };
                 match offer {
-                    Ok(sdp) => {
-                        self.session.offer_created(Instant::now(), revision, sdp);
+                    Ok((sdp, send_mids)) => {
+                        self.session
+                            .offer_created(Instant::now(), revision, sdp, send_mids);
                         self.announce_talk().await;
                     }
                     Err(e) => self.session.negotiation_failed(&e),

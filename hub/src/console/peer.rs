@@ -603,6 +603,14 @@ impl Peer {
         }
     }
 
+    /// The mids of the lines the console sends on (talk, then link), for the offer.
+    pub async fn send_mids(&self) -> Vec<String> {
+        let mut mids = Vec::with_capacity(2);
+        mids.extend(self.talk_mid().await);
+        mids.extend(self.link_mid().await);
+        mids
+    }
+
     pub async fn transceiver_count(&self) -> usize {
         self.pc.get_transceivers().await.len()
     }
