@@ -7,6 +7,14 @@
 //! above the path's minimum), or heavy loss. Some loss is what a radio link does whatever
 //! the rate: between `hold_loss` and `loss` the target holds. It never goes above the cap
 //! (the configured bitrate, or the hub's QUALITY directive) nor below the floor.
+//!
+//! Below the floor the picture gives way instead: a path still full at the floor for a few
+//! ticks steps the picture down ([`PICTURE_STEPS`]), and the floor with it (a quarter of
+//! the pixels needs about a quarter of the bits). A path calm for a while with the target
+//! well above the bigger picture's floor steps it back up. Each step is a new picture size
+//! for the encoder (a keyframe and, at the hub, a new recording), so steps are slow to
+//! come and slower to go. The frame rate is kept: dropping frames in the pipeline
+//! (`videorate`) holds every frame back by one, a delay the live picture would always pay.
 
 use std::time::Duration;
 
@@ -49,11 +57,23 @@ impl Default for RateConfig {
     }
 }
 
+/// The picture's steps below the bitrate floor, as shares of its height in %. The first is
+/// the picture as configured.
+pub const PICTURE_STEPS: [u32; 4] = [100, 75, 50, 33];
+/// Ticks full at a step's floor before the picture steps down.
+const STARVED_TICKS: u32 = 3;
+/// Calm ticks, with the target at twice the bigger picture's floor, before it steps up.
+const CALM_TICKS: u32 = 10;
+
 #[derive(Debug)]
 pub struct RateController {
     config: RateConfig,
     cap: u32,
     target: f64,
+    /// Index into [`PICTURE_STEPS`].
+    step: usize,
+    starved: u32,
+    calm: u32,
 }
 
 impl RateController {
@@ -64,11 +84,25 @@ impl RateController {
             config,
             cap,
             target: f64::from(cap),
+            step: 0,
+            starved: 0,
+            calm: 0,
         }
     }
 
     pub fn target(&self) -> u32 {
         self.target.round() as u32
+    }
+
+    /// The picture the encoder should make: its share of the configured height, in %.
+    pub fn picture(&self) -> u32 {
+        PICTURE_STEPS[self.step]
+    }
+
+    /// The bitrate floor of a picture step: the configured floor scaled by its pixels.
+    fn floor_at(&self, step: usize) -> f64 {
+        let share = f64::from(PICTURE_STEPS[step]) / 100.0;
+        f64::from(self.config.floor) * share * share
     }
 
     pub fn cap(&self) -> u32 {
@@ -91,17 +125,38 @@ impl RateController {
         queued || Self::loss(s) > self.config.loss
     }
 
-    /// One tick: the new target, kbit/s.
+    /// One tick: the new target, kbit/s (see [`RateController::picture`] for the
+    /// picture).
     pub fn tick(&mut self, s: &PathSample) -> u32 {
         let cap = f64::from(self.cap);
-        let floor = f64::from(self.config.floor);
-        self.target = if self.congested(s) {
-            (self.target * self.config.backoff).max(floor)
+        let floor = self.floor_at(self.step);
+        if self.congested(s) {
+            self.calm = 0;
+            let at_floor = self.target <= floor;
+            self.target = (self.target * self.config.backoff).max(floor);
+            if at_floor {
+                self.starved += 1;
+                if self.starved >= STARVED_TICKS && self.step + 1 < PICTURE_STEPS.len() {
+                    self.step += 1;
+                    self.starved = 0;
+                }
+            }
         } else if Self::loss(s) > self.config.hold_loss {
-            self.target
+            self.starved = 0;
+            self.calm = 0;
         } else {
-            (self.target + cap * self.config.step).min(cap)
-        };
+            self.starved = 0;
+            self.target = (self.target + cap * self.config.step).min(cap);
+            if self.step > 0 && self.target >= 2.0 * self.floor_at(self.step - 1) {
+                self.calm += 1;
+                if self.calm >= CALM_TICKS {
+                    self.step -= 1;
+                    self.calm = 0;
+                }
+            } else {
+                self.calm = 0;
+            }
+        }
         self.target()
     }
 }
@@ -156,7 +211,8 @@ mod tests {
         for _ in 0..100 {
             c.tick(&full());
         }
-        assert_eq!(c.target(), 150);
+        // The smallest picture's floor.
+        assert_eq!(c.target(), 16);
         c.set_cap(400);
         for _ in 0..100 {
             c.tick(&calm());
@@ -164,6 +220,50 @@ mod tests {
         assert_eq!(c.target(), 400);
         c.set_cap(50);
         assert_eq!(c.target(), 150);
+    }
+
+    #[test]
+    fn a_path_too_narrow_for_the_floor_shrinks_the_picture_and_a_wide_one_restores_it() {
+        let mut c = RateController::new(RateConfig::default(), 1000);
+        let mut pictures = vec![c.picture()];
+        for _ in 0..60 {
+            c.tick(&full());
+            if pictures.last() != Some(&c.picture()) {
+                pictures.push(c.picture());
+            }
+        }
+        // Down every step, one at a time, to the smallest and its floor (150 kbit/s at a
+        // ninth of the pixels).
+        assert_eq!(pictures, PICTURE_STEPS.to_vec());
+        assert_eq!(c.target(), 16);
+        // A path that is only briefly calm does not step up (each step is a keyframe and a
+        // new recording).
+        for _ in 0..3 {
+            c.tick(&calm());
+        }
+        c.tick(&full());
+        assert_eq!(c.picture(), 33);
+        // A path calm for long climbs back, step by step, to the full picture and the cap.
+        let mut ticks = 0;
+        while c.picture() != 100 || c.target() < 1000 {
+            c.tick(&calm());
+            ticks += 1;
+            assert!(ticks < 100, "stuck at {:?} {}", c.picture(), c.target());
+        }
+    }
+
+    #[test]
+    fn a_path_at_the_floor_but_not_below_keeps_the_picture() {
+        let mut c = RateController::new(RateConfig::default(), 1000);
+        // Full until the floor, then calm/full in turn: the target hovers over the floor.
+        for i in 0..60 {
+            if c.target() > 200 || i % 2 == 0 {
+                c.tick(&full());
+            } else {
+                c.tick(&calm());
+            }
+        }
+        assert_eq!(c.picture(), 100);
     }
 
     #[test]

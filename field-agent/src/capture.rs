@@ -237,8 +237,10 @@ pub struct EncoderControl {
     encoder: gst::glib::WeakRef<gst::Element>,
     picture: gst::glib::WeakRef<gst::Element>,
     capture: (u32, u32),
-    /// bitrate kbit/s, width, height
+    /// bitrate kbit/s, width, height: as configured or directed (QUALITY)
     current: Mutex<(u32, u32, u32)>,
+    /// Adaptive bitrate's share of that height, in %, below its bitrate floor.
+    shrink: std::sync::atomic::AtomicU32,
 }
 
 impl EncoderControl {
@@ -258,7 +260,25 @@ impl EncoderControl {
             picture: picture.downgrade(),
             capture: (settings.width, settings.height),
             current: Mutex::new((settings.bitrate, settings.width, settings.height)),
+            shrink: std::sync::atomic::AtomicU32::new(100),
         })
+    }
+
+    /// The size the encoder makes: the directed one, shrunk by adaptive bitrate.
+    fn effective(&self, (w, h): (u32, u32)) -> (u32, u32) {
+        match self.shrink.load(std::sync::atomic::Ordering::Relaxed) {
+            100.. => (w, h),
+            percent => scaled_size(self.capture, h * percent / 100).0,
+        }
+    }
+
+    fn set_size(picture: &gst::Element, (w, h): (u32, u32)) {
+        let caps = gst::Caps::builder("video/x-raw")
+            .field("width", w as i32)
+            .field("height", h as i32)
+            .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+            .build();
+        picture.set_property("caps", caps);
     }
 
     /// bitrate kbit/s, width, height, as last set.
@@ -280,12 +300,7 @@ impl EncoderControl {
         };
         encoder.set_property("bitrate", bitrate);
         if (w, h) != (old_w, old_h) {
-            let caps = gst::Caps::builder("video/x-raw")
-                .field("width", w as i32)
-                .field("height", h as i32)
-                .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
-                .build();
-            picture.set_property("caps", caps);
+            Self::set_size(&picture, self.effective((w, h)));
         }
         *current = (bitrate, w, h);
         let size = match (height, (w, h) == (old_w, old_h)) {
@@ -318,6 +333,22 @@ impl crate::broadcast::RateControl for EncoderControl {
     fn steer(&self, kbps: u32) {
         if let Some(encoder) = self.encoder.upgrade() {
             encoder.set_property("bitrate", kbps.min(self.cap()));
+        }
+    }
+
+    fn picture(&self, percent: u32) {
+        let Some(picture) = self.picture.upgrade() else {
+            return;
+        };
+        // Under the lock of the directed size, so a QUALITY directive and a step do not
+        // cross.
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.effective((current.1, current.2));
+        self.shrink
+            .store(percent, std::sync::atomic::Ordering::Relaxed);
+        let after = self.effective((current.1, current.2));
+        if after != before {
+            Self::set_size(&picture, after);
         }
     }
 }

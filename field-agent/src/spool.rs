@@ -517,11 +517,16 @@ impl Spool {
 
     /// Whether undelivered groups lie before what the hub has confirmed (missed live: the
     /// hub should hear of them).
-    pub fn has_missed(&self) -> bool {
+    /// Whether the hub should hear from the spool: groups it missed, or groups refused
+    /// since the last report (the spool is full of unrecorded evidence: an alarm there).
+    pub fn has_news(&self) -> bool {
         let s = lock(&self.state);
-        s.entries.iter().any(|(k, e)| {
-            !e.delivered && e.end_us + JOIN_US < s.recorded_until && !s.in_flight.contains_key(k)
-        })
+        s.refused_unreported > 0
+            || s.entries.iter().any(|(k, e)| {
+                !e.delivered
+                    && e.end_us + JOIN_US < s.recorded_until
+                    && !s.in_flight.contains_key(k)
+            })
     }
 
     pub fn recorded_until(&self) -> u64 {

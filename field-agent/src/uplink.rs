@@ -89,6 +89,8 @@ pub enum UplinkError {
 #[derive(Debug, Default)]
 pub struct UplinkStats {
     pub connects: AtomicU64,
+    /// Connections whose hello went in 0-RTT data and was taken (a resumed session).
+    pub early_hellos: AtomicU64,
     pub frames_sent: AtomicU64,
     pub telemetry_sent: AtomicU64,
     pub talkback: Arc<TalkbackStats>,
@@ -252,14 +254,6 @@ async fn session(
             ep
         }
     };
-    let conn = tianwang_transport::endpoint::connect_staggered(
-        &ep,
-        &config.hub,
-        CONNECT_EVERY,
-        CONNECT_WITHIN,
-    )
-    .await
-    .map_err(|e| SessionEnd::Retry(e.to_string()))?;
     let hello = Hello {
         role: v1::Role::Publisher as i32,
         unit_id: broadcast.unit.clone(),
@@ -267,10 +261,25 @@ async fn session(
         device: Some(config.device.clone()),
         ..Default::default()
     };
-    let mut control = match client::hello(&conn, hello, Duration::from_secs(10)).await {
-        Ok((control, _welcome)) => control,
-        Err(e) => return Err(classify(e, &conn).await),
-    };
+    let tianwang_transport::endpoint::Connected {
+        conn,
+        mut control,
+        early,
+    } = tianwang_transport::endpoint::connect_staggered(
+        &ep,
+        &config.hub,
+        CONNECT_EVERY,
+        CONNECT_WITHIN,
+        &hello,
+    )
+    .await
+    .map_err(|e| SessionEnd::Retry(e.to_string()))?;
+    if let Err(e) = client::welcome(&mut control, Duration::from_secs(10)).await {
+        return Err(classify(e, &conn).await);
+    }
+    if early {
+        stats.early_hellos.fetch_add(1, Ordering::Relaxed);
+    }
     let announce = ControlMessage::new(Kind::Announce(Announce {
         tracks: broadcast.infos(),
     }));
@@ -296,7 +305,7 @@ async fn session(
         }
     }
     stats.connects.fetch_add(1, Ordering::Relaxed);
-    info!(hub = %config.hub, "connected");
+    info!(hub = %config.hub, early, "connected");
 
     let mut senders = JoinSet::new();
     let priority = Priority::default();
@@ -369,11 +378,18 @@ async fn session(
                 if let (Some(c), Some(r)) = (rate.as_mut(), broadcast.rate_control()) {
                     let sample = path.sample(&conn);
                     c.set_cap(r.cap());
-                    let before = c.target();
+                    let (before, picture_before) = (c.target(), c.picture());
                     let target = c.tick(&sample);
+                    let lost = sample.lost_packets as f64 / sample.sent_packets.max(1) as f64;
+                    if c.picture() != picture_before {
+                        // The smaller picture first, then the floor it allows.
+                        r.picture(c.picture());
+                        info!(kbps = target, rtt_ms = sample.rtt.as_millis() as u64,
+                            loss_pct = format!("{:.1}", lost * 100.0),
+                            "adaptive bitrate: picture at {} % of its height", c.picture());
+                    }
                     if target != before {
                         r.steer(target);
-                        let lost = sample.lost_packets as f64 / sample.sent_packets.max(1) as f64;
                         info!(kbps = target, cap = c.cap(), rtt_ms = sample.rtt.as_millis() as u64,
                             loss_pct = format!("{:.1}", lost * 100.0), "adaptive bitrate: {target} kbit/s");
                     }
@@ -386,11 +402,12 @@ async fn session(
             }
             _ = missed.tick() => {
                 // Groups the hub has not recorded though it recorded later ones (the link
-                // lost them live, a hub restart): the hub hears of them again.
-                if let Some(spool) = broadcast.spool().filter(|s| s.has_missed()) {
+                // lost them live, a hub restart): the hub hears of them again; and of
+                // groups a full spool could not keep, at once.
+                if let Some(spool) = broadcast.spool().filter(|s| s.has_news()) {
                     use futures::SinkExt;
                     let holdings = spool.holdings(Some(spool.recorded_until()));
-                    if !holdings.ranges.is_empty()
+                    if (!holdings.ranges.is_empty() || holdings.refused_groups > 0)
                         && let Err(e) = tx.send(ControlMessage::new(Kind::Holdings(holdings))).await
                     {
                         break Err(classify(e, &conn).await);

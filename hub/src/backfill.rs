@@ -38,6 +38,10 @@ pub fn holdings(
         return Err(HoldingsError::TooMany(h.ranges.len()));
     }
     let unit = broadcast.unit_id.clone();
+    // The alarm rule `spool_full` raises on refusals and clears on a report without.
+    let field = hub.field.clone();
+    let (who, refused) = (unit.clone(), h.refused_groups);
+    tokio::spawn(async move { field.spool(&who, refused).await });
     if h.refused_groups > 0 {
         warn!(
             refused = h.refused_groups,

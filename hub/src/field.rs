@@ -131,7 +131,7 @@ pub fn accept(
 /// The hub's handle on the field task.
 #[derive(Clone, Debug)]
 pub struct Field {
-    tx: mpsc::Sender<(String, v1::Telemetry, u64)>,
+    tx: mpsc::Sender<Input>,
     /// Every alarm raised, settled or escalated here (the uplink tells the parent).
     alarm_changes: tokio::sync::broadcast::Sender<AlarmRow>,
     /// Every telemetry point taken, for the consoles' maps.
@@ -163,7 +163,7 @@ impl Field {
         }
         if self
             .tx
-            .try_send((unit.to_string(), t, received_us))
+            .try_send(Input::Telemetry(unit.to_string(), t, received_us))
             .is_err()
         {
             metrics
@@ -172,6 +172,29 @@ impl Field {
                 .inc();
         }
     }
+
+    /// A unit's spool report: groups it could not keep since its last one.
+    pub async fn spool(&self, unit: &str, refused_groups: u64) {
+        // Rare and grave: waits for room rather than losing the alarm.
+        let _ = self
+            .tx
+            .send(Input::Spool {
+                unit: unit.to_string(),
+                refused_groups,
+            })
+            .await;
+    }
+}
+
+/// What the field task is told.
+#[derive(Debug)]
+enum Input {
+    /// A validated telemetry point and when it was received (µs).
+    Telemetry(String, v1::Telemetry, u64),
+    Spool {
+        unit: String,
+        refused_groups: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize)]
@@ -485,7 +508,7 @@ pub fn start(task: FieldTask) -> (Field, tokio::task::JoinHandle<()>) {
     (field, tokio::spawn(run(task, rx)))
 }
 
-async fn run(t: FieldTask, mut rx: mpsc::Receiver<(String, v1::Telemetry, u64)>) {
+async fn run(t: FieldTask, mut rx: mpsc::Receiver<Input>) {
     let mut engine = AlarmEngine::new(t.config.clone());
     let mut changes = t.units.changes();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -505,12 +528,19 @@ async fn run(t: FieldTask, mut rx: mpsc::Receiver<(String, v1::Telemetry, u64)>)
     loop {
         tokio::select! {
             msg = rx.recv() => {
-                let Some((unit, p, received)) = msg else { break };
-                let bound = binding.get(&unit).cloned();
-                batch.push(row(&unit, &p, received, bound));
-                engine.handle(now(), Event::Telemetry(unit, core_telemetry(&p)));
-                if batch.len() >= 1000 {
-                    flush(&t, &mut batch).await;
+                match msg {
+                    None => break,
+                    Some(Input::Telemetry(unit, p, received)) => {
+                        let bound = binding.get(&unit).cloned();
+                        batch.push(row(&unit, &p, received, bound));
+                        engine.handle(now(), Event::Telemetry(unit, core_telemetry(&p)));
+                        if batch.len() >= 1000 {
+                            flush(&t, &mut batch).await;
+                        }
+                    }
+                    Some(Input::Spool { unit, refused_groups }) => {
+                        engine.handle(now(), Event::Spool { unit, refused_groups });
+                    }
                 }
             }
             change = changes.recv() => match change {

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub forward_latency: Histogram,
     pub sessions: IntCounterVec,
     pub sessions_closed: IntCounterVec,
+    /// Hellos read before the handshake ended (0-RTT data of a resuming client).
+    pub early_hellos: IntCounter,
     pub telemetry: IntCounter,
     pub console_sessions: IntGauge,
     pub webrtc_peers: IntGauge,
@@ -215,6 +217,10 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let early_hellos = IntCounter::new(
+            "tianwang_quic_early_hellos_total",
+            "Hellos read before their connection's handshake ended: clients that resumed a session said hello in 0-RTT data and were welcomed a round trip sooner",
+        )?;
         let telemetry = IntCounter::new(
             "tianwang_telemetry_total",
             "Telemetry messages received from units",
@@ -333,6 +339,7 @@ impl Metrics {
         registry.register(Box::new(forward_latency.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(sessions_closed.clone()))?;
+        registry.register(Box::new(early_hellos.clone()))?;
         registry.register(Box::new(telemetry.clone()))?;
         let cascade_pulls = IntGauge::new(
             "tianwang_cascade_pulls",
@@ -377,6 +384,7 @@ impl Metrics {
             forward_latency,
             sessions,
             sessions_closed,
+            early_hellos,
             telemetry,
             console_sessions,
             webrtc_peers,

@@ -193,7 +193,16 @@ pub async fn serve(hub: Arc<HubContext>, endpoint: quinn::Endpoint) {
 
 async fn handle(hub: Arc<HubContext>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    // 0.5-RTT: a resuming client's hello (0-RTT data, single-use tickets) is read and
+    // welcomed before its handshake completes; `handshake` says when it has.
+    let accepted = match incoming.accept() {
+        Ok(connecting) => match connecting.into_0rtt() {
+            Ok((conn, handshake)) => Ok((conn, Some(handshake))),
+            Err(connecting) => connecting.await.map(|c| (c, None)),
+        },
+        Err(e) => Err(e),
+    };
+    let (conn, handshake) = match accepted {
         Ok(c) => c,
         Err(e) => {
             debug!(%remote, error = %e, "handshake failed");
@@ -206,7 +215,9 @@ async fn handle(hub: Arc<HubContext>, incoming: quinn::Incoming) {
     };
     let id = hub.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("session", id, %remote);
-    let result = run(&hub, &conn, id).instrument(span.clone()).await;
+    let result = run(&hub, &conn, id, handshake)
+        .instrument(span.clone())
+        .await;
     let _enter = span.enter();
     match result {
         Ok(()) => debug!("session ended"),
@@ -225,7 +236,12 @@ async fn handle(hub: Arc<HubContext>, incoming: quinn::Incoming) {
     }
 }
 
-async fn run(hub: &Arc<HubContext>, conn: &quinn::Connection, id: u64) -> Result<(), SessionError> {
+async fn run(
+    hub: &Arc<HubContext>,
+    conn: &quinn::Connection,
+    id: u64,
+    handshake: Option<quinn::ZeroRttAccepted>,
+) -> Result<(), SessionError> {
     let timeout = hub.config.quic.hello_timeout;
     let mut control = tokio::time::timeout(timeout, Control::accept(conn))
         .await
@@ -241,7 +257,11 @@ async fn run(hub: &Arc<HubContext>, conn: &quinn::Connection, id: u64) -> Result
             first.kind_name()
         )));
     };
-    debug!(hello = ?RedactedHello(&hello), "hello");
+    let early = control.is_0rtt();
+    debug!(hello = ?RedactedHello(&hello), early, "hello");
+    if early {
+        hub.metrics.early_hellos.inc();
+    }
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(SessionError::protocol(format!(
             "protocol version {} is not supported (this hub speaks {PROTOCOL_VERSION})",
@@ -255,6 +275,11 @@ async fn run(hub: &Arc<HubContext>, conn: &quinn::Connection, id: u64) -> Result
         court: Some(hub.cascade.own().clone()),
     }));
     if hello.role() == WireRole::Hub {
+        // A child hub is known by its client certificate, which only a completed
+        // handshake proves.
+        if let Some(handshake) = handshake {
+            handshake.await;
+        }
         let court = child_hub(hub, conn, &hello)?;
         hub.metrics.sessions.with_label_values(&["hub"]).inc();
         control.send(welcome).await?;

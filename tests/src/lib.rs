@@ -240,6 +240,21 @@ impl Hub {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// GET `path` of the hub's HTTP API with a bearer token: the JSON of a 200.
+    pub async fn get_json(&self, path: &str, token: &str) -> anyhow::Result<serde_json::Value> {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.http))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = r.status();
+        let text = r.text().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
 }
 
 impl Drop for Hub {

@@ -1,7 +1,9 @@
 //! An impairing UDP relay between a client (a unit) and a server (a hub), controllable from
 //! tests: blackouts (packets in both directions dropped, as in a tunnel), loss, delay,
-//! jitter (which reorders), duplication, and a rate cap on the uplink (paced from a queue of
-//! a quarter second at the rate, tail drop past it, like a narrow mobile uplink).
+//! jitter (which reorders), duplication, a rate cap on the uplink (paced from a queue of
+//! a quarter second at the rate, tail drop past it, like a narrow mobile uplink), and a
+//! network change (the client's packets reach the server from a new address, as after a
+//! NAT rebinding or a move from Wi-Fi to mobile).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -32,6 +34,8 @@ pub struct Impairment {
 
 struct State {
     blackout: AtomicBool,
+    /// Bumped by a network change: upstream sockets of older generations are dropped.
+    generation: AtomicU64,
     impairment: Mutex<Impairment>,
     dropped: Arc<AtomicU64>,
 }
@@ -50,6 +54,7 @@ impl UdpRelay {
         let dropped = Arc::new(AtomicU64::new(0));
         let state = Arc::new(State {
             blackout: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             impairment: Mutex::new(Impairment::default()),
             dropped: Arc::clone(&dropped),
         });
@@ -75,6 +80,12 @@ impl UdpRelay {
     /// Caps the client → server direction at `bits_per_second` (None: no cap).
     pub fn set_rate(&self, bits_per_second: Option<u64>) {
         self.impair(|i| i.rate_bps = bits_per_second.unwrap_or(0));
+    }
+
+    /// A network change: from now on the client's packets leave from a new source address,
+    /// and what the server sends to the old one is lost.
+    pub fn change_network(&self) {
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn set_impairment(&self, impairment: Impairment) {
@@ -185,6 +196,7 @@ async fn run(
 ) {
     // One upstream socket per client address, so the server sees distinct peers.
     let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut generation = 0;
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
@@ -193,6 +205,11 @@ async fn run(
         if state.blackout.load(Ordering::SeqCst) {
             state.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
+        }
+        let now = state.generation.load(Ordering::SeqCst);
+        if now != generation {
+            generation = now;
+            upstreams.clear();
         }
         let via = match upstreams.get(&client) {
             Some(s) => Arc::clone(s),
@@ -204,9 +221,14 @@ async fn run(
                 upstreams.insert(client, Arc::clone(&s));
                 // Server → client for this client, through the down line.
                 let (s2, front2, down2) = (Arc::clone(&s), Arc::clone(&front), down.clone());
+                let state2 = Arc::clone(&state);
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_536];
                     while let Ok((n, _)) = s2.recv_from(&mut buf).await {
+                        if state2.generation.load(Ordering::SeqCst) != generation {
+                            // The old address: gone with the network change.
+                            return;
+                        }
                         let p = Packet {
                             via: Arc::clone(&front2),
                             to: client,

@@ -93,3 +93,110 @@ async fn the_encoder_follows_a_narrowing_and_widening_path() -> anyhow::Result<(
     assert_eq!(hub.metrics().await?.get("tianwang_units_online"), 1.0);
     Ok(())
 }
+
+/// The heights the agent stepped its picture to, in %, in order.
+fn pictures(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| l.split("picture at ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Width and height of an H.264 elementary stream, by ffprobe.
+fn probe_size(annexb: &[u8], dir: &std::path::Path) -> anyhow::Result<(u64, u64)> {
+    let file = dir.join("picture.h264");
+    std::fs::write(&file, annexb)?;
+    let out = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=width,height", "-of", "json"])
+        .arg(&file)
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let s = &v["streams"][0];
+    Ok((
+        s["width"].as_u64().unwrap_or(0),
+        s["height"].as_u64().unwrap_or(0),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_narrower_than_the_floor_shrinks_the_picture_and_a_wide_one_restores_it()
+-> anyhow::Result<()> {
+    const UNIT: &str = "bwc-041";
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(tmp.path(), None).await?;
+    let relay = UdpRelay::start(hub.quic).await?;
+    let agent = Agent::start(
+        &relay.addr.to_string(),
+        &hub.ca(),
+        UNIT,
+        &hub.token("device", UNIT),
+        tmp.path(),
+        &["--keyframe-interval", "1", "--bitrate", "1000"],
+    )?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 1.0
+    })
+    .await?;
+    let viewer = hub.token("viewer", "alice");
+    let mut s = Subscriber::connect(hub.quic, &hub.trust(), &viewer, &Default::default()).await?;
+    let (sub, mut rx) = s.subscribe(UNIT, 4096).await?;
+    let video = track_id(&sub, tianwang_proto::v1::TrackKind::Video);
+
+    // 100 kbit/s: less than the 150 kbit/s floor of the full picture plus the sound.
+    relay.set_rate(Some(100_000));
+    let start = Instant::now();
+    loop {
+        let steps = pictures(&agent.log());
+        if steps.last().is_some_and(|&p| p <= 50) {
+            println!(
+                "100 kbit/s: picture steps {steps:?} in {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(40),
+            "picture steps {steps:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The hub relays the smaller picture: a group from a keyframe on, as ffprobe sees it.
+    // (What the viewer's queue held from before is passed over.)
+    let shrunk_at = std::time::Instant::now();
+    let mut annexb = Vec::new();
+    let mut taken = 0;
+    while taken < 15 {
+        let f = collect(&mut rx, video, 1, Duration::from_secs(20))
+            .await?
+            .remove(0);
+        if f.received_at > shrunk_at && (taken > 0 || f.index == 0) {
+            annexb.extend_from_slice(f.frame.payload());
+            taken += 1;
+        }
+    }
+    let (w, h) = probe_size(&annexb, tmp.path())?;
+    assert!(h > 0 && h <= 240, "the viewer's picture is {w}x{h}");
+
+    relay.set_rate(None);
+    let start = Instant::now();
+    loop {
+        if pictures(&agent.log()).last() == Some(&100) {
+            println!(
+                "cap lifted: full picture again after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(90),
+            "picture steps {:?}\n{}",
+            pictures(&agent.log()),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(hub.metrics().await?.get("tianwang_units_online"), 1.0);
+    Ok(())
+}

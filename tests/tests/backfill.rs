@@ -319,6 +319,28 @@ async fn a_full_spool_raises_its_alarm_and_reports_only_what_was_delivered() -> 
     .await
     .map_err(|e| anyhow::anyhow!("{e}\nagent:\n{}", agent.log()))?;
     assert!(agent.log().contains("spool full"), "{}", agent.log());
+    // The command centre is warned: a critical alarm, listed with what the rule saw.
+    hub.wait_metric(
+        "tianwang_alarms_raised_total{rule=\"spool_full\"}",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )
+    .await?;
+    let alarms = hub
+        .get_json("/api/alarms?state=raised", &hub.token("commander", "zhou"))
+        .await?;
+    let alarm = alarms["alarms"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["rule"] == "spool_full"))
+        .ok_or_else(|| anyhow::anyhow!("no spool_full alarm listed: {alarms}"))?;
+    assert_eq!(alarm["severity"], "critical");
+    assert_eq!(alarm["unit"], UNIT);
+    assert!(
+        alarm["evidence"]
+            .as_str()
+            .is_some_and(|e| e.contains("groups not kept")),
+        "{alarm}"
+    );
     tokio::time::sleep(Duration::from_secs(8)).await;
     // Every group the spool let go as delivered lies within the hub's recording.
     let rows = media_rows(&hub, UNIT).await?;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tianwang_proto::v1::TrackKind;
-use tianwang_tests::relay::UdpRelay;
+use tianwang_tests::relay::{Impairment, UdpRelay};
 use tianwang_tests::*;
 use tianwang_transport::Limits;
 
@@ -80,6 +80,96 @@ async fn a_unit_whose_link_drops_reconnects_and_its_viewer_carries_on() -> anyho
     assert_eq!(frames[0].index, 0, "resumes at a keyframe");
     assert!(is_idr_with_parameter_sets(frames[0].frame.payload()));
     assert_whole_groups(&frames);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_change_keeps_the_session_and_a_reconnect_says_hello_in_0rtt()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let hub = Hub::start(tmp.path(), Some("[quic]\nidle_timeout = \"3s\"\n")).await?;
+    let relay = UdpRelay::start(hub.quic).await?;
+    // A 60 ms round trip, so an early hello is plainly read before the handshake ends.
+    relay.set_impairment(Impairment {
+        delay: Duration::from_millis(30),
+        ..Default::default()
+    });
+    let token = hub.token("device", UNIT);
+    let agent = Agent::start(
+        &relay.addr.to_string(),
+        &hub.ca(),
+        UNIT,
+        &token,
+        tmp.path(),
+        &["--keyframe-interval", "1"],
+    )?;
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 1.0
+    })
+    .await?;
+    let viewer = hub.token("viewer", "alice");
+    let mut s = Subscriber::connect(hub.quic, &hub.trust(), &viewer, &Limits::default()).await?;
+    let (sub, mut rx) = s.subscribe(UNIT, 1024).await?;
+    let video = track_id(&sub, TrackKind::Video);
+    collect(&mut rx, video, 30, Duration::from_secs(10)).await?;
+
+    // The unit's packets now come from another address: QUIC migrates the connection.
+    relay.change_network();
+    let changed_at = std::time::Instant::now();
+    let mut frames = collect(&mut rx, video, 90, Duration::from_secs(15)).await?;
+    frames.retain(|f| f.received_at > changed_at);
+    assert!(
+        frames.len() >= 60,
+        "{} frames after the change",
+        frames.len()
+    );
+    let m = hub.metrics().await?;
+    assert_eq!(
+        m.get("tianwang_sessions_total{role=\"publisher\"}"),
+        1.0,
+        "the same session carried on\n{}",
+        agent.log()
+    );
+    assert_eq!(m.get("tianwang_units_online"), 1.0);
+    assert!(!agent.log().contains("uplink down"), "{}", agent.log());
+    // Its first hello was a full handshake's.
+    assert_eq!(m.get("tianwang_quic_early_hellos_total"), 0.0);
+
+    // An outage the hub gives the session up over: the agent comes back with the session
+    // ticket of its first connection, its hello in the first packets.
+    relay.set_blackout(true);
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(20), |v| {
+        v == 0.0
+    })
+    .await?;
+    relay.set_blackout(false);
+    hub.wait_metric("tianwang_units_online", Duration::from_secs(30), |v| {
+        v == 1.0
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nagent:\n{}", agent.log()))?;
+    let m = hub.metrics().await?;
+    assert_eq!(m.get("tianwang_sessions_total{role=\"publisher\"}"), 2.0);
+    // The hub took the early data (the agent learns it from TLS at the handshake's end);
+    // whether the hub also read the hello before that end depends on its scheduling.
+    assert!(
+        agent.log().contains("early=true"),
+        "the reconnect said hello in 0-RTT\nagent:\n{}",
+        agent.log()
+    );
+    println!(
+        "hellos read before the handshake ended: {}",
+        m.get("tianwang_quic_early_hellos_total")
+    );
+    // And it carries media again.
+    let restored_at = std::time::Instant::now();
+    let mut frames = collect(&mut rx, video, 200, Duration::from_secs(20)).await?;
+    frames.retain(|f| f.received_at > restored_at);
+    assert!(
+        frames.len() >= 30,
+        "{} frames after the reconnect",
+        frames.len()
+    );
     Ok(())
 }
 

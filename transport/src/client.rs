@@ -17,19 +17,35 @@ use crate::group::{GroupError, GroupReader};
 /// Opens the control stream and says hello; returns the hub's Welcome.
 pub async fn hello(
     conn: &quinn::Connection,
-    mut hello: Hello,
+    hello: Hello,
     timeout: Duration,
 ) -> Result<(Control, Welcome), ControlError> {
+    let mut control = send_hello(conn, hello).await?;
+    let welcome = welcome(&mut control, timeout).await?;
+    Ok((control, welcome))
+}
+
+/// Opens the control stream and sends a hello, without waiting for the answer (on a 0-RTT
+/// connection it goes with the first packets).
+pub async fn send_hello(
+    conn: &quinn::Connection,
+    mut hello: Hello,
+) -> Result<Control, ControlError> {
     hello.protocol_version = PROTOCOL_VERSION;
     let mut control = Control::open(conn).await?;
     control
         .send(ControlMessage::new(Kind::Hello(hello)))
         .await?;
+    Ok(control)
+}
+
+/// The hub's answer to a hello.
+pub async fn welcome(control: &mut Control, timeout: Duration) -> Result<Welcome, ControlError> {
     let answer = tokio::time::timeout(timeout, control.recv())
         .await
         .map_err(|_| ControlError::Timeout("welcome"))??;
     match answer.kind {
-        Some(Kind::Welcome(w)) => Ok((control, w)),
+        Some(Kind::Welcome(w)) => Ok(w),
         _ => Err(ControlError::Unexpected {
             expected: "welcome",
             got: answer.kind_name(),

@@ -107,6 +107,12 @@ impl Control {
         Ok(Self::new(send, recv))
     }
 
+    /// Whether the peer opened this stream in 0-RTT data (replayable but for the
+    /// single-use tickets the hub keeps; see `tls`).
+    pub fn is_0rtt(&self) -> bool {
+        self.rx.get_ref().is_0rtt()
+    }
+
     pub async fn send(&mut self, msg: ControlMessage) -> Result<(), ControlError> {
         self.tx.send(msg).await
     }

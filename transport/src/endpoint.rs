@@ -55,9 +55,19 @@ impl Limits {
         if let Some(rtt) = self.initial_rtt {
             t.initial_rtt(rtt);
         }
+        // Mobile paths reorder (per-packet jitter of tens of ms is 10+ packets at a few
+        // Mbit/s). quinn takes three packets or 9/8 of an RTT out of order for a loss and
+        // halves its window on it, so a reordering path was read as a lossy one and live
+        // video starved. Wider thresholds delay a real loss's repair by a fraction of an RTT.
+        t.packet_threshold(REORDER_PACKETS);
+        t.time_threshold(REORDER_RTT_FACTOR);
         Arc::new(t)
     }
 }
+
+/// Packets, and RTTs, a packet may lag behind later ones before it counts as lost.
+const REORDER_PACKETS: u32 = 16;
+const REORDER_RTT_FACTOR: f32 = 1.5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -82,6 +92,12 @@ pub enum EndpointError {
         addr: String,
         #[source]
         source: quinn::ConnectError,
+    },
+    #[error("saying hello to {addr}: {source}")]
+    Hello {
+        addr: String,
+        #[source]
+        source: crate::ControlError,
     },
     #[error("connecting to {addr}: {source}")]
     Handshake {
@@ -148,18 +164,33 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, EndpointError> {
         })
 }
 
-/// Connects to `host:port`; the host part is the TLS server name.
-/// Connects over a link that may be down: a fresh attempt starts every `every` while the
-/// earlier ones are still waiting for an answer, so a link that comes back is used within
-/// `every` rather than at the oldest attempt's next (backed-off) retransmission. The first
-/// connection made wins; a refusal other than a timeout ends it at once; after `within`
-/// no new attempt starts.
+/// A connection made by [`connect_staggered`], with the control stream its hello went on.
+pub struct Connected {
+    pub conn: quinn::Connection,
+    pub control: crate::Control,
+    /// The hello went in 0-RTT data with the first packets, and the hub took it: the
+    /// Welcome is on its way a round trip sooner than after a full handshake.
+    pub early: bool,
+}
+
+/// Connects over a link that may be down, and says `hello`: a fresh attempt starts every
+/// `every` while the earlier ones are still waiting for an answer, so a link that comes
+/// back is used within `every` rather than at the oldest attempt's next (backed-off)
+/// retransmission. The first connection made wins; a refusal other than a timeout ends it
+/// at once; after `within` no new attempt starts.
+///
+/// An attempt that holds a session ticket from an earlier connection to this hub sends the
+/// hello in 0-RTT data, before the handshake completes; one the hub does not take (its
+/// tickets are gone after a restart) says hello again once the handshake is done. Tickets
+/// are single-use on both sides, so a long outage spends them and later attempts go
+/// without (a full handshake, as before).
 pub async fn connect_staggered(
     endpoint: &Endpoint,
     addr: &str,
     every: Duration,
     within: Duration,
-) -> Result<quinn::Connection, EndpointError> {
+    hello: &tianwang_proto::v1::Hello,
+) -> Result<Connected, EndpointError> {
     use futures::StreamExt;
     let mut attempts = futures::stream::FuturesUnordered::new();
     let deadline = tokio::time::Instant::now() + within;
@@ -174,9 +205,9 @@ pub async fn connect_staggered(
             }));
         }
         tokio::select! {
-            _ = tick.tick(), if open => attempts.push(connect(endpoint, addr)),
+            _ = tick.tick(), if open => attempts.push(attempt(endpoint, addr, hello.clone())),
             Some(result) = attempts.next(), if !attempts.is_empty() => match result {
-                Ok(conn) => return Ok(conn),
+                Ok(c) => return Ok(c),
                 Err(e @ EndpointError::Handshake { source: quinn::ConnectionError::TimedOut, .. }) => {
                     last = Some(e);
                 }
@@ -187,20 +218,75 @@ pub async fn connect_staggered(
     }
 }
 
-pub async fn connect(endpoint: &Endpoint, addr: &str) -> Result<quinn::Connection, EndpointError> {
+/// One connection attempt of [`connect_staggered`]: done when the handshake is and the
+/// hello is sent.
+async fn attempt(
+    endpoint: &Endpoint,
+    addr: &str,
+    hello: tianwang_proto::v1::Hello,
+) -> Result<Connected, EndpointError> {
+    let handshake = |source| EndpointError::Handshake {
+        addr: addr.to_string(),
+        source,
+    };
+    let hello_failed = |source| EndpointError::Hello {
+        addr: addr.to_string(),
+        source,
+    };
+    let connecting = start(endpoint, addr).await?;
+    let conn = match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            let sent = crate::client::send_hello(&conn, hello.clone()).await;
+            let taken = accepted.await;
+            if let Some(reason) = conn.close_reason() {
+                return Err(handshake(reason));
+            }
+            match sent {
+                Ok(control) if taken => {
+                    return Ok(Connected {
+                        conn,
+                        control,
+                        early: true,
+                    });
+                }
+                // Not taken: what went early is void; the connection itself stands.
+                _ => conn,
+            }
+        }
+        Err(connecting) => connecting.await.map_err(handshake)?,
+    };
+    let control = crate::client::send_hello(&conn, hello)
+        .await
+        .map_err(hello_failed)?;
+    Ok(Connected {
+        conn,
+        control,
+        early: false,
+    })
+}
+
+/// Resolves `addr` and starts a handshake; the host part is the TLS server name.
+async fn start(endpoint: &Endpoint, addr: &str) -> Result<quinn::Connecting, EndpointError> {
     let target = resolve(addr).await?;
     let host = addr
         .rsplit_once(':')
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
         .unwrap_or(addr);
-    let connecting = endpoint
+    endpoint
         .connect(target, host)
         .map_err(|source| EndpointError::Connect {
             addr: addr.to_string(),
             source,
-        })?;
-    connecting.await.map_err(|source| EndpointError::Handshake {
-        addr: addr.to_string(),
-        source,
-    })
+        })
+}
+
+/// Connects to `host:port` (a full handshake); the host part is the TLS server name.
+pub async fn connect(endpoint: &Endpoint, addr: &str) -> Result<quinn::Connection, EndpointError> {
+    start(endpoint, addr)
+        .await?
+        .await
+        .map_err(|source| EndpointError::Handshake {
+            addr: addr.to_string(),
+            source,
+        })
 }

@@ -33,6 +33,9 @@ pub enum TlsError {
     Quic(String),
 }
 
+/// Resumable sessions a hub keeps (two tickets per connection; a court's units fit).
+const SESSION_CACHE: usize = 8192;
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -105,7 +108,12 @@ pub fn server_crypto(
     };
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    config.max_early_data_size = 0;
+    // 0-RTT for reconnecting clients: a unit back from a dead spot says hello with its
+    // first packets. rustls takes early data only with stateful, single-use tickets (kept
+    // here), so a recorded 0-RTT flight replayed by an attacker finds its ticket gone.
+    // QUIC wants the largest size or none.
+    config.max_early_data_size = u32::MAX;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|e| TlsError::Quic(e.to_string()))
 }
@@ -153,6 +161,9 @@ pub fn client_crypto_with_identity(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Used only where a caller asks for it (`connect_early`): what it sends first must be
+    // safe to replay, which the hub's single-use tickets see to.
+    config.enable_early_data = true;
     quinn::crypto::rustls::QuicClientConfig::try_from(config)
         .map_err(|e| TlsError::Quic(e.to_string()))
 }

@@ -21,10 +21,11 @@ pub enum Rule {
     BatteryLow,
     StorageLow,
     MissingEvidence,
+    SpoolFull,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::UnitOffline,
         Rule::StreamStalled,
         Rule::RecordingStopped,
@@ -34,6 +35,7 @@ impl Rule {
         Rule::BatteryLow,
         Rule::StorageLow,
         Rule::MissingEvidence,
+        Rule::SpoolFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +49,7 @@ impl Rule {
             Rule::BatteryLow => "battery_low",
             Rule::StorageLow => "storage_low",
             Rule::MissingEvidence => "missing_evidence",
+            Rule::SpoolFull => "spool_full",
         }
     }
 
@@ -56,9 +59,13 @@ impl Rule {
 
     pub fn severity(self) -> Severity {
         match self {
-            Rule::Sos | Rule::UnitOffline | Rule::RecordingStopped | Rule::MissingEvidence => {
-                Severity::Critical
-            }
+            // A full spool is evidence not kept on the device: as grave as a recording
+            // that stopped.
+            Rule::Sos
+            | Rule::UnitOffline
+            | Rule::RecordingStopped
+            | Rule::MissingEvidence
+            | Rule::SpoolFull => Severity::Critical,
             Rule::StreamStalled | Rule::LeftGeofence | Rule::OperationOverrun => Severity::Warning,
             Rule::BatteryLow | Rule::StorageLow => Severity::Info,
         }
@@ -148,6 +155,12 @@ pub enum Event {
     /// Media arrived from the unit (the shell may send this at most once a second).
     Media(String),
     Telemetry(String, Telemetry),
+    /// A unit's spool report: groups it could not keep since its last report (its spool
+    /// was full of evidence the hub has not recorded); zero once it keeps everything again.
+    Spool {
+        unit: String,
+        refused_groups: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -289,6 +302,26 @@ impl AlarmEngine {
                 self.clear(Rule::StreamStalled, &unit);
             }
             Event::Telemetry(unit, t) => self.telemetry(now, &unit, &t),
+            Event::Spool {
+                unit,
+                refused_groups: 0,
+            } => self.clear(Rule::SpoolFull, &unit),
+            Event::Spool {
+                unit,
+                refused_groups,
+            } => {
+                let op = self.active_ops(&unit, now).into_iter().next().cloned();
+                self.raise(
+                    Rule::SpoolFull,
+                    &unit,
+                    op.as_ref(),
+                    now,
+                    format!(
+                        "the unit's spool is full of evidence the hub has not recorded: \
+                         {refused_groups} groups not kept"
+                    ),
+                );
+            }
         }
         if self
             .scanned_us

@@ -145,6 +145,30 @@ fn sos_is_critical_at_once_and_battery_and_storage_have_thresholds() {
 }
 
 #[test]
+fn a_spool_that_refused_groups_is_critical_with_the_case_until_it_keeps_everything_again() {
+    let mut e = engine();
+    let spool = |n| Event::Spool {
+        unit: "bwc-1".into(),
+        refused_groups: n,
+    };
+    e.handle(T0 + S, spool(0));
+    assert_eq!(e.poll_alarm(), None);
+    e.handle(T0 + 2 * S, spool(3));
+    let a = e.poll_alarm().expect("an alarm");
+    assert_eq!(a.rule, Rule::SpoolFull);
+    assert_eq!(a.severity, Severity::Critical);
+    assert_eq!(a.case_number.as_deref(), Some("(2026)京0113执1234号"));
+    assert!(a.evidence.contains("3 groups"), "{}", a.evidence);
+    // Still refusing: one alarm for the condition.
+    e.handle(T0 + 3 * S, spool(5));
+    assert_eq!(e.poll_alarm(), None);
+    // Keeping everything again re-arms it.
+    e.handle(T0 + 4 * S, spool(0));
+    e.handle(T0 + 5 * S, spool(1));
+    assert_eq!(e.poll_alarm().map(|a| a.rule), Some(Rule::SpoolFull));
+}
+
+#[test]
 fn an_operation_open_past_its_end_overruns() {
     let mut e = engine();
     let end = T0 + 3600 * S;
