@@ -67,6 +67,8 @@ pub struct SpoolStats {
     pub delivered: AtomicU64,
     pub evicted: AtomicU64,
     pub backfill_groups_sent: AtomicU64,
+    /// Sound packets from before the first picture, not kept (no recording could hold them).
+    pub before_picture: AtomicU64,
 }
 
 /// A spooled group: (start µs, track id, sequence).
@@ -92,6 +94,8 @@ struct State {
     full: bool,
     in_flight: HashMap<Key, Instant>,
     next_seq: u64,
+    /// Tracks whose frames are pictures (learned from the frames).
+    video_tracks: std::collections::HashSet<u32>,
 }
 
 struct Msg {
@@ -107,7 +111,10 @@ pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
-    tx: Mutex<Option<SyncSender<Msg>>>,
+    /// Frames for the writer; `None` ends it. No lock on capture's path: `closed` keeps
+    /// frames out once the end is sent.
+    tx: SyncSender<Option<Msg>>,
+    closed: std::sync::atomic::AtomicBool,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub stats: SpoolStats,
 }
@@ -201,7 +208,8 @@ impl Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             state: Mutex::new(state),
-            tx: Mutex::new(Some(tx)),
+            tx,
+            closed: std::sync::atomic::AtomicBool::new(false),
             writer: Mutex::new(None),
             stats: SpoolStats::default(),
         });
@@ -215,10 +223,6 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// One encoded frame from capture (its wire encoding, as the live track has it). Never
     /// waits.
     pub fn frame(
@@ -230,8 +234,9 @@ impl Spool {
         duration_us: u32,
         keyframe: bool,
     ) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = tx.as_ref() else { return };
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let msg = Msg {
             track,
             kind,
@@ -240,22 +245,36 @@ impl Spool {
             duration_us,
             keyframe,
         };
-        if let Err(TrySendError::Full(_)) = tx.try_send(msg) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Some(msg)) {
             self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Ends the writer: groups under way are completed and synced. Blocking.
     pub fn close(&self) {
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // Behind the frames already queued, so they are written first.
+            let _ = self.tx.send(None);
+        }
         if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
     }
 
-    fn write_loop(&self, rx: Receiver<Msg>) {
+    fn write_loop(&self, rx: Receiver<Option<Msg>>) {
         let mut open: HashMap<u32, Open> = HashMap::new();
-        while let Ok(m) = rx.recv() {
+        // The first picture's capture time: a recording begins with a picture, so sound
+        // from before it could never be recorded, never confirmed, and would stay.
+        let mut first_picture: Option<u64> = None;
+        while let Ok(Some(m)) = rx.recv() {
+            if m.kind == TrackKind::Video && first_picture.is_none() && m.keyframe {
+                first_picture = Some(m.timestamp_us);
+                lock(&self.state).video_tracks.insert(m.track);
+            }
+            if m.kind == TrackKind::Audio && first_picture.is_none_or(|p| m.timestamp_us < p) {
+                self.stats.before_picture.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let starts = match (m.kind, open.get(&m.track)) {
                 (TrackKind::Audio, Some(o)) => o.frames >= AUDIO_GROUP_FRAMES,
                 (TrackKind::Audio, None) => true,
@@ -551,6 +570,30 @@ impl Spool {
                 out.push((k, self.dir.join(file_name(k, Some(end), "grp"))));
             }
         }
+        // Sound is recorded from the first picture of its window on: a group of sound
+        // alone (its pictures came live) takes the pictures of its time along, delivered
+        // or not while the spool has them, or it could never be confirmed and would be
+        // asked for again and again. They are recorded twice, never lost.
+        let sound: Vec<(u64, u64)> = out
+            .iter()
+            .filter(|(k, _)| !s.video_tracks.contains(&k.1))
+            .filter_map(|(k, _)| s.entries.get(k).map(|e| (k.0, e.end_us)))
+            .collect();
+        let pictures: Vec<(Key, u64, bool)> = s
+            .entries
+            .iter()
+            .filter(|(k, _)| s.video_tracks.contains(&k.1) && !s.in_flight.contains_key(k))
+            .filter(|(k, e)| sound.iter().any(|&(f, t)| k.0 < t && e.end_us > f))
+            .map(|(k, e)| (*k, e.end_us, e.delivered))
+            .collect();
+        for (k, end, delivered) in pictures {
+            let ext = if delivered { "sent" } else { "grp" };
+            if !delivered {
+                s.in_flight.insert(k, now);
+            }
+            out.push((k, self.dir.join(file_name(k, Some(end), ext))));
+        }
+        out.sort_by_key(|(k, _)| *k);
         out
     }
 
@@ -696,6 +739,46 @@ mod tests {
         assert!(header.backfill);
         // In flight: not offered again at once.
         assert!(spool.holdings(None).ranges.is_empty());
+    }
+
+    #[test]
+    fn sound_before_the_first_picture_is_not_kept_and_sound_alone_brings_its_pictures() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("spool");
+        // 200 ms of sound before the camera's first keyframe, then both for 2 s.
+        let sound = |from_ms: u64, to_ms: u64| {
+            for ms in (from_ms..to_ms).step_by(20) {
+                spool.frame(
+                    1,
+                    TrackKind::Audio,
+                    frame(ms * 1000),
+                    ms * 1000,
+                    20_000,
+                    true,
+                );
+            }
+        };
+        sound(0, 200);
+        for i in 0..60u64 {
+            let ts = (200 + i * 33) * 1000;
+            spool.frame(0, TrackKind::Video, frame(ts), ts, 33_333, i % 30 == 0);
+            sound(200 + i * 33, 200 + (i + 1) * 33);
+        }
+        spool.close();
+        assert_eq!(spool.stats.before_picture.load(Ordering::Relaxed), 10);
+        let h = spool.holdings(None);
+        assert_eq!(h.ranges[0].from_us, 200_000, "{h:?}");
+        // The hub recorded the pictures live but lost a second of sound: asked for it, the
+        // spool sends the sound and the pictures of its time (already delivered), so the
+        // recording made of them holds the sound from its start.
+        spool.recorded(&[range(200, 2200)], &[0]);
+        spool.recorded(&[range(200, 1200)], &[1]);
+        let taken = spool.take_for_backfill(&[range(1200, 2200)]);
+        let tracks: Vec<u32> = taken.iter().map(|(k, _)| k.1).collect();
+        assert!(tracks.contains(&1) && tracks.contains(&0), "{taken:?}");
+        for (_, path) in &taken {
+            assert!(path.exists(), "{}", path.display());
+        }
     }
 
     #[test]

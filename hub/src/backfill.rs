@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use tianwang_proto::v1::{BackfillRequest, Holdings, Recorded, TimeRange};
+use tianwang_proto::v1::{BackfillRequest, Holdings, TimeRange};
 use tianwang_proto::{ControlMessage, Kind};
 use tracing::{info, warn};
 
@@ -87,20 +87,8 @@ pub fn holdings(
 }
 
 /// Tells a unit that its recording holds these windows (capture time) of its track
-/// `name`, so its spool may let them go.
+/// `name`, so its spool may let them go (kept for the next one if its control queue is
+/// full: a confirmation lost would leave recorded groups in the spool).
 pub fn confirm(broadcast: &Broadcast, name: &str, windows: &[(u64, u64)]) {
-    let Some(id) = broadcast.device_track_id(name) else {
-        return;
-    };
-    let ranges: Vec<TimeRange> = windows
-        .iter()
-        .filter(|(f, t)| t > f)
-        .map(|&(from_us, to_us)| TimeRange { from_us, to_us })
-        .collect();
-    if !ranges.is_empty() {
-        broadcast.send_control(ControlMessage::new(Kind::Recorded(Recorded {
-            ranges,
-            track_ids: vec![id],
-        })));
-    }
+    broadcast.confirm(name, windows);
 }

@@ -249,8 +249,8 @@ async fn ingest_group(recv: quinn::RecvStream, ingest: Arc<Ingest>) -> Result<()
 }
 
 /// Reads a backfill group into a track no viewer reads. The device sends many at once:
-/// each is read whole, then pushed in one go, so groups never interleave in the track (a
-/// reader skips a group another one overtook).
+/// each is read whole, then written whole (`Track::push_group`), so they never interleave
+/// in the track.
 async fn relay_into(
     mut reader: GroupReader,
     track: &Arc<tianwang_core::Track>,
@@ -266,19 +266,14 @@ async fn relay_into(
             Err(e) => return Err(e.into()),
         }
     }
-    // One group at a time is written (across all units: each push is brief).
-    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
-    let mut group = track.begin_group();
-    for frame in frames {
-        group.push(FrameIn {
-            payload_offset: frame.payload_offset as u32,
-            timestamp_us: frame.header.timestamp_us,
-            duration_us: frame.header.duration_us,
-            data: frame.encoded,
-            received_at: Instant::now(),
-        });
-    }
+    let received_at = Instant::now();
+    track.push_group(frames.into_iter().map(|frame| FrameIn {
+        payload_offset: frame.payload_offset as u32,
+        timestamp_us: frame.header.timestamp_us,
+        duration_us: frame.header.duration_us,
+        data: frame.encoded,
+        received_at,
+    }));
     Ok(())
 }
 

@@ -13,7 +13,9 @@ use dashmap::DashMap;
 use tianwang_core::{
     KeyframeCoalescer, KeyframeDecision, RelayStats, Subscription, Track, TrackConfig,
 };
-use tianwang_proto::v1::{KeyframeRequest, TrackInfo, TrackKind, UnitStats, UnitSummary};
+use tianwang_proto::v1::{
+    KeyframeRequest, Recorded, TimeRange, TrackInfo, TrackKind, UnitStats, UnitSummary,
+};
 use tianwang_proto::{ControlMessage, Kind};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -65,7 +67,14 @@ pub struct Broadcast {
     /// relayed here but neither recorded nor watched by the alarm rules (its own hub does
     /// both), and its coming and going is the cascade's news, not the registry's.
     remote: Option<String>,
+    /// Recorded windows (capture µs) per track name not yet told to the device: a control
+    /// queue that was full, or a device away. Sent with the next confirmation.
+    unconfirmed: Mutex<HashMap<String, Vec<(u64, u64)>>>,
 }
+
+/// Windows of one track kept for a device that could not be told yet; beyond this the
+/// oldest go (the device then offers them again and they are recorded twice, not lost).
+const MAX_UNCONFIRMED: usize = 4096;
 
 /// Rates over the last sampling period, and the totals they were computed from.
 #[derive(Debug, Default, Clone)]
@@ -120,6 +129,39 @@ impl Broadcast {
     }
 
     /// The id the live publisher announced a track with, by name.
+    /// Tells the device that its recording holds `windows` of its track `name` (with any
+    /// not told before). Never waits: what cannot go now goes with the next one.
+    pub fn confirm(&self, name: &str, windows: &[(u64, u64)]) {
+        let mut pending = lock(&self.unconfirmed);
+        let list = pending.entry(name.to_string()).or_default();
+        list.extend(windows.iter().filter(|(f, t)| t > f));
+        if list.is_empty() {
+            return;
+        }
+        list.sort_unstable();
+        // Touching windows are one.
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(list.len());
+        for &(f, t) in list.iter() {
+            match merged.last_mut() {
+                Some(last) if f <= last.1 => last.1 = last.1.max(t),
+                _ => merged.push((f, t)),
+            }
+        }
+        if merged.len() > MAX_UNCONFIRMED {
+            merged.drain(..merged.len() - MAX_UNCONFIRMED);
+        }
+        let sent = self.device_track_id(name).is_some_and(|id| {
+            self.send_control(ControlMessage::new(Kind::Recorded(Recorded {
+                ranges: merged
+                    .iter()
+                    .map(|&(from_us, to_us)| TimeRange { from_us, to_us })
+                    .collect(),
+                track_ids: vec![id],
+            })))
+        });
+        *list = if sent { Vec::new() } else { merged };
+    }
+
     pub fn device_track_id(&self, name: &str) -> Option<u32> {
         lock(&self.publisher)
             .as_ref()
@@ -481,6 +523,7 @@ impl Units {
                 keyframe_interval: self.keyframe_interval,
                 rates: Mutex::new(Rates::default()),
                 remote: remote.clone(),
+                unconfirmed: Mutex::default(),
             })
         });
         if entry.value().remote != remote {
@@ -499,6 +542,7 @@ impl Units {
                 keyframe_interval: self.keyframe_interval,
                 rates: Mutex::new(Rates::default()),
                 remote: None,
+                unconfirmed: Mutex::default(),
             });
             for t in old.tracks() {
                 t.track.close();

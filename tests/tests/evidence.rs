@@ -154,9 +154,15 @@ async fn a_real_agent_records_30_seconds_of_contiguous_segments_that_ffprobe_acc
     .await?;
     let list = recordings(&hub, &judge, "unit=bwc-1").await;
     let recs = list["recordings"].as_array().unwrap();
-    assert_eq!(recs.len(), 1, "one recording: {list}");
     assert!(list["gaps"].as_array().is_none_or(|g| g.is_empty()));
-    let rec = &recs[0];
+    // One recording of the whole time. What the agent captured before its link was up, or
+    // a group the live path skipped on a loaded machine, comes again from its spool as
+    // backfill: such recordings are a group or two.
+    let len = |r: &serde_json::Value| r["segments"].as_array().map_or(0, |s| s.len());
+    let rec = recs.iter().max_by_key(|r| len(r)).expect("a recording");
+    for other in recs.iter().filter(|r| r["recording"] != rec["recording"]) {
+        assert!(len(other) <= 2, "more than one long recording: {list}");
+    }
     assert!(rec["codecs"].as_str().unwrap().contains("avc1"), "{rec}");
     let segs = rec["segments"].as_array().unwrap();
     assert!(segs.len() >= 7, "30 s in 4 s segments: {}", segs.len());
@@ -191,14 +197,18 @@ async fn a_real_agent_records_30_seconds_of_contiguous_segments_that_ffprobe_acc
         assert!(ok && duration > 2.0, "segment {s}: {err}");
         whole.extend_from_slice(&data);
     }
+    let rec_seconds: f64 = segs
+        .iter()
+        .map(|s| u(s, "mediaDuration") as f64 / 90_000.0)
+        .sum();
     let all = tmp.path().join("all.mp4");
     std::fs::write(&all, &whole)?;
     let (ok, duration, err) = ffprobe(&all);
     assert!(ok, "{err}");
     assert!(
-        (duration - media_seconds(&list)).abs() < 0.5,
+        (duration - rec_seconds).abs() < 0.5,
         "{duration} s vs {} s indexed",
-        media_seconds(&list)
+        rec_seconds
     );
     // Without a token, nothing is served.
     let (status, _) = get(&hub, None, segs[0]["url"].as_str().unwrap()).await;

@@ -30,7 +30,6 @@ fn media(m: impl Into<String>) -> TalkbackError {
 pub struct Screen {
     pipeline: gst::Pipeline,
     src: gst_app::AppSrc,
-    codec: VideoCodec,
     screen: bool,
     /// The first frame's hub timestamp (µs): the file's zero.
     first_us: Option<u64>,
@@ -113,7 +112,6 @@ impl Screen {
         let s = Screen {
             pipeline,
             src,
-            codec,
             screen,
             first_us: None,
             last_pts: None,
@@ -132,10 +130,6 @@ impl Screen {
             return Err(media(e));
         }
         Ok(s)
-    }
-
-    pub fn codec(&self) -> VideoCodec {
-        self.codec
     }
 
     /// Whether this shows on a display (it may have fallen back to the file only).

@@ -220,13 +220,13 @@ mod tests {
         #[test]
         fn shuffled_within_the_window_comes_out_in_order(
             start in any::<u16>(),
-            swaps in proptest::collection::vec((0usize..200, 0usize..8), 0..100),
+            late in proptest::collection::vec(0u16..8, 200),
         ) {
-            let mut seqs: Vec<u16> = (0..200u16).map(|i| start.wrapping_add(i)).collect();
-            for (i, d) in swaps {
-                let j = (i + d).min(199);
-                seqs.swap(i, j);
-            }
+            // Each packet arrives up to 7 places late (chained swaps would carry one
+            // further than the window, which the test does not claim).
+            let mut order: Vec<(u16, u16)> = (0..200u16).map(|i| (i + late[usize::from(i)], i)).collect();
+            order.sort_unstable();
+            let mut seqs: Vec<u16> = order.into_iter().map(|(_, i)| start.wrapping_add(i)).collect();
             let t = Instant::now();
             let mut r = Reorder::new(32, Duration::from_secs(1));
             let mut out = Vec::new();

@@ -75,6 +75,8 @@ pub struct Track {
     closed: AtomicBool,
     relay: Arc<RelayStats>,
     totals: TrackTotals,
+    /// Held by [`Track::push_group`] while it writes.
+    whole: std::sync::Mutex<()>,
 }
 
 /// Running totals of a track, for rates (bitrate, frame rate) read by the shell.
@@ -110,7 +112,20 @@ impl Track {
             closed: AtomicBool::new(false),
             relay,
             totals: TrackTotals::default(),
+            whole: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Writes a whole group at once. Groups of one track begun concurrently overtake one
+    /// another, and a subscription skips a group that a newer one overtook; groups written
+    /// only through this never interleave, so a reader that never skips for lag sees each
+    /// whole (the recorder's read of a unit's backfill, which many streams write at once).
+    pub fn push_group(self: &Arc<Self>, frames: impl IntoIterator<Item = FrameIn>) {
+        let _whole = self.whole.lock().unwrap_or_else(|e| e.into_inner());
+        let mut group = self.begin_group();
+        for frame in frames {
+            group.push(frame);
+        }
     }
 
     pub fn totals(&self) -> &TrackTotals {

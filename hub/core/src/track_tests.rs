@@ -385,3 +385,24 @@ fn the_join_cache_is_bounded_in_bytes_and_cleared_when_the_publisher_leaves() {
         "no stale pictures after the publisher left"
     );
 }
+
+#[test]
+fn groups_pushed_whole_from_many_threads_reach_a_never_skipping_reader_whole() {
+    let t = track(1 << 16, u64::MAX);
+    let mut sub = t.subscribe_with(1 << 16, u64::MAX);
+    std::thread::scope(|s| {
+        for w in 0..4u64 {
+            let t = &t;
+            s.spawn(move || {
+                for g in 0..50u64 {
+                    let start = (w * 1000 + g) * 100;
+                    t.push_group((0..20).map(|i| frame(start + i)));
+                }
+            });
+        }
+    });
+    let seen = drain(&mut sub);
+    // Every group of every writer, each whole: none overtaken and skipped.
+    assert_eq!(seen.len(), 4 * 50 * 20);
+    assert_whole_groups(&seen);
+}
