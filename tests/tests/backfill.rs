@@ -200,8 +200,7 @@ async fn a_30_s_blackout_leaves_no_hole_in_the_recording() -> anyhow::Result<()>
     let report = verify(&hub, UNIT);
     assert!(report.contains("OK"), "{report}");
     // And the spool let go of what the hub confirmed: no picture undelivered older than the
-    // return. (Sound from before a recording's first picture is never recorded, so never
-    // confirmed: a known gap, see docs/evidence.md.)
+    // return.
     let undelivered = || -> std::io::Result<Vec<String>> {
         Ok(std::fs::read_dir(spool_dir(tmp.path(), UNIT))?
             .flatten()
