@@ -79,6 +79,9 @@ struct Entry {
     end_us: u64,
     bytes: u64,
     delivered: bool,
+    /// Capture gaps inside the group (a live source that dropped frames under load): no
+    /// frame lies there, so no recording can hold anything there either.
+    gaps: Vec<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -197,6 +200,7 @@ impl Spool {
                     end_us: end,
                     bytes,
                     delivered,
+                    gaps: Vec::new(),
                 },
             );
         }
@@ -308,6 +312,9 @@ impl Spool {
                 }
                 continue;
             }
+            if o.frames > 0 && m.timestamp_us > o.end_us + JOIN_US {
+                o.gaps.push((o.end_us, m.timestamp_us));
+            }
             o.frames += 1;
             o.bytes += m.data.len() as u64;
             o.end_us = o
@@ -368,6 +375,7 @@ impl Spool {
             frames: 0,
             bytes: header.len() as u64,
             end_us: start_us,
+            gaps: Vec::new(),
         }))
     }
 
@@ -380,6 +388,7 @@ impl Spool {
             bytes,
             end_us,
             frames,
+            gaps,
         } = o;
         if frames == 0 {
             let _ = std::fs::remove_file(&path);
@@ -404,13 +413,14 @@ impl Spool {
         let delivered = s
             .recorded
             .get(&key.1)
-            .is_some_and(|r| covered(r, key.0, end_us));
+            .is_some_and(|r| covered(r, key.0, end_us, &gaps));
         s.entries.insert(
             key,
             Entry {
                 end_us,
                 bytes,
                 delivered: false,
+                gaps,
             },
         );
         if delivered {
@@ -499,7 +509,7 @@ impl Spool {
                 !e.delivered
                     && s.recorded
                         .get(&k.1)
-                        .is_some_and(|r| covered(r, k.0, e.end_us))
+                        .is_some_and(|r| covered(r, k.0, e.end_us, &e.gaps))
             })
             .map(|(k, _)| *k)
             .collect();
@@ -624,6 +634,7 @@ struct Open {
     frames: u32,
     bytes: u64,
     end_us: u64,
+    gaps: Vec<(u64, u64)>,
 }
 
 /// Adds a window to a merged, sorted list.
@@ -640,10 +651,21 @@ fn merge(list: &mut Vec<(u64, u64)>, (from, to): (u64, u64)) {
     *list = out;
 }
 
-/// Whether [from, to) lies within one merged window.
-fn covered(list: &[(u64, u64)], from: u64, to: u64) -> bool {
-    list.iter()
-        .any(|&(f, t)| from + JOIN_US >= f && to <= t + JOIN_US)
+/// Whether the frames of [from, to) (less its capture `gaps`, sorted) lie within merged
+/// windows: each stretch between gaps within one.
+fn covered(list: &[(u64, u64)], from: u64, to: u64, gaps: &[(u64, u64)]) -> bool {
+    let within = |a: u64, b: u64| {
+        list.iter()
+            .any(|&(f, t)| a + JOIN_US >= f && b <= t + JOIN_US)
+    };
+    let mut start = from;
+    for &(gap_from, gap_to) in gaps {
+        if !within(start, gap_from) {
+            return false;
+        }
+        start = gap_to;
+    }
+    within(start, to)
 }
 
 /// A `.part` left by a crash: its whole frames are kept (a torn last one cut off); returns
@@ -779,6 +801,30 @@ mod tests {
         for (_, path) in &taken {
             assert!(path.exists(), "{}", path.display());
         }
+    }
+
+    #[test]
+    fn a_group_with_a_capture_gap_is_delivered_by_windows_around_the_gap() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("spool");
+        // A live source that dropped two frames under load: 33 ms frames at 0..330 ms and
+        // from 429 ms on, one group.
+        for i in (0..10u64).chain(13..30) {
+            let ts = i * 33_000;
+            spool.frame(0, TrackKind::Video, frame(ts), ts, 33_000, i == 0);
+        }
+        spool.frame(0, TrackKind::Video, frame(990_000), 990_000, 33_000, true);
+        spool.close();
+        // The hub holds every frame, as two runs with the gap between them.
+        spool.recorded(&[range(0, 330), range(429, 990)], &[0]);
+        assert_eq!(spool.stats.delivered.load(Ordering::Relaxed), 1);
+        // A real hole (a frame missing where one was encoded) is not passed over.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("spool");
+        feed(&spool, 0, 31);
+        spool.close();
+        spool.recorded(&[range(0, 330), range(363, 990)], &[0]);
+        assert_eq!(spool.stats.delivered.load(Ordering::Relaxed), 0);
     }
 
     #[test]

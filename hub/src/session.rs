@@ -221,6 +221,15 @@ async fn handle(hub: Arc<HubContext>, incoming: quinn::Incoming) {
     let _enter = span.enter();
     match result {
         Ok(()) => debug!("session ended"),
+        // Read at 0.5-RTT, a session may see its handshake fail (a certificate from
+        // another CA): counted as before the session began.
+        Err(e) if handshake_failed(&conn) => {
+            debug!(reason = %e.reason, "handshake failed");
+            hub.metrics
+                .sessions_closed
+                .with_label_values(&["handshake"])
+                .inc();
+        }
         Err(e) => {
             if e.code == ErrorCode::Shutdown || e.label == "link_lost" {
                 info!(reason = %e.reason, "session ended");
@@ -233,6 +242,16 @@ async fn handle(hub: Arc<HubContext>, incoming: quinn::Incoming) {
                 .inc();
             conn.close(close_code(e.code), e.reason.as_bytes());
         }
+    }
+}
+
+/// Whether the connection ended on a TLS error (QUIC's crypto error codes).
+fn handshake_failed(conn: &quinn::Connection) -> bool {
+    let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::TransportError(e)) => crypto(e.code),
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => crypto(c.error_code),
+        _ => false,
     }
 }
 
