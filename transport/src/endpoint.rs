@@ -55,19 +55,9 @@ impl Limits {
         if let Some(rtt) = self.initial_rtt {
             t.initial_rtt(rtt);
         }
-        // Mobile paths reorder (per-packet jitter of tens of ms is 10+ packets at a few
-        // Mbit/s). quinn takes three packets or 9/8 of an RTT out of order for a loss and
-        // halves its window on it, so a reordering path was read as a lossy one and live
-        // video starved. Wider thresholds delay a real loss's repair by a fraction of an RTT.
-        t.packet_threshold(REORDER_PACKETS);
-        t.time_threshold(REORDER_RTT_FACTOR);
         Arc::new(t)
     }
 }
-
-/// Packets, and RTTs, a packet may lag behind later ones before it counts as lost.
-const REORDER_PACKETS: u32 = 16;
-const REORDER_RTT_FACTOR: f32 = 1.5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
