@@ -9,12 +9,12 @@
 //! (the configured bitrate, or the hub's QUALITY directive) nor below the floor.
 //!
 //! Below the floor the picture gives way instead: a path still full at the floor for a few
-//! ticks steps the picture down ([`PICTURE_STEPS`]), and the floor with it (a quarter of
-//! the pixels needs about a quarter of the bits). A path calm for a while with the target
-//! well above the bigger picture's floor steps it back up. Each step is a new picture size
-//! for the encoder (a keyframe and, at the hub, a new recording), so steps are slow to
-//! come and slower to go. The frame rate is kept: dropping frames in the pipeline
-//! (`videorate`) holds every frame back by one, a delay the live picture would always pay.
+//! ticks steps the picture down ([`PICTURE_STEPS`]: smaller, then fewer frames), and the
+//! floor with it (a quarter of the pixels needs about a quarter of the bits, half the
+//! frames about half). A path calm for a while with the target well above the bigger
+//! picture's floor steps it back up. A new size is a keyframe and, at the hub, a new
+//! recording, so steps are slow to come and slower to go. Size goes first, to half the
+//! height: a face or a number plate needs lines more than motion; then the frame rate.
 
 use std::time::Duration;
 
@@ -57,9 +57,51 @@ impl Default for RateConfig {
     }
 }
 
-/// The picture's steps below the bitrate floor, as shares of its height in %. The first is
-/// the picture as configured.
-pub const PICTURE_STEPS: [u32; 4] = [100, 75, 50, 33];
+/// What the encoder makes of the captured picture below the bitrate floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Picture {
+    /// Share of the configured height, in %.
+    pub height: u32,
+    /// One captured frame in this many is encoded.
+    pub frames_1_in: u32,
+}
+
+impl Picture {
+    pub const FULL: Picture = Picture::new(100, 1);
+
+    const fn new(height: u32, frames_1_in: u32) -> Self {
+        Self {
+            height,
+            frames_1_in,
+        }
+    }
+
+    /// Its share of the full picture's bits.
+    fn share(self) -> f64 {
+        let h = f64::from(self.height) / 100.0;
+        h * h / f64::from(self.frames_1_in)
+    }
+}
+
+impl std::fmt::Display for Picture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} % of its height, 1 frame in {}",
+            self.height, self.frames_1_in
+        )
+    }
+}
+
+/// The picture's steps below the bitrate floor. The first is the picture as configured.
+pub const PICTURE_STEPS: [Picture; 6] = [
+    Picture::FULL,
+    Picture::new(75, 1),
+    Picture::new(50, 1),
+    Picture::new(50, 2),
+    Picture::new(33, 2),
+    Picture::new(33, 3),
+];
 /// Ticks full at a step's floor before the picture steps down.
 const STARVED_TICKS: u32 = 3;
 /// Calm ticks, with the target at twice the bigger picture's floor, before it steps up.
@@ -94,15 +136,15 @@ impl RateController {
         self.target.round() as u32
     }
 
-    /// The picture the encoder should make: its share of the configured height, in %.
-    pub fn picture(&self) -> u32 {
+    /// The picture the encoder should make.
+    pub fn picture(&self) -> Picture {
         PICTURE_STEPS[self.step]
     }
 
-    /// The bitrate floor of a picture step: the configured floor scaled by its pixels.
+    /// The bitrate floor of a picture step: the configured floor scaled by its pixels and
+    /// frames.
     fn floor_at(&self, step: usize) -> f64 {
-        let share = f64::from(PICTURE_STEPS[step]) / 100.0;
-        f64::from(self.config.floor) * share * share
+        f64::from(self.config.floor) * PICTURE_STEPS[step].share()
     }
 
     pub fn cap(&self) -> u32 {
@@ -211,8 +253,8 @@ mod tests {
         for _ in 0..100 {
             c.tick(&full());
         }
-        // The smallest picture's floor.
-        assert_eq!(c.target(), 16);
+        // The smallest picture's floor: a ninth of the pixels, a third of the frames.
+        assert_eq!(c.target(), 5);
         c.set_cap(400);
         for _ in 0..100 {
             c.tick(&calm());
@@ -233,19 +275,19 @@ mod tests {
             }
         }
         // Down every step, one at a time, to the smallest and its floor (150 kbit/s at a
-        // ninth of the pixels).
+        // ninth of the pixels and a third of the frames).
         assert_eq!(pictures, PICTURE_STEPS.to_vec());
-        assert_eq!(c.target(), 16);
+        assert_eq!(c.target(), 5);
         // A path that is only briefly calm does not step up (each step is a keyframe and a
         // new recording).
         for _ in 0..3 {
             c.tick(&calm());
         }
         c.tick(&full());
-        assert_eq!(c.picture(), 33);
+        assert_eq!(c.picture(), Picture::new(33, 3));
         // A path calm for long climbs back, step by step, to the full picture and the cap.
         let mut ticks = 0;
-        while c.picture() != 100 || c.target() < 1000 {
+        while c.picture() != Picture::FULL || c.target() < 1000 {
             c.tick(&calm());
             ticks += 1;
             assert!(ticks < 100, "stuck at {:?} {}", c.picture(), c.target());
@@ -263,7 +305,7 @@ mod tests {
                 c.tick(&calm());
             }
         }
-        assert_eq!(c.picture(), 100);
+        assert_eq!(c.picture(), Picture::FULL);
     }
 
     #[test]

@@ -117,8 +117,8 @@ pub trait RateControl: Send + Sync {
     fn cap(&self) -> u32;
     /// Aims the encoder at `kbps` (at most the cap).
     fn steer(&self, kbps: u32);
-    /// Shrinks the picture to `percent` of its height (100: as configured or directed).
-    fn picture(&self, percent: u32);
+    /// Shrinks the picture below the bitrate floor (its size, then its frame rate).
+    fn picture(&self, picture: crate::abr::Picture);
 }
 
 pub struct LocalBroadcast {

@@ -2,6 +2,7 @@
 //! pattern, a V4L2 camera or a file, into the device's local tracks.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, anyhow, bail};
@@ -240,7 +241,62 @@ pub struct EncoderControl {
     /// bitrate kbit/s, width, height: as configured or directed (QUALITY)
     current: Mutex<(u32, u32, u32)>,
     /// Adaptive bitrate's share of that height, in %, below its bitrate floor.
-    shrink: std::sync::atomic::AtomicU32,
+    shrink: AtomicU32,
+    /// And the frames it keeps: one in this many (read by the probe on the encoder's
+    /// input, see [`thin_frames`]).
+    frames_1_in: Arc<AtomicU32>,
+    /// The bitrate adaptive bitrate last aimed at, kbit/s.
+    steered: AtomicU32,
+}
+
+/// Drops all but one captured frame in `frames_1_in` before the encoder, without holding
+/// any back (`videorate` would hold each frame until the next one came). x264 budgets its
+/// bits per frame at the caps' frame rate and counts its keyframe interval in frames, so
+/// the kept frames take the dropped ones' duration (the hub's recorder reads gaps from
+/// durations), the encoder's bitrate is scaled by the caller, and keyframes are asked for
+/// by time.
+fn thin_frames(
+    encoder: &gst::Element,
+    frames_1_in: Arc<AtomicU32>,
+    keyframe_interval: u32,
+) -> anyhow::Result<()> {
+    let pad = encoder
+        .static_pad("sink")
+        .ok_or_else(|| anyhow!("the encoder has no sink pad"))?;
+    let seen = AtomicU64::new(0);
+    let kept = AtomicU64::new(0);
+    pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+        let n = frames_1_in.load(Ordering::Relaxed).max(1);
+        if n == 1 {
+            return gst::PadProbeReturn::Ok;
+        }
+        if !seen
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(u64::from(n))
+        {
+            return gst::PadProbeReturn::Drop;
+        }
+        if let Some(gst::PadProbeData::Buffer(buffer)) = info.data.as_mut() {
+            let buffer = buffer.make_mut();
+            if let Some(d) = buffer.duration() {
+                buffer.set_duration(gst::ClockTime::from_nseconds(
+                    d.nseconds().saturating_mul(u64::from(n)),
+                ));
+            }
+        }
+        let every = u64::from((keyframe_interval / n).max(1));
+        let k = kept.fetch_add(1, Ordering::Relaxed);
+        if k > 0 && k.is_multiple_of(every) {
+            pad.send_event(
+                gstreamer_video::DownstreamForceKeyUnitEvent::builder()
+                    .all_headers(true)
+                    .build(),
+            );
+        }
+        gst::PadProbeReturn::Ok
+    })
+    .ok_or_else(|| anyhow!("could not watch the encoder's input"))?;
+    Ok(())
 }
 
 impl EncoderControl {
@@ -255,18 +311,32 @@ impl EncoderControl {
             .by_name("picture")
             .filter(|e| e.has_property_with_type("caps", gst::Caps::static_type()))
             .ok_or_else(|| anyhow!("the pipeline has no capsfilter named picture"))?;
+        let frames_1_in = Arc::new(AtomicU32::new(1));
+        thin_frames(
+            &encoder,
+            Arc::clone(&frames_1_in),
+            settings.keyframe_interval,
+        )?;
         Ok(Self {
             encoder: encoder.downgrade(),
             picture: picture.downgrade(),
             capture: (settings.width, settings.height),
             current: Mutex::new((settings.bitrate, settings.width, settings.height)),
-            shrink: std::sync::atomic::AtomicU32::new(100),
+            shrink: AtomicU32::new(100),
+            frames_1_in,
+            steered: AtomicU32::new(settings.bitrate),
         })
+    }
+
+    /// What x264 must be told for `kbps` out: it budgets per frame at the caps' rate, and
+    /// only one frame in `frames_1_in` reaches it.
+    fn encoder_bitrate(&self, kbps: u32) -> u32 {
+        kbps.saturating_mul(self.frames_1_in.load(Ordering::Relaxed))
     }
 
     /// The size the encoder makes: the directed one, shrunk by adaptive bitrate.
     fn effective(&self, (w, h): (u32, u32)) -> (u32, u32) {
-        match self.shrink.load(std::sync::atomic::Ordering::Relaxed) {
+        match self.shrink.load(Ordering::Relaxed) {
             100.. => (w, h),
             percent => scaled_size(self.capture, h * percent / 100).0,
         }
@@ -298,7 +368,7 @@ impl EncoderControl {
         } else {
             scaled_size(self.capture, height)
         };
-        encoder.set_property("bitrate", bitrate);
+        encoder.set_property("bitrate", self.encoder_bitrate(bitrate));
         if (w, h) != (old_w, old_h) {
             Self::set_size(&picture, self.effective((w, h)));
         }
@@ -331,24 +401,31 @@ impl crate::broadcast::RateControl for EncoderControl {
     }
 
     fn steer(&self, kbps: u32) {
+        let kbps = kbps.min(self.cap());
+        self.steered.store(kbps, Ordering::Relaxed);
         if let Some(encoder) = self.encoder.upgrade() {
-            encoder.set_property("bitrate", kbps.min(self.cap()));
+            encoder.set_property("bitrate", self.encoder_bitrate(kbps));
         }
     }
 
-    fn picture(&self, percent: u32) {
-        let Some(picture) = self.picture.upgrade() else {
+    fn picture(&self, step: crate::abr::Picture) {
+        let (Some(picture), Some(encoder)) = (self.picture.upgrade(), self.encoder.upgrade())
+        else {
             return;
         };
         // Under the lock of the directed size, so a QUALITY directive and a step do not
         // cross.
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.effective((current.1, current.2));
-        self.shrink
-            .store(percent, std::sync::atomic::Ordering::Relaxed);
+        self.shrink.store(step.height, Ordering::Relaxed);
         let after = self.effective((current.1, current.2));
         if after != before {
             Self::set_size(&picture, after);
+        }
+        let frames_1_in = step.frames_1_in.max(1);
+        if self.frames_1_in.swap(frames_1_in, Ordering::Relaxed) != frames_1_in {
+            let kbps = self.steered.load(Ordering::Relaxed).min(current.0);
+            encoder.set_property("bitrate", self.encoder_bitrate(kbps));
         }
     }
 }

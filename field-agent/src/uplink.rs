@@ -13,7 +13,7 @@ use tianwang_proto::v1::{self, Announce, DeviceInfo, Hello, Telemetry};
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_transport::client;
 use tianwang_transport::control::{self, ControlError};
-use tianwang_transport::{Limits, Priority, Trust, send_track};
+use tianwang_transport::{Limits, Priority, Reordering, Trust, send_track};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
@@ -70,6 +70,8 @@ impl UplinkConfig {
                 idle_timeout: Duration::from_secs(6),
                 // A handshake packet lost to a dark link is sent again soon.
                 initial_rtt: Some(Duration::from_millis(100)),
+                // Radio paths reorder; only this uplink widens quinn's loss thresholds.
+                reordering: Some(Reordering::MOBILE),
                 ..Limits::default()
             },
         }
@@ -386,7 +388,7 @@ async fn session(
                         r.picture(c.picture());
                         info!(kbps = target, rtt_ms = sample.rtt.as_millis() as u64,
                             loss_pct = format!("{:.1}", lost * 100.0),
-                            "adaptive bitrate: picture at {} % of its height", c.picture());
+                            "adaptive bitrate: picture at {}", c.picture());
                     }
                     if target != before {
                         r.steer(target);

@@ -16,7 +16,7 @@ use tianwang_proto::ErrorCode;
 pub use client::{LiveOrder, ReceivedFrame, TrackReceiver};
 pub use control::{Control, ControlError};
 pub use endpoint::{
-    Limits, client_endpoint, client_endpoint_with_identity, connect, server_endpoint,
+    Limits, Reordering, client_endpoint, client_endpoint_with_identity, connect, server_endpoint,
 };
 pub use group::{GroupError, GroupReader, Priority, SendError, send_track};
 pub use tls::{TlsError, Trust};
