@@ -94,7 +94,9 @@ export async function startDemo(units = 4) {
     async stop() {
       child.kill("SIGTERM");
       await Promise.race([new Promise((r) => child.once("exit", r)), sleep(8000)]);
-      fs.rmSync(data, { recursive: true, force: true });
+      // TIANWANG_KEEP=1 keeps the demo's data and log for a look after a failure.
+      if (process.env.TIANWANG_KEEP) console.log(`demo data kept in ${data}`);
+      else fs.rmSync(data, { recursive: true, force: true });
     },
   };
   await waitFor("units online", 30000, async () => {

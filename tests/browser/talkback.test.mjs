@@ -182,7 +182,9 @@ describe("talkback", () => {
     console.log(`video link: ${rec.video_frames} frames (${rec.video_codec}) at the unit, hub → unit `
       + `delay p50 ${rec.video_delay_p50_ms} ms p95 ${rec.video_delay_p95_ms} ms; ${rec.frames} audio frames`);
     assert.equal(rec.error, null);
-    assert.ok(rec.video_frames >= 60, `only ${rec.video_frames} frames of the camera reached the unit`);
+    assert.ok(rec.video_frames >= 60, `only ${rec.video_frames} frames of the camera reached the unit; `
+      + `the demo's log of it:\n${demo.log().split("\n").filter((l) => /link|talk|keyframe/i.test(l))
+        .slice(-40).join("\n")}`);
     const { stdout } = await run("ffprobe", ["-v", "error", "-count_frames", "-show_entries",
       "stream=codec_name,width,height,nb_read_frames", "-of", "json", path.join(agent, rec.video_file)]);
     const [video] = JSON.parse(stdout).streams;
