@@ -4,7 +4,7 @@
 //! (smoothed and minimum RTT, packets sent and lost, congestion events since the last
 //! tick) and gets the bitrate the encoder should aim at. The rule is additive increase,
 //! multiplicative decrease, on two signs of a full path: a queue building up (RTT well
-//! above the path's minimum), or heavy loss. Some loss is what a radio link does whatever
+//! above the path's base RTT), or heavy loss. Some loss is what a radio link does whatever
 //! the rate: between `hold_loss` and `loss` the target holds. It never goes above the cap
 //! (the configured bitrate, or the hub's QUALITY directive) nor below the floor.
 //!
@@ -106,6 +106,8 @@ pub const PICTURE_STEPS: [Picture; 6] = [
 const STARVED_TICKS: u32 = 3;
 /// Calm ticks, with the target at twice the bigger picture's floor, before it steps up.
 const CALM_TICKS: u32 = 10;
+/// Ticks of RTT sitting flat above the base, without loss, before it is the new base.
+const REBASE_TICKS: usize = 4;
 
 #[derive(Debug)]
 pub struct RateController {
@@ -116,6 +118,11 @@ pub struct RateController {
     step: usize,
     starved: u32,
     calm: u32,
+    /// The path's RTT without a queue (see [`RateController::rebase`]).
+    base: Option<Duration>,
+    /// RTTs of the last ticks that read as a queue without loss, newest last.
+    queued: [Duration; REBASE_TICKS],
+    queued_ticks: usize,
 }
 
 impl RateController {
@@ -129,6 +136,9 @@ impl RateController {
             step: 0,
             starved: 0,
             calm: 0,
+            base: None,
+            queued: [Duration::ZERO; REBASE_TICKS],
+            queued_ticks: 0,
         }
     }
 
@@ -161,15 +171,54 @@ impl RateController {
         s.lost_packets as f64 / s.sent_packets.max(1) as f64
     }
 
+    fn is_queued(&self, s: &PathSample) -> bool {
+        let base = self.base.unwrap_or(s.min_rtt);
+        !base.is_zero() && s.rtt > base + self.config.queue
+    }
+
     /// Whether the last sample showed a full path.
     pub fn congested(&self, s: &PathSample) -> bool {
-        let queued = !s.min_rtt.is_zero() && s.rtt > s.min_rtt + self.config.queue;
-        queued || Self::loss(s) > self.config.loss
+        self.is_queued(s) || Self::loss(s) > self.config.loss
+    }
+
+    /// Keeps the base RTT: the lowest seen, unless the RTT has sat above it, flat and
+    /// without loss, for a few ticks while the target backed off. A queue would have
+    /// drained (or overflowed, with loss) when the rate fell; an RTT that holds still is
+    /// the path's own: a new route, a migration to another network, a long-haul link
+    /// that came up after the handshake. Without this the controller would read the
+    /// longer path as a standing queue and starve the picture for good.
+    fn rebase(&mut self, s: &PathSample) {
+        let lowest = match self.base {
+            Some(b) => b.min(s.rtt),
+            None if !s.min_rtt.is_zero() => s.min_rtt.min(s.rtt),
+            None => s.rtt,
+        };
+        self.base = Some(lowest);
+        if !self.is_queued(s) || Self::loss(s) > self.config.hold_loss {
+            self.queued_ticks = 0;
+            return;
+        }
+        self.queued.rotate_left(1);
+        self.queued[REBASE_TICKS - 1] = s.rtt;
+        self.queued_ticks += 1;
+        if self.queued_ticks >= REBASE_TICKS {
+            let (lo, hi) = self
+                .queued
+                .iter()
+                .fold((Duration::MAX, Duration::ZERO), |(lo, hi), r| {
+                    (lo.min(*r), hi.max(*r))
+                });
+            if hi - lo <= self.config.queue / 2 {
+                self.base = Some(lo);
+                self.queued_ticks = 0;
+            }
+        }
     }
 
     /// One tick: the new target, kbit/s (see [`RateController::picture`] for the
     /// picture).
     pub fn tick(&mut self, s: &PathSample) -> u32 {
+        self.rebase(s);
         let cap = f64::from(self.cap);
         let floor = self.floor_at(self.step);
         if self.congested(s) {
@@ -306,6 +355,36 @@ mod tests {
             }
         }
         assert_eq!(c.picture(), Picture::FULL);
+    }
+
+    #[test]
+    fn a_longer_path_is_the_new_base_but_a_growing_queue_is_not() {
+        let mut c = RateController::new(RateConfig::default(), 1000);
+        c.tick(&calm());
+        // The unit moves to a path of 180 ms (was 20) that loses nothing: a few ticks read
+        // it as a queue, then it is the base and the target climbs back to the cap.
+        let longer = PathSample {
+            rtt: Duration::from_millis(180),
+            ..calm()
+        };
+        let mut lowest = u32::MAX;
+        for _ in 0..40 {
+            lowest = lowest.min(c.tick(&longer));
+        }
+        assert!(lowest < 1000, "{lowest}");
+        assert_eq!(c.target(), 1000);
+        assert_eq!(c.picture(), Picture::FULL);
+        // A queue that grows as the rate falls (a path narrower than the floor, no loss
+        // yet) is never taken for the base.
+        let mut c = RateController::new(RateConfig::default(), 1000);
+        c.tick(&calm());
+        for i in 0..60u64 {
+            c.tick(&PathSample {
+                rtt: Duration::from_millis(120 + 40 * i),
+                ..calm()
+            });
+        }
+        assert_ne!(c.picture(), Picture::FULL);
     }
 
     #[test]

@@ -254,8 +254,10 @@ pub fn spooled_video(spool: &Path) -> anyhow::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// Spooled video groups not yet confirmed that begin before `before` (µs). (Sound from
-/// before a recording's first picture is never confirmed: see docs/evidence.md.)
+/// Spooled video groups not yet confirmed that begin before `before` (µs): the window's
+/// last group too, or a frame of it missing from the recording would be the run ending
+/// early rather than a frame lost. (Sound from before a recording's first picture is never
+/// confirmed: see docs/evidence.md.)
 fn undelivered_before(spool: &Path, before: u64) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(spool)?
         .flatten()
@@ -265,7 +267,7 @@ fn undelivered_before(spool: &Path, before: u64) -> anyhow::Result<usize> {
             n.split('-')
                 .next()
                 .and_then(|s| s.parse::<u64>().ok())
-                .is_some_and(|s| s + 2_000_000 < before)
+                .is_some_and(|s| s < before)
         })
         .count())
 }
