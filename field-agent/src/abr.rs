@@ -26,6 +26,9 @@ pub struct PathSample {
     pub sent_packets: u64,
     pub lost_packets: u64,
     pub congestion_events: u64,
+    /// Backfill was on its way: the path carried more than the encoder's output, so a
+    /// queue may be of the uplink's own making whatever the target.
+    pub backfilling: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -181,8 +184,8 @@ impl RateController {
         self.is_queued(s) || Self::loss(s) > self.config.loss
     }
 
-    /// Keeps the base RTT: the lowest seen, unless the RTT has sat above it, flat and
-    /// without loss, for a few ticks while the target backed off. A queue would have
+    /// Keeps the base RTT: the lowest seen, unless the RTT has sat above it, flat,
+    /// without loss and without backfill, for a few ticks while the target backed off. A queue would have
     /// drained (or overflowed, with loss) when the rate fell; an RTT that holds still is
     /// the path's own: a new route, a migration to another network, a long-haul link
     /// that came up after the handshake. Without this the controller would read the
@@ -194,7 +197,7 @@ impl RateController {
             None => s.rtt,
         };
         self.base = Some(lowest);
-        if !self.is_queued(s) || Self::loss(s) > self.config.hold_loss {
+        if !self.is_queued(s) || Self::loss(s) > self.config.hold_loss || s.backfilling {
             self.queued_ticks = 0;
             return;
         }
@@ -263,6 +266,7 @@ mod tests {
             sent_packets: 200,
             lost_packets: 0,
             congestion_events: 0,
+            backfilling: false,
         }
     }
 
@@ -273,6 +277,7 @@ mod tests {
             sent_packets: 200,
             lost_packets: 20,
             congestion_events: 3,
+            backfilling: false,
         }
     }
 
@@ -381,6 +386,18 @@ mod tests {
         for i in 0..60u64 {
             c.tick(&PathSample {
                 rtt: Duration::from_millis(120 + 40 * i),
+                ..calm()
+            });
+        }
+        assert_ne!(c.picture(), Picture::FULL);
+        // Nor is a flat one while backfill fills the path: the backlog keeps the queue
+        // standing however low the target goes.
+        let mut c = RateController::new(RateConfig::default(), 1000);
+        c.tick(&calm());
+        for _ in 0..60 {
+            c.tick(&PathSample {
+                rtt: Duration::from_millis(300),
+                backfilling: true,
                 ..calm()
             });
         }

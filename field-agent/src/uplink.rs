@@ -378,7 +378,7 @@ async fn session(
             },
             _ = steer.tick(), if rate.is_some() => {
                 if let (Some(c), Some(r)) = (rate.as_mut(), broadcast.rate_control()) {
-                    let sample = path.sample(&conn);
+                    let sample = path.sample(&conn, !backfills.is_empty() || !queued.is_empty());
                     c.set_cap(r.cap());
                     let (before, picture_before) = (c.target(), c.picture());
                     let target = c.tick(&sample);
@@ -472,7 +472,7 @@ impl PathWatch {
         }
     }
 
-    fn sample(&mut self, conn: &quinn::Connection) -> PathSample {
+    fn sample(&mut self, conn: &quinn::Connection, backfilling: bool) -> PathSample {
         let now = conn.stats().path;
         self.min_rtt = self.min_rtt.min(now.rtt);
         let s = PathSample {
@@ -483,6 +483,7 @@ impl PathWatch {
             congestion_events: now
                 .congestion_events
                 .saturating_sub(self.last.congestion_events),
+            backfilling,
         };
         self.last = now;
         s

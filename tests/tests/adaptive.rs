@@ -1,6 +1,7 @@
 //! Adaptive bitrate: a unit's uplink narrows to 1 Mbit/s under its 2 Mbit/s stream; the
 //! agent's encoder target comes under the cap within 10 s, and climbs back once the path
-//! is wide again.
+//! is wide again. A path narrower than the bitrate floor shrinks the picture, then its
+//! frame rate, and a wide one restores both.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::{Duration, Instant};
