@@ -46,8 +46,10 @@ async function addAndTime(page, slot, unit) {
   return { tileId, ms: Date.now() - started };
 }
 
-test("a 2x2 wall shows four units live, each decoding within 3 s of being added", async () => {
+test("a 2x2 wall shows four units live, each decoding within 3 s of being added", async (t) => {
   const { page, errors } = await signIn();
+  // A failure must not leave its tiles to the next test.
+  t.after(() => page.isClosed() || page.close());
   assert.equal(await page.locator("#units li.online").count(), 4);
   await page.keyboard.press("2");
   assert.equal(await page.getAttribute("#wall", "data-layout"), "4");
@@ -73,8 +75,17 @@ test("a 2x2 wall shows four units live, each decoding within 3 s of being added"
     const now = await decodedByTile(page);
     return tileIds.every((t) => now[t] > first[t]);
   });
-  const overlays = await page.locator("#wall .tile .state").allInnerTexts();
-  assert.deepEqual(overlays.slice(0, 4).map((s) => s.toLowerCase()), ["live", "live", "live", "live"]);
+  // The overlays come from the hub's tile stats (no frame sent for 2 s reads "stalled").
+  // A CI run once read three tiles stalled right after they started decoding while they
+  // went on decoding: read until all four say live, and print what was seen on the way.
+  const seen = new Set();
+  await waitFor("four live overlays", 4000, async () => {
+    const overlays = (await page.locator("#wall .tile .state").allInnerTexts())
+      .slice(0, 4).map((s) => s.toLowerCase());
+    seen.add(overlays.join(","));
+    return overlays.every((s) => s === "live");
+  });
+  if (seen.size > 1) console.log(`overlays on the way to live: ${[...seen].join(" | ")}`);
   fs.mkdirSync(artifacts, { recursive: true });
   await page.screenshot({ path: path.join(artifacts, "wall-2x2.png") });
 
@@ -100,8 +111,9 @@ test("a 2x2 wall shows four units live, each decoding within 3 s of being added"
   await page.close();
 });
 
-test("tiles added and removed on one PeerConnection leak neither tasks nor transceivers", async () => {
+test("tiles added and removed on one PeerConnection leak neither tasks nor transceivers", async (t) => {
   const { page } = await signIn();
+  t.after(() => page.isClosed() || page.close());
   await page.keyboard.press("4");
   const tile = await addAndTime(page, 0, "sim-1");
   assert.ok(tile.ms <= 3000);
