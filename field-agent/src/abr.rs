@@ -109,7 +109,8 @@ pub const PICTURE_STEPS: [Picture; 6] = [
 const STARVED_TICKS: u32 = 3;
 /// Calm ticks, with the target at twice the bigger picture's floor, before it steps up.
 const CALM_TICKS: u32 = 10;
-/// Ticks of RTT sitting flat above the base, without loss, before it is the new base.
+/// Ticks of RTT sitting flat above the base, without loss or backfill, before it is the
+/// new base.
 const REBASE_TICKS: usize = 4;
 
 #[derive(Debug)]
@@ -185,10 +186,10 @@ impl RateController {
     }
 
     /// Keeps the base RTT: the lowest seen, unless the RTT has sat above it, flat,
-    /// without loss and without backfill, for a few ticks while the target backed off. A queue would have
-    /// drained (or overflowed, with loss) when the rate fell; an RTT that holds still is
-    /// the path's own: a new route, a migration to another network, a long-haul link
-    /// that came up after the handshake. Without this the controller would read the
+    /// without loss and without backfill, for a few ticks while the target backed off.
+    /// A queue would have drained (or overflowed, with loss) when the rate fell; an RTT
+    /// that holds still is the path's own: a new route, a migration to another network, a
+    /// long-haul link that came up after the handshake. Without this the controller would read the
     /// longer path as a standing queue and starve the picture for good.
     fn rebase(&mut self, s: &PathSample) {
         let lowest = match self.base {

@@ -43,7 +43,8 @@ pub struct Reordering {
 
 impl Reordering {
     /// Measured through the impairment harness with 200 ms RTT and ±25 ms jitter per
-    /// packet: live frames delivered 71 % → 99.8 % (docs/benchmarks.md).
+    /// packet: live frames delivered went from 71 % to 90–96 % over runs at the full
+    /// rate (docs/benchmarks.md, "Impaired networks").
     pub const MOBILE: Reordering = Reordering {
         packets: 16,
         time: 1.5,
