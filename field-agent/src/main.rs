@@ -35,6 +35,9 @@ enum Command {
     Run(RunArgs),
     /// Stream N virtual units from one clip encoded once (demos, load).
     Simulate(SimulateArgs),
+    /// Write the clip `simulate` replays, as an H.264 Annex-B file (peers in the benchmarks
+    /// are fed the same bytes).
+    Clip(ClipArgs),
 }
 
 #[derive(Args)]
@@ -189,6 +192,18 @@ struct SimulateArgs {
     encode: Encode,
 }
 
+#[derive(Args)]
+struct ClipArgs {
+    /// The file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Groups (keyframe intervals) to encode: the file loops seamlessly.
+    #[arg(long, default_value_t = 2)]
+    groups: u32,
+    #[command(flatten)]
+    encode: Encode,
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
@@ -242,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Simulate(args) => simulate(args).await,
+        Command::Clip(args) => write_clip(args).await,
     }
 }
 
@@ -339,6 +355,30 @@ async fn close_spool(spool: Option<Arc<field_agent::spool::Spool>>) {
     if let Some(spool) = spool {
         let _ = tokio::task::spawn_blocking(move || spool.close()).await;
     }
+}
+
+async fn write_clip(args: ClipArgs) -> anyhow::Result<()> {
+    let settings = args.encode.settings()?;
+    let groups = args.groups.max(1);
+    let clip = tokio::task::spawn_blocking(move || simulate::encode_clip(&settings, groups))
+        .await
+        .context("clip encoder")??;
+    // The encoder's access units are Annex-B with parameter sets before each keyframe, so
+    // the file is their concatenation.
+    let bytes: Vec<u8> = clip
+        .video
+        .iter()
+        .flat_map(|f| f.payload.iter().copied())
+        .collect();
+    std::fs::write(&args.out, &bytes)
+        .with_context(|| format!("writing the clip to {}", args.out.display()))?;
+    info!(
+        frames = clip.video.len(),
+        kbps = clip.video_bitrate_kbps() as u64,
+        path = %args.out.display(),
+        "clip written"
+    );
+    Ok(())
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {

@@ -300,6 +300,29 @@ impl Metrics {
     }
 
     /// The sum over all label sets of a metric.
+    /// A quantile (in ms) of a histogram over the interval since `before`, read from the
+    /// cumulative buckets: the upper bound of the bucket the quantile falls in.
+    pub fn histogram_quantile_ms(&self, before: &Metrics, name: &str, q: f64) -> f64 {
+        let bounds = [
+            "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025",
+            "0.05", "0.1", "0.25", "0.5", "1", "+Inf",
+        ];
+        let count = |b: &str| {
+            let key = format!("{name}_bucket{{le=\"{b}\"}}");
+            self.get(&key) - before.get(&key)
+        };
+        let total = count("+Inf");
+        bounds
+            .iter()
+            .find(|b| total > 0.0 && count(b) >= q * total)
+            .map(|b| {
+                b.parse::<f64>()
+                    .map(|s| s * 1000.0)
+                    .unwrap_or(f64::INFINITY)
+            })
+            .unwrap_or(f64::NAN)
+    }
+
     pub fn sum(&self, name: &str) -> f64 {
         self.0
             .iter()

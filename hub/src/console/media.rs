@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::registry::Broadcast;
 
 /// RTP payload budget per packet (conservative for tunnels and VPNs).
-const MTU: usize = 1200;
+pub const MTU: usize = 1200;
 
 /// What a tile's pumps count, for its stats and overlay.
 #[derive(Debug, Default)]

@@ -182,6 +182,8 @@ async fn main() -> anyhow::Result<()> {
         "delay_ms_p99": percentile(&delays, 0.99),
         "first_frame_ms_p50": percentile(&ttff, 0.50),
         "first_frame_ms_p95": percentile(&ttff, 0.95),
+        "forward_latency_ms_p50_bucket": m1.histogram_quantile_ms(&m0, "tianwang_forward_latency_seconds", 0.5),
+        "forward_latency_ms_p99_bucket": m1.histogram_quantile_ms(&m0, "tianwang_forward_latency_seconds", 0.99),
         "recording": args.record,
         "recordings_active": m1.get("tianwang_recordings_active"),
         "recorded_segments_per_s": (m1.get("tianwang_recorded_segments_total")

@@ -16,6 +16,7 @@ struct Args {
     consoles: usize,
     tiles: usize,
     duration: u64,
+    late: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -24,6 +25,7 @@ fn parse_args() -> anyhow::Result<Args> {
         consoles: 10,
         tiles: 1,
         duration: 15,
+        late: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -33,7 +35,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--consoles" => a.consoles = value.parse()?,
             "--tiles" => a.tiles = value.parse()?,
             "--duration" => a.duration = value.parse()?,
-            other => bail!("unknown flag {other} (--units, --consoles, --tiles, --duration)"),
+            "--late" => a.late = value == "1" || value == "true",
+            other => {
+                bail!("unknown flag {other} (--units, --consoles, --tiles, --duration, --late 0|1)")
+            }
         }
     }
     Ok(a)
@@ -44,28 +49,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-/// A quantile (in ms) from a Prometheus histogram's cumulative buckets, by the bucket bound.
-fn histogram_quantile(m: &Metrics, m0: &Metrics, name: &str, q: f64) -> f64 {
-    let bounds = [
-        "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025",
-        "0.05", "0.1", "0.25", "0.5", "1", "+Inf",
-    ];
-    let count = |b: &str| {
-        let key = format!("{name}_bucket{{le=\"{b}\"}}");
-        m.get(&key) - m0.get(&key)
-    };
-    let total = count("+Inf");
-    for b in bounds {
-        if total > 0.0 && count(b) >= q * total {
-            return b
-                .parse::<f64>()
-                .map(|s| s * 1000.0)
-                .unwrap_or(f64::INFINITY);
-        }
-    }
-    f64::NAN
 }
 
 #[tokio::main]
@@ -92,11 +75,14 @@ async fn main() -> anyhow::Result<()> {
     // (late, ms): `late` for the tile each console adds once its connection is up.
     let (ttff_tx, mut ttff_rx) = tokio::sync::mpsc::unbounded_channel::<(bool, f64)>();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut media = Vec::new();
     for c in 0..args.consoles {
         let mut console = Console::connect(hub.http).await?;
         console.with_media().await?;
         console.auth(&token).await?;
+        media.push(console.media.clone());
         let (units, tiles, ttff_tx) = (args.units, args.tiles, ttff_tx.clone());
+        let mut late_added = !args.late;
         tasks.spawn(async move {
             let mut added = Vec::new();
             for t in 0..tiles {
@@ -108,7 +94,6 @@ async fn main() -> anyhow::Result<()> {
             // Read events (offers, candidates, stats) until every tile has media, then on,
             // so the session is never closed as unread.
             let stop = Instant::now() + Duration::from_secs(600);
-            let mut late_added = false;
             while Instant::now() < stop {
                 let _ = console.next(Duration::from_millis(50)).await;
                 added.retain(|(tile, at)| match console.media_of(tile).first_packet {
@@ -135,8 +120,9 @@ async fn main() -> anyhow::Result<()> {
     drop(ttff_tx);
     let (mut ttff, mut late) = (Vec::new(), Vec::new());
     let all = args.consoles * args.tiles;
+    let late_tiles = if args.late { args.consoles } else { 0 };
     let collected = tokio::time::timeout(Duration::from_secs(90), async {
-        while ttff.len() < all || late.len() < args.consoles {
+        while ttff.len() < all || late.len() < late_tiles {
             match ttff_rx.recv().await {
                 Some((true, ms)) => late.push(ms),
                 Some((false, ms)) => ttff.push(ms),
@@ -145,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    if collected.is_err() || ttff.len() < all || late.len() < args.consoles {
+    if collected.is_err() || ttff.len() < all || late.len() < late_tiles {
         bail!(
             "only {} of {all} tiles (and {} late ones) got media",
             ttff.len(),
@@ -155,25 +141,42 @@ async fn main() -> anyhow::Result<()> {
     ttff.sort_by(|a, b| a.total_cmp(b));
     late.sort_by(|a, b| a.total_cmp(b));
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Bytes of RTP the consoles received, over every tile.
+    let received = || -> u64 {
+        media
+            .iter()
+            .filter_map(|m| {
+                m.lock()
+                    .ok()
+                    .map(|m| m.values().map(|t| t.bytes).sum::<u64>())
+            })
+            .sum()
+    };
     let m0 = hub.metrics().await?;
     let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let received0 = received();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let received_bytes = received() - received0;
     let m1 = hub.metrics().await?;
     let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
     tasks.abort_all();
 
+    let tiles = args.consoles * (args.tiles + usize::from(args.late));
     let bytes_out = m1.get("tianwang_bytes_out_total") - m0.get("tianwang_bytes_out_total");
     let frames_out = m1.get("tianwang_frames_out_total") - m0.get("tianwang_frames_out_total");
     let report = serde_json::json!({
         "units": args.units,
         "consoles": args.consoles,
         "tiles_per_console": args.tiles,
-        "tiles": args.consoles * (args.tiles + 1),
+        "tiles": tiles,
         "seconds": secs,
         "hub_cpu_cores": cpu / secs,
+        "hub_cpu_seconds": cpu,
+        "cpu_ms_per_viewer_second": cpu * 1000.0 / (tiles as f64 * secs),
+        "received_mbit_s": received_bytes as f64 * 8.0 / secs / 1e6,
         "hub_peak_rss_mib": rss,
         "forwarded_mbit_s": bytes_out * 8.0 / secs / 1e6,
         "frames_out_per_s": frames_out / secs,
@@ -182,8 +185,8 @@ async fn main() -> anyhow::Result<()> {
         "first_rtp_ms_p95": percentile(&ttff, 0.95),
         "late_tile_first_rtp_ms_p50": percentile(&late, 0.5),
         "late_tile_first_rtp_ms_p95": percentile(&late, 0.95),
-        "forward_latency_ms_p50_bucket": histogram_quantile(&m1, &m0, "tianwang_forward_latency_seconds", 0.5),
-        "forward_latency_ms_p99_bucket": histogram_quantile(&m1, &m0, "tianwang_forward_latency_seconds", 0.99),
+        "forward_latency_ms_p50_bucket": m1.histogram_quantile_ms(&m0, "tianwang_forward_latency_seconds", 0.5),
+        "forward_latency_ms_p99_bucket": m1.histogram_quantile_ms(&m0, "tianwang_forward_latency_seconds", 0.99),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
