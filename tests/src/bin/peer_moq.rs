@@ -7,11 +7,11 @@
 //!
 //! The relay and the clients are the installed `moq-relay` and `moq` binaries, driven as
 //! subprocesses (`cargo install --root target/bench-peers moq-relay moq-cli`). Each
-//! publisher is `moq … import avc3` fed access units from here at 30 fps: the same
-//! self-paced replay `field-agent simulate` does, with no encoder or muxer in between, and
-//! the bytes offered are exactly the bytes written. Each subscriber is `moq … export h264`;
-//! what it writes to stdout is the frames it received, in Annex-B.
+//! publisher is the clip looped through `ffmpeg -re` (30 fps, remuxed to fMP4 with no
+//! re-encoding) into `moq … import fmp4`; each subscriber is `moq … export h264`, and what
+//! it writes to stdout is the frames it received, in Annex-B.
 //!
+//! `--ingest avc3` feeds access units straight into `moq … import avc3` at 30 fps instead;
 //! `--transport quic` dials moqt:// (raw QUIC) instead of http:// (WebTransport over
 //! HTTP/3, what browsers use); `--logs DIR` keeps every process's log.
 
@@ -36,6 +36,7 @@ struct Args {
     subscribers: usize,
     duration: u64,
     quic: bool,
+    avc3: bool,
     logs: Option<PathBuf>,
 }
 
@@ -47,6 +48,7 @@ fn parse_args() -> anyhow::Result<Args> {
         subscribers: 10,
         duration: 15,
         quic: false,
+        avc3: false,
         logs: None,
     };
     let mut it = std::env::args().skip(1);
@@ -63,11 +65,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--publishers" => a.publishers = number()?,
             "--subscribers" => a.subscribers = number()?,
             "--duration" => a.duration = number()? as u64,
+            "--ingest" if value == "fmp4" || value == "avc3" => a.avc3 = value == "avc3",
             "--transport" if value == "webtransport" || value == "quic" => a.quic = value == "quic",
             "--logs" => a.logs = Some(value.into()),
             _ => bail!(
                 "unknown {flag} {value} (--bin-dir DIR, --clip PATH.h264, --publishers N, \
-                 --subscribers M, --duration SECS, --transport webtransport|quic, --logs DIR)"
+                 --subscribers M, --duration SECS, --transport webtransport|quic, --ingest fmp4|avc3, --logs DIR)"
             ),
         }
     }
@@ -277,32 +280,63 @@ async fn main() -> anyhow::Result<()> {
         Ok(c)
     };
 
-    // Publishers: our task writes one access unit per 1/30 s into `moq import avc3`, which
-    // stamps each frame with its arrival time, so the clip loops with no care. (ffmpeg -re
-    // into `moq import fmp4` also works but costs the shared cores more.)
+    // Publishers. fmp4: our task writes the clip into `ffmpeg -re`, which paces it at 30 fps
+    // and timestamps it exactly, feeding `moq import fmp4`. avc3: our task writes one access
+    // unit per 1/30 s into `moq import avc3`, which stamps frames with their arrival time;
+    // lighter, but on a contended machine late frames then raise moq's bitrate estimate,
+    // which changes the catalog mid-run (see the primers below). The clip loops either way.
     let tally = Arc::new(Tally::default());
     let (mut children, mut client_pids) = (Vec::new(), Vec::new());
     for u in 1..=args.publishers {
         let log = logs.join(format!("pub{u}.log"));
-        let mut child = moq_cmd(&format!("unit{u}.hang"), &log)?
-            .args(["import", "avc3"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting moq import")?;
-        client_pids.extend(child.id());
-        let mut stdin = child.stdin.take().context("moq stdin")?;
-        children.push(child);
-        let (units, tally) = (Arc::clone(&units), Arc::clone(&tally));
+        let mut import = moq_cmd(&format!("unit{u}.hang"), &log)?;
+        import.stdout(Stdio::null());
+        let mut stdin = if args.avc3 {
+            let child = import
+                .args(["import", "avc3"])
+                .stdin(Stdio::piped())
+                .spawn();
+            let mut child = child.context("starting moq import")?;
+            client_pids.extend(child.id());
+            let stdin = child.stdin.take().context("moq stdin")?;
+            children.push(child);
+            stdin
+        } else {
+            // -c copy: remuxed, not re-encoded; one fragment per frame, so nothing waits.
+            let ffmpeg_args = "-hide_banner -loglevel error -re -framerate 30 -f h264 -i - \
+                -c copy -f mp4 -movflags \
+                cmaf+separate_moof+delay_moov+skip_trailer+frag_every_frame -";
+            let mut ffmpeg = Command::new("ffmpeg")
+                .args(ffmpeg_args.split_whitespace())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(log_file(&logs.join(format!("ffmpeg{u}.log")))?)
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting ffmpeg (or use --ingest avc3)")?;
+            let fmp4: Stdio = ffmpeg.stdout.take().context("ffmpeg stdout")?.try_into()?;
+            let child = import.args(["import", "fmp4"]).stdin(fmp4).spawn();
+            let child = child.context("starting moq import")?;
+            client_pids.extend(ffmpeg.id().into_iter().chain(child.id()));
+            let stdin = ffmpeg.stdin.take().context("ffmpeg stdin")?;
+            children.extend([ffmpeg, child]);
+            stdin
+        };
+        let (units, tally, avc3) = (Arc::clone(&units), Arc::clone(&tally), args.avc3);
         publishers.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / FPS));
             // Burst: a publisher starved for a moment catches up, so the clip's rate holds.
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            // Unit by unit either way (ffmpeg's reads pace fmp4), so offered is exact to a
+            // frame plus what the pipe holds.
             for au in units.iter().cycle() {
-                tick.tick().await;
+                if avc3 {
+                    tick.tick().await;
+                }
                 let written = stdin.write_all(au).await;
-                written
-                    .with_context(|| format!("publisher unit{u}: moq exited; {}", tail(&log)))?;
+                written.with_context(|| {
+                    format!("publisher unit{u}: moq or ffmpeg exited; {}", tail(&log))
+                })?;
                 if tally.measuring.load(Ordering::Relaxed) {
                     tally.offered.fetch_add(au.len() as u64, Ordering::Relaxed);
                 }
@@ -484,6 +518,7 @@ async fn main() -> anyhow::Result<()> {
         "peer": "moq-relay",
         "version": version,
         "transport": if args.quic { "quic" } else { "webtransport" },
+        "ingest": if args.avc3 { "avc3" } else { "fmp4" },
         "publishers": args.publishers,
         "subscribers": args.publishers * args.subscribers,
         "seconds": secs,
