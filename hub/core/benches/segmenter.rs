@@ -13,35 +13,13 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tianwang_core::segmenter::{Segmenter, SegmenterConfig, VideoCodec};
 
-const START: [u8; 4] = [0, 0, 0, 1];
-const SPS: &[u8] = &[0x67, 0x42, 0xe0, 0x1f, 0xda, 0x02, 0x80, 0xbf];
-const PPS: &[u8] = &[0x68, 0xce, 0x3c, 0x80];
+#[path = "support/nal.rs"]
+mod nal;
+use nal::{PPS, SPS, START, slice};
+
 const GOP: usize = 60;
 const FRAME_US: u64 = 33_333;
 const AUDIO_US: u64 = 20_000;
-
-/// A slice NAL unit: its header byte, then `len` bytes that look like entropy-coded data to a
-/// start-code scanner (the segmenter reads every byte): pseudo-random, with emulation
-/// prevention, so no start code occurs inside, and a non-zero last byte.
-fn slice(header: u8, len: usize, seed: u32) -> Vec<u8> {
-    let mut nal = Vec::with_capacity(len + len / 64 + 1);
-    nal.push(header);
-    let (mut x, mut zeros) = (seed, 0);
-    while nal.len() <= len {
-        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        let b = (x >> 24) as u8;
-        if zeros >= 2 && b <= 3 {
-            nal.push(3);
-            zeros = 0;
-        }
-        nal.push(b);
-        zeros = if b == 0 { zeros + 1 } else { 0 };
-    }
-    if let Some(last) = nal.last_mut().filter(|b| **b == 0) {
-        *last = 0x80;
-    }
-    nal
-}
 
 /// One GOP of access units: an IDR with SPS and PPS (as the agents send it), then deltas of
 /// 4–8 KB.

@@ -756,47 +756,64 @@ fn plot(doc: &Value, path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (800, 640)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(320);
-    let mut chart = ChartBuilder::on(&top)
-        .caption(
-            "Tianwang QUIC fan-out: delay capture → subscriber",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..x_max, 0.0..max_of(&[&p99], |p| p.1))?;
-    chart
-        .configure_mesh()
-        .x_desc("delivered Mbit/s")
-        .y_desc("ms")
-        .draw()?;
-    for (data, color, label) in [(&p50, BLUE, "p50"), (&p99, RED, "p99")] {
-        chart
-            .draw_series(LineSeries::new(data.iter().copied(), color))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
-        chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-    }
-    chart.configure_series_labels().border_style(BLACK).draw()?;
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("Relay CPU against load (same run)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..x_max, 0.0..max_of(&[&cpu_t, &cpu_m], |p| p.1))?;
-    chart
-        .configure_mesh()
-        .x_desc("delivered Mbit/s")
-        .y_desc("CPU cores")
-        .draw()?;
-    for (data, color, label) in [(&cpu_t, BLUE, "Tianwang hub"), (&cpu_m, GREEN, "moq-relay")] {
-        chart
-            .draw_series(LineSeries::new(data.iter().copied(), color))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
-        chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-    }
-    chart.configure_series_labels().border_style(BLACK).draw()?;
+    let caption = "Tianwang QUIC fan-out: delay capture → subscriber";
+    panel(
+        &top,
+        caption,
+        "ms",
+        x_max,
+        &[(&p50, BLUE, "p50"), (&p99, RED, "p99")],
+    )?;
+    let cpu = [(&cpu_t, BLUE, "Tianwang hub"), (&cpu_m, GREEN, "moq-relay")];
+    panel(
+        &bottom,
+        "Relay CPU against load (same run)",
+        "CPU cores",
+        x_max,
+        &cpu,
+    )?;
     root.present()?;
+    Ok(())
+}
+
+type Series<'a> = (&'a Vec<(f64, f64)>, plotters::style::RGBColor, &'a str);
+
+/// One chart of the plot: lines with their points, against delivered Mbit/s.
+fn panel(
+    area: &plotters::drawing::DrawingArea<
+        plotters::prelude::SVGBackend<'_>,
+        plotters::coord::Shift,
+    >,
+    caption: &str,
+    y_desc: &str,
+    x_max: f64,
+    series: &[Series<'_>],
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.0.iter())
+        .map(|p| p.1)
+        .fold(1e-3, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("delivered Mbit/s")
+        .y_desc(y_desc)
+        .draw()?;
+    for &(data, color, label) in series {
+        chart
+            .draw_series(LineSeries::new(data.iter().copied(), color))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+        chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).draw()?;
     Ok(())
 }
