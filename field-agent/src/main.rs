@@ -188,6 +188,10 @@ struct SimulateArgs {
     /// load runs measure the hub, not the disk) for none.
     #[arg(long, default_value_t = 0)]
     spool_mib: u64,
+    /// Begin each video frame with its capture time in an SEI message, so viewers that see
+    /// only the bitstream (WebRTC) can measure delay.
+    #[arg(long)]
+    stamp: bool,
     #[command(flatten)]
     encode: Encode,
 }
@@ -365,11 +369,12 @@ async fn write_clip(args: ClipArgs) -> anyhow::Result<()> {
         .context("clip encoder")??;
     // The encoder's access units are Annex-B with parameter sets before each keyframe, so
     // the file is their concatenation.
-    let bytes: Vec<u8> = clip
+    let bytes = clip
         .video
         .iter()
-        .flat_map(|f| f.payload.iter().copied())
-        .collect();
+        .map(|f| &f.payload[..])
+        .collect::<Vec<_>>()
+        .concat();
     std::fs::write(&args.out, &bytes)
         .with_context(|| format!("writing the clip to {}", args.out.display()))?;
     info!(
@@ -450,6 +455,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             video,
             Arc::clone(&broadcast),
             offset,
+            args.stamp,
             shutdown.clone(),
         ));
         let mut config = UplinkConfig::new(args.link.hub.clone(), token, trust.clone());

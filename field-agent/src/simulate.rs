@@ -335,11 +335,13 @@ impl VideoSelector {
 }
 
 /// Replays the clip into a unit's tracks in real time, looping, until `shutdown`; the
-/// video from the rendition `unit` selects.
+/// video from the rendition `unit` selects. With `stamp`, each video frame begins with its
+/// capture time in an SEI message ([`tianwang_proto::stamp`]).
 pub async fn play(
     unit: Arc<UnitVideo>,
     broadcast: Arc<LocalBroadcast>,
     start_delay: Duration,
+    stamp: bool,
     shutdown: CancellationToken,
 ) {
     let clip = Arc::clone(unit.renditions.base());
@@ -360,6 +362,7 @@ pub async fn play(
         .collect();
     schedule.sort_by_key(|(pts, kind, _)| (*pts, *kind as i32));
     let start = tokio::time::Instant::now() + start_delay;
+    let mut stamped = Vec::new();
     for lap in 0u64.. {
         let base = start + Duration::from_micros(lap * clip.duration_us);
         for &(pts, kind, i) in &schedule {
@@ -372,7 +375,16 @@ pub async fn play(
                 _ => (video.frame(i), broadcast.track(TrackKind::Video)),
             };
             if let (Some(f), Some(t)) = (frame, track) {
-                t.push(&f.payload, crate::unix_now_us(), f.duration_us, f.keyframe);
+                let now = crate::unix_now_us();
+                let payload = if stamp && kind == TrackKind::Video {
+                    stamped.clear();
+                    tianwang_proto::stamp::write(&mut stamped, now);
+                    stamped.extend_from_slice(&f.payload);
+                    &stamped[..]
+                } else {
+                    &f.payload[..]
+                };
+                t.push(payload, now, f.duration_us, f.keyframe);
             }
         }
     }

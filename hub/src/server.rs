@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tianwang_core::RelayStats;
 use tianwang_transport::{Limits, tls};
 use tokio_util::sync::CancellationToken;
@@ -203,6 +204,13 @@ impl RunningHub {
         let router = crate::http::router(Arc::clone(&context))?;
         let stop = shutdown.clone();
         tasks.spawn(async move {
+            // No Nagle: a console's events are small writes in a row (a tile's state, then
+            // its offer), and the second waited ~40 ms for the browser's delayed ACK.
+            let http = http.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY on an HTTP connection");
+                }
+            });
             let served = axum::serve(http, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;

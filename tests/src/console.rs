@@ -40,13 +40,37 @@ pub struct TileMedia {
 }
 
 pub type MediaCounts = Arc<Mutex<HashMap<String, TileMedia>>>;
+/// Capture → arrival delays (µs) of video frames stamped by `field-agent simulate --stamp`.
+pub type Delays = Arc<Mutex<Vec<u64>>>;
 type Tracks = Arc<Mutex<HashMap<String, Vec<Arc<dyn TrackRemote>>>>>;
 
 #[derive(Clone)]
 struct Handler {
     candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
     media: MediaCounts,
+    delays: Delays,
     tracks: Tracks,
+}
+
+/// The capture time stamped in an RTP payload of H.264: a single NAL unit or one inside a
+/// STAP-A (RFC 6184), where the payloader puts small NAL units.
+fn stamp_in(payload: &[u8]) -> Option<u64> {
+    match payload.first()? & 0x1f {
+        6 => tianwang_proto::stamp::read(payload),
+        24 => {
+            let mut rest = &payload[1..];
+            while rest.len() > 2 {
+                let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let nal = rest.get(2..2 + size)?;
+                if let Some(at) = tianwang_proto::stamp::read(nal) {
+                    return Some(at);
+                }
+                rest = &rest[2 + size..];
+            }
+            None
+        }
+        _ => None,
+    }
 }
 
 #[async_trait::async_trait]
@@ -66,9 +90,14 @@ impl PeerConnectionEventHandler for Handler {
             .or_default()
             .push(Arc::clone(&track));
         let media = Arc::clone(&self.media);
+        let delays = Arc::clone(&self.delays);
         tokio::spawn(async move {
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(p) = event {
+                    if let Some(at) = stamp_in(&p.payload) {
+                        let delay = crate::unix_now_us().saturating_sub(at);
+                        delays.lock().unwrap_or_else(|e| e.into_inner()).push(delay);
+                    }
                     let mut m = media.lock().unwrap_or_else(|e| e.into_inner());
                     let t = m.entry(tile.clone()).or_default();
                     t.packets += 1;
@@ -86,10 +115,20 @@ pub struct Console {
     pc: Option<Arc<dyn PeerConnection>>,
     candidates: Option<mpsc::UnboundedReceiver<RTCIceCandidateInit>>,
     pub media: MediaCounts,
+    pub delays: Delays,
     tracks: Tracks,
 }
 
-pub(crate) fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
+/// A PeerConnection as every Rust client here makes it: the H.264 the hub's consoles offer
+/// (at `h264_payload_type`) and Opus, the default interceptors (NACK, reports), host
+/// candidates on `udp` only, no mDNS, and connectivity checks every 20 ms, not webrtc-rs's
+/// 200 (a browser answers a check with a check at once; this client only on its tick, and a
+/// new viewer's first frame would wait for it).
+pub async fn peer_connection(
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    h264_payload_type: u8,
+    udp: String,
+) -> anyhow::Result<Arc<dyn PeerConnection>> {
     let mut engine = MediaEngine::default();
     engine.register_codec(
         RTCRtpCodecParameters {
@@ -101,7 +140,7 @@ pub(crate) fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
                     "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
                 rtcp_feedback: vec![],
             },
-            payload_type: 102,
+            payload_type: h264_payload_type,
         },
         RtpCodecKind::Video,
     )?;
@@ -119,19 +158,40 @@ pub(crate) fn engine() -> anyhow::Result<(MediaEngine, Registry)> {
         RtpCodecKind::Audio,
     )?;
     let registry = register_default_interceptors(Registry::new(), &mut engine)?;
-    Ok((engine, registry))
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_setting_engine(
+            SettingEngineBuilder::new()
+                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(70))
+                .build(),
+        )
+        .with_media_engine(engine)
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec![udp])
+        .build()
+        .await
+        .context("building a PeerConnection")?;
+    Ok(Arc::new(pc))
 }
 
 impl Console {
     pub async fn connect(http: SocketAddr) -> anyhow::Result<Self> {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/api/session"))
-            .await
-            .context("opening the console WebSocket")?;
+        // No Nagle, as browsers do: offers, answers and candidates are small writes in a row.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(
+            format!("ws://{http}/api/session"),
+            None,
+            true,
+        )
+        .await
+        .context("opening the console WebSocket")?;
         Ok(Self {
             ws,
             pc: None,
             candidates: None,
             media: MediaCounts::default(),
+            delays: Delays::default(),
             tracks: Tracks::default(),
         })
     }
@@ -242,26 +302,15 @@ impl Console {
 
     /// Gives the console a PeerConnection that answers the hub's offers.
     pub async fn with_media(&mut self) -> anyhow::Result<()> {
-        let (engine, registry) = engine()?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_setting_engine(
-                SettingEngineBuilder::new()
-                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                    .build(),
-            )
-            .with_media_engine(engine)
-            .with_interceptor_registry(registry)
-            .with_handler(Arc::new(Handler {
-                candidates: tx,
-                media: Arc::clone(&self.media),
-                tracks: Arc::clone(&self.tracks),
-            }))
-            .with_udp_addrs(vec!["127.0.0.1:0"])
-            .build()
-            .await?;
-        self.pc = Some(Arc::new(pc));
+        let handler = Arc::new(Handler {
+            candidates: tx,
+            media: Arc::clone(&self.media),
+            delays: Arc::clone(&self.delays),
+            tracks: Arc::clone(&self.tracks),
+        });
+        let pc = peer_connection(handler, 102, "127.0.0.1:0".into()).await?;
+        self.pc = Some(pc);
         self.candidates = Some(rx);
         Ok(())
     }

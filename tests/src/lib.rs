@@ -614,3 +614,18 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
+
+/// The `p` quantile (0–1, nearest rank) of sorted figures; NaN when there are none (a load
+/// report shows it as missing, not as zero).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Microseconds, sorted, as milliseconds (for [`percentile`]).
+pub fn sorted_ms(mut us: Vec<u64>) -> Vec<f64> {
+    us.sort_unstable();
+    us.into_iter().map(|u| u as f64 / 1000.0).collect()
+}

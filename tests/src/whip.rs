@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::rtp::codec::h264::H264Payloader;
 use rtc::rtp::packetizer::Payloader;
@@ -23,8 +22,7 @@ use webrtc::media_stream::MediaStreamTrack;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
-    RTCPeerConnectionState, SettingEngineBuilder,
+    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCPeerConnectionState,
 };
 
 const PAYLOAD_TYPE: u8 = 102;
@@ -68,26 +66,14 @@ impl WhipPublisher {
         token: &str,
         munge: impl FnOnce(String) -> String,
     ) -> anyhow::Result<Self> {
-        let (engine, registry) = crate::console::engine()?;
         let (gathered, mut gathered_rx) = watch::channel(false);
         let (connected, connected_rx) = watch::channel(false);
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_setting_engine(
-                SettingEngineBuilder::new()
-                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                    .build(),
-            )
-            .with_media_engine(engine)
-            .with_interceptor_registry(registry)
-            .with_handler(Arc::new(Handler {
-                gathered,
-                connected,
-            }))
-            .with_udp_addrs(vec!["127.0.0.1:0"])
-            .build()
-            .await?;
-        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+        let handler = Arc::new(Handler {
+            gathered,
+            connected,
+        });
+        let pc =
+            crate::console::peer_connection(handler, PAYLOAD_TYPE, "127.0.0.1:0".into()).await?;
         let ssrc: u32 = rand::random();
         let codec = RTCRtpCodec {
             mime_type: "video/H264".into(),

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Debug, Default)]
 pub struct RelayStats {
     pub frames_in: AtomicU64,
+    /// Payload bytes of those frames.
+    pub bytes_in: AtomicU64,
     pub groups_in: AtomicU64,
     /// Frames of a group older than the track's newest, arriving late from the publisher.
     pub frames_stale_in: AtomicU64,

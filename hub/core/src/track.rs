@@ -338,6 +338,10 @@ impl GroupWriter {
             slot.waker.wake();
         }
         track.relay.frames_in.fetch_add(1, Ordering::Relaxed);
+        track
+            .relay
+            .bytes_in
+            .fetch_add(frame.payload_len() as u64, Ordering::Relaxed);
         let totals = &track.totals;
         totals.frames.fetch_add(1, Ordering::Relaxed);
         totals

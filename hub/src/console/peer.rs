@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
@@ -278,8 +279,16 @@ impl Peer {
         let talk_sink = crate::talkback::TalkSink::default();
         let addrs: Vec<String> = config.ips.iter().map(|ip| format!("{ip}:0")).collect();
         // No mDNS: its default mode binds a multicast socket on :5353 for every connection.
+        // The viewer's first checks arrive before its trickled candidates, so its address is
+        // first known as peer-reflexive: the default 1 s wait before nominating such a pair
+        // (there to prefer host pairs) made every new tile's first frame 1 s late, and the
+        // hub gathers host candidates only, so nothing better can turn up. Checks go out on a
+        // tick, and the nomination waits for the next one: every 20 ms instead of 200, 70 of
+        // them, so a pair is still given up after 1.4 s.
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+            .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(70))
             .build();
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())

@@ -68,13 +68,6 @@ fn disk_write_bytes(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -156,26 +149,31 @@ async fn main() -> anyhow::Result<()> {
     let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
     tasks.abort_all();
 
-    let mut delays = std::mem::take(&mut *tally.delays_us.lock().await);
-    delays.sort_unstable();
-    let mut ttff = std::mem::take(&mut *tally.first_frame_us.lock().await);
-    ttff.sort_unstable();
+    let delays = sorted_ms(std::mem::take(&mut *tally.delays_us.lock().await));
+    let ttff = sorted_ms(std::mem::take(&mut *tally.first_frame_us.lock().await));
     let frames_in = m1.get("tianwang_frames_in_total") - m0.get("tianwang_frames_in_total");
     let frames_out = m1.get("tianwang_frames_out_total") - m0.get("tianwang_frames_out_total");
     let dropped = m1.sum("tianwang_frames_dropped_total") - m0.sum("tianwang_frames_dropped_total");
     let bytes_out = m1.get("tianwang_bytes_out_total") - m0.get("tianwang_bytes_out_total");
+    let bytes_in = m1.get("tianwang_bytes_in_total") - m0.get("tianwang_bytes_in_total");
+    // What the subscribers received: the figure compared with the peers.
+    let delivered = tally.bytes.load(Ordering::Relaxed) as f64 * 8.0 / secs / 1e6;
     let report = serde_json::json!({
         "units": args.units,
         "subscribers": args.units * args.subscribers,
         "seconds": secs,
         "bitrate_kbps": args.bitrate,
-        "hub_cpu_cores": cpu / secs,
-        "hub_cpu_seconds": cpu,
-        "hub_peak_rss_mib": rss,
+        "relay_cpu_cores": cpu / secs,
+        "relay_cpu_seconds": cpu,
+        "relay_peak_rss_mib": rss,
         "frames_in_per_s": frames_in / secs,
         "frames_out_per_s": frames_out / secs,
+        "ingress_mbit_s": bytes_in * 8.0 / secs / 1e6,
+        // What the subscribers asked for: every unit's stream to each of its subscribers.
+        "offered_mbit_s": bytes_in * args.subscribers as f64 * 8.0 / secs / 1e6,
         "forwarded_mbit_s": bytes_out * 8.0 / secs / 1e6,
-        "received_mbit_s": tally.bytes.load(Ordering::Relaxed) as f64 * 8.0 / secs / 1e6,
+        "delivered_mbit_s": delivered,
+        "mbit_per_cpu_second": delivered * secs / cpu,
         "frames_dropped": dropped,
         "delay_ms_p50": percentile(&delays, 0.50),
         "delay_ms_p95": percentile(&delays, 0.95),

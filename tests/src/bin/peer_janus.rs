@@ -17,21 +17,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use rtc::peer_connection::configuration::RTCConfigurationBuilder;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MediaEngine};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCIceGatheringState;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
 use rtc::shared::marshal::MarshalSize;
 use serde_json::{Value, json};
-use tianwang_tests::{cpu_seconds, peak_rss_mib, terminate};
+use tianwang_tests::console::peer_connection;
+use tianwang_tests::{cpu_seconds, peak_rss_mib, percentile, terminate};
 use tokio::sync::watch;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, Registry,
-    SettingEngineBuilder,
-};
+use webrtc::peer_connection::{PeerConnection, PeerConnectionEventHandler};
 
 /// Set in the re-executed process, which runs inside its own network namespace.
 const NETNS_ENV: &str = "PEER_JANUS_NETNS";
@@ -290,41 +284,14 @@ impl Viewer {
 async fn viewer(http: reqwest::Client) -> anyhow::Result<Viewer> {
     let (session, path) = attach(&http).await.context("create and attach")?;
 
-    // H.264 only, as the hub's console offers; the same default interceptors (NACK, reports).
-    let mut engine = MediaEngine::default();
-    let codec = RTCRtpCodec {
-        mime_type: MIME_TYPE_H264.into(),
-        clock_rate: 90_000,
-        channels: 0,
-        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
-            .into(),
-        rtcp_feedback: vec![],
-    };
-    let params = RTCRtpCodecParameters {
-        rtp_codec: codec,
-        payload_type: 96,
-    };
-    engine.register_codec(params, RtpCodecKind::Video)?;
-    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    // The same client as the hub's console viewers, H.264 at the payload type Janus offers.
     let counts = Arc::new(Mutex::new(Counts::default()));
     let (gathered, mut gathered_rx) = watch::channel(false);
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_setting_engine(
-            SettingEngineBuilder::new()
-                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                .build(),
-        )
-        .with_media_engine(engine)
-        .with_interceptor_registry(registry)
-        .with_handler(Arc::new(Handler {
-            counts: Arc::clone(&counts),
-            gathered,
-        }))
-        .with_udp_addrs(vec![format!("{ADDR}:0")])
-        .build()
-        .await
-        .context("building the PeerConnection")?;
+    let handler = Arc::new(Handler {
+        counts: Arc::clone(&counts),
+        gathered,
+    });
+    let pc = peer_connection(handler, 96, format!("{ADDR}:0")).await?;
 
     let watched = Instant::now();
     let body = json!({"janus": "message", "body": {"request": "watch", "id": 1}});
@@ -377,7 +344,7 @@ async fn viewer(http: reqwest::Client) -> anyhow::Result<Viewer> {
         }
     });
     Ok(Viewer {
-        _pc: Arc::new(pc),
+        _pc: pc,
         counts,
         watched,
         _poll: poll,
@@ -404,13 +371,6 @@ async fn wait_feed(http: &reqwest::Client, janus_up: Instant) -> anyhow::Result<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 async fn run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
@@ -541,7 +501,8 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         "relay_cpu_cores": cpu / secs,
         "relay_cpu_seconds": cpu,
         "relay_peak_rss_mib": rss,
-        "offered_mbit_s": offered,
+        "ingress_mbit_s": offered,
+        "offered_mbit_s": offered * args.viewers as f64,
         "delivered_mbit_s": (bytes1 - bytes0) as f64 * 8.0 / secs / 1e6,
         "frames_per_s_delivered": (frames1 - frames0) as f64 / secs,
         "first_frame_ms_p50": percentile(&ttff, 0.5),

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tianwang_tests::{cpu_seconds, peak_rss_mib};
+use tianwang_tests::{cpu_seconds, peak_rss_mib, percentile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
@@ -156,13 +156,6 @@ async fn wait_until(deadline: Instant, mut ok: impl AsyncFnMut() -> bool) -> boo
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Runs `fut`, failing early if the relay exits or a publisher's task ends (they only end
@@ -527,14 +520,16 @@ async fn main() -> anyhow::Result<()> {
         "relay_peak_rss_mib": rss,
         "clients_cpu_cores": clients / secs,
         "clip_mbit_s": clip_mbit_s,
-        "offered_mbit_s": mbit_s(tally.offered.load(Ordering::Relaxed)),
+        // Into the relay, and what its subscribers asked for (each stream times its own).
+        "ingress_mbit_s": mbit_s(tally.offered.load(Ordering::Relaxed)),
+        "offered_mbit_s": mbit_s(tally.offered.load(Ordering::Relaxed)) * args.subscribers as f64,
         "delivered_mbit_s": delivered,
         "mbit_per_cpu_second": delivered * secs / cpu,
         // Far below the clip rate: a subscriber stalled; above it: duplicates or a backlog.
         "per_subscriber_mbit_s_min": per_sub.first(),
         "per_subscriber_mbit_s_max": per_sub.last(),
-        "first_bytes_ms_p50": percentile(&first_ms, 0.50),
-        "first_bytes_ms_p95": percentile(&first_ms, 0.95),
+        "first_frame_ms_p50": percentile(&first_ms, 0.50),
+        "first_frame_ms_p95": percentile(&first_ms, 0.95),
         "subscribers_exited": exited,
         "subscriber_resubscribes": resubscribes,
     });
