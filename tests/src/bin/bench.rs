@@ -8,6 +8,8 @@
 //!   target/release/bench [--quick] [--repeat N] [--out docs] [--peers target/bench-peers/bin]
 //!                        [--only TEXT]
 //!
+//! `--render RESULTS` writes the report again from a results.json, running nothing.
+//!
 //! Scenarios measured against a peer run `--repeat` times (3 by default, 1 with `--quick`),
 //! alternating the systems, and report the median of each figure: single runs on a shared
 //! 2-core machine move by a third.
@@ -30,6 +32,7 @@ struct Args {
     peers: PathBuf,
     only: Option<String>,
     repeat: usize,
+    render: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -45,6 +48,7 @@ fn parse_args() -> anyhow::Result<Args> {
         peers: target.join("bench-peers/bin"),
         only: None,
         repeat: 0,
+        render: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +57,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--out" => a.out = it.next().context("--out needs a directory")?.into(),
             "--peers" => a.peers = it.next().context("--peers needs a directory")?.into(),
             "--only" => a.only = Some(it.next().context("--only needs a text")?),
+            "--render" => a.render = Some(it.next().context("--render needs a file")?.into()),
             "--repeat" => {
                 a.repeat = it
                     .next()
@@ -64,7 +69,8 @@ fn parse_args() -> anyhow::Result<Args> {
                 }
             }
             other => bail!(
-                "unknown flag {other} (--quick, --repeat N, --out DIR, --peers DIR, --only TEXT)"
+                "unknown flag {other} (--quick, --repeat N, --out DIR, --peers DIR, --only TEXT, \
+                 --render RESULTS)"
             ),
         }
     }
@@ -347,6 +353,14 @@ fn memcpy_fan_out(subscribers: usize, frame: usize) -> anyhow::Result<Value> {
 
 fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
+    if let Some(results) = &a.render {
+        // The report again from a run's figures (after a change to the report only).
+        let text = std::fs::read_to_string(results)
+            .with_context(|| format!("reading {}", results.display()))?;
+        let doc: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file", results.display()))?;
+        return write_report(&a.out, &doc);
+    }
     let work = tempfile::tempdir()?;
     let clip = work.path().join("clip.h264");
     let status = Command::new(bin("field-agent"))
@@ -442,24 +456,24 @@ fn main() -> anyhow::Result<()> {
         "runs": results,
         "ceiling": {"iperf3_udp": iperf, "memcpy_fan_out": memcpy},
     });
-    let dir = a.out.join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    plot(&doc, &dir.join("load.svg"))?;
-    let md = a.out.join("benchmarks.md");
-    let old = std::fs::read_to_string(&md).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    std::fs::write(&md, splice(&old, &report(&doc)))?;
-    eprintln!(
-        "wrote {} and {}",
-        dir.join("results.json").display(),
-        md.display()
-    );
+    write_report(&a.out, &doc)?;
     if failed > 0 {
         bail!("{failed} run(s) failed: see above");
     }
+    Ok(())
+}
+
+/// OUT/bench/results.json, OUT/bench/load.svg and the generated section of OUT/benchmarks.md.
+fn write_report(out: &Path, doc: &Value) -> anyhow::Result<()> {
+    let dir = out.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let results = dir.join("results.json");
+    std::fs::write(&results, serde_json::to_string_pretty(doc)?)?;
+    plot(doc, &dir.join("load.svg"))?;
+    let md = out.join("benchmarks.md");
+    let old = std::fs::read_to_string(&md).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    std::fs::write(&md, splice(&old, &report(doc)))?;
+    eprintln!("wrote {} and {}", results.display(), md.display());
     Ok(())
 }
 
@@ -527,11 +541,28 @@ fn f(x: Option<f64>, decimals: usize) -> String {
     x.map_or_else(|| "–".into(), |x| format!("{x:.decimals$}"))
 }
 
-/// `PREFIX_p50`, `_p95` and `_p99` of a report as "a / b / c".
-fn triple(r: &Value, prefix: &str) -> String {
-    ["p50", "p95", "p99"]
-        .map(|p| f(num(r, &format!("{prefix}_{p}")), 2))
-        .join(" / ")
+/// A column of a table: figures of a report, with their decimals, shown as "a / b / c".
+type Column = (&'static [&'static str], usize);
+
+const DELAY: Column = (&["delay_ms_p50", "delay_ms_p95", "delay_ms_p99"], 2);
+const FIRST_FRAME: Column = (&["first_frame_ms_p50", "first_frame_ms_p95"], 0);
+
+/// One row per finished run of `group`: scenario, system (with `mark` after moq-relay's),
+/// then `columns`.
+fn rows(o: &mut String, doc: &Value, group: &str, mark: &str, columns: &[Column]) {
+    for (name, system, r) in finished(doc, group) {
+        let mark = if system == "moq-relay" { mark } else { "" };
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(keys, decimals)| {
+                keys.iter()
+                    .map(|k| f(num(r, k), *decimals))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            })
+            .collect();
+        let _ = writeln!(o, "| {name} | {system}{mark} | {} |", cells.join(" | "));
+    }
 }
 
 /// The runs of one group that finished, as (name, system, report).
@@ -596,26 +627,26 @@ fn report(doc: &Value) -> String {
          frames dropped | delay p50 / p95 / p99 ms | first frame p50 / p95 ms | hub forward p99 ms | peak RSS MiB |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (name, system, r) in finished(doc, "quic") {
-        let mark = if system == "moq-relay" { "¹" } else { "" };
-        let _ = writeln!(
-            o,
-            "| {name} | {system} | {} | {} | {} | {} | {} | {} | {} / {}{mark} | {} | {} |",
-            f(num(r, "offered_mbit_s"), 1),
-            f(num(r, "delivered_mbit_s"), 1),
-            f(num(r, "relay_cpu_cores"), 2),
-            f(num(r, "mbit_per_cpu_second"), 0),
-            f(num(r, "frames_dropped"), 0),
-            triple(r, "delay_ms"),
-            f(num(r, "first_frame_ms_p50"), 0),
-            f(num(r, "first_frame_ms_p95"), 0),
-            f(num(r, "forward_latency_ms_p99_bucket"), 2),
-            f(num(r, "relay_peak_rss_mib"), 0),
-        );
-    }
+    rows(
+        &mut o,
+        doc,
+        "quic",
+        "¹",
+        &[
+            (&["offered_mbit_s"], 1),
+            (&["delivered_mbit_s"], 1),
+            (&["relay_cpu_cores"], 2),
+            (&["mbit_per_cpu_second"], 0),
+            (&["frames_dropped"], 0),
+            DELAY,
+            FIRST_FRAME,
+            (&["forward_latency_ms_p99_bucket"], 2),
+            (&["relay_peak_rss_mib"], 0),
+        ],
+    );
     o.push_str(
-        "\n¹ moq-relay's subscribers are `moq … export` processes: first bytes on their output, \
-         from the process's start. Delay is not measured for moq-relay (its export carries no \
+        "\n¹ moq-relay's subscribers are `moq … export` processes: its first frame is first bytes \
+         on their output, from the process's start. Delay is not measured for moq-relay (its export carries no \
          capture time). Tianwang's delay is capture → subscriber across the agent's uplink, \
          the hub and the subscriber's QUIC; *hub forward* is the hub's own part (frame \
          received → handed to QUIC), the upper bound of its histogram bucket.\n\n",
@@ -628,23 +659,29 @@ fn report(doc: &Value) -> String {
          late tile p50 / p95 ms | peak RSS MiB |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (name, system, r) in finished(doc, "webrtc") {
-        let _ = writeln!(
-            o,
-            "| {name} | {system} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} |",
-            f(num(r, "subscribers"), 0),
-            f(num(r, "offered_mbit_s"), 1),
-            f(num(r, "delivered_mbit_s"), 1),
-            f(num(r, "relay_cpu_cores"), 2),
-            f(num(r, "cpu_ms_per_viewer_second"), 2),
-            triple(r, "delay_ms"),
-            f(num(r, "first_frame_ms_p50"), 0),
-            f(num(r, "first_frame_ms_p95"), 0),
-            f(num(r, "late_tile_first_frame_ms_p50"), 0),
-            f(num(r, "late_tile_first_frame_ms_p95"), 0),
-            f(num(r, "relay_peak_rss_mib"), 0),
-        );
-    }
+    rows(
+        &mut o,
+        doc,
+        "webrtc",
+        "",
+        &[
+            (&["subscribers"], 0),
+            (&["offered_mbit_s"], 1),
+            (&["delivered_mbit_s"], 1),
+            (&["relay_cpu_cores"], 2),
+            (&["cpu_ms_per_viewer_second"], 2),
+            DELAY,
+            FIRST_FRAME,
+            (
+                &[
+                    "late_tile_first_frame_ms_p50",
+                    "late_tile_first_frame_ms_p95",
+                ],
+                0,
+            ),
+            (&["relay_peak_rss_mib"], 0),
+        ],
+    );
     o.push_str(
         "\nFirst frame is from the request (AddTile; Janus's `watch`) to the viewer's first RTP \
          packet, over a new PeerConnection (ICE and DTLS included); a late tile is added on a \
