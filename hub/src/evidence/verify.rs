@@ -352,10 +352,10 @@ pub const EXPORT_FORMAT: &str = "tianwang-export/1";
 
 /// Verifies an export directory with the hub's public key only.
 pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
-    let mut report = Report::default();
     let manifest_bytes = match std::fs::read(dir.join("manifest.json")) {
         Ok(b) => b,
         Err(e) => {
+            let mut report = Report::default();
             report
                 .problems
                 .push(format!("manifest.json cannot be read: {e}"));
@@ -363,13 +363,37 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
         }
     };
     let signature = std::fs::read_to_string(dir.join("manifest.sig")).unwrap_or_default();
-    if !verifier.verify_hex(&manifest_bytes, signature.trim()) {
+    verify_manifest(&manifest_bytes, &signature, verifier, |name| {
+        std::fs::read(dir.join(name))
+    })
+}
+
+/// Whether a manifest's file name stays inside the export: one plain component, so a
+/// crafted manifest cannot make the verifier read `/dev/zero` or files outside the bundle.
+fn plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    ) && !name.contains(['/', '\\'])
+}
+
+/// Verifies an export's manifest (untrusted input) and the files it names, read through
+/// `read_file`: `hub verify` reads them from the bundle, the fuzzer from memory.
+pub fn verify_manifest(
+    manifest_bytes: &[u8],
+    signature: &str,
+    verifier: &Verifier,
+    mut read_file: impl FnMut(&str) -> std::io::Result<Vec<u8>>,
+) -> Report {
+    let mut report = Report::default();
+    if !verifier.verify_hex(manifest_bytes, signature.trim()) {
         report.problems.push(
             "manifest.sig does not match manifest.json under this key: the manifest was altered, or the key is not the hub's"
                 .into(),
         );
     }
-    let manifest: Manifest = match serde_json::from_slice(&manifest_bytes) {
+    let manifest: Manifest = match serde_json::from_slice(manifest_bytes) {
         Ok(m) => m,
         Err(e) => {
             report
@@ -385,7 +409,14 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
     }
     let mut by_unit: HashMap<String, Vec<SegmentRow>> = HashMap::new();
     for file in &manifest.files {
-        let data = match std::fs::read(dir.join(&file.name)) {
+        if !plain_file_name(&file.name) {
+            report.problems.push(format!(
+                "{:?}: not a file name inside the export: not read",
+                file.name
+            ));
+            continue;
+        }
+        let data = match read_file(&file.name) {
             Ok(d) => d,
             Err(e) => {
                 report
@@ -483,4 +514,40 @@ pub fn verify_export(dir: &Path, verifier: &Verifier) -> Report {
     }
     check_audit(&manifest.audit, verifier, false, &mut report);
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_cannot_make_the_verifier_read_outside_the_export() {
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .expect("a key")
+            .serialize_pem();
+        let signer = crate::evidence::keys::Signer::from_pem(&pem).expect("the key loads");
+        let file = |name: &str| {
+            serde_json::json!({"name": name, "unit": "u", "operation": null, "recording": "r",
+                "sha256": "00", "parts": []})
+        };
+        let manifest = serde_json::json!({
+            "format": EXPORT_FORMAT, "case": {}, "hub_public_key": "", "created_us": 0,
+            "files": [file("../../etc/passwd"), file("/dev/zero"), file("a/b.mp4"),
+                file(".."), file("unit.mp4")],
+            "gaps": [], "audit": [],
+        })
+        .to_string();
+        let mut asked = Vec::new();
+        let report = verify_manifest(manifest.as_bytes(), "", &signer.verifier(), |name| {
+            asked.push(name.to_string());
+            Ok(Vec::new())
+        });
+        assert_eq!(asked, ["unit.mp4"], "only the plain file name is read");
+        let refused = report
+            .problems
+            .iter()
+            .filter(|p| p.contains("not a file name inside the export"))
+            .count();
+        assert_eq!(refused, 4, "{:?}", report.problems);
+    }
 }
