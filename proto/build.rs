@@ -4,6 +4,15 @@
 // $PROTOC.
 use std::path::PathBuf;
 
+/// Messages whose `Debug` is hand-written (redacting) in `src/lib.rs`.
+const REDACTED_DEBUG: [&str; 5] = [
+    ".tianwang.v1.Hello",
+    ".tianwang.v1.Auth",
+    ".tianwang.v1.Position",
+    ".tianwang.v1.Case",
+    ".tianwang.v1.CreateCaseRequest",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/tianwang/v1/media.proto",
@@ -22,6 +31,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         // Keeps SessionEvent (and the console's action queue) small.
         .boxed(".tianwang.v1.AlarmEvent.alarm")
+        // Tokens, officers' positions and case parties: `Debug` is written by hand in
+        // lib.rs so that logging any message that holds one redacts it.
+        .skip_debug(REDACTED_DEBUG)
         .file_descriptor_set_path(&descriptors)
         .compile_protos(&protos, &["proto"])?;
     let set = std::fs::read(&descriptors)?;

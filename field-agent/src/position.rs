@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tianwang_proto::Sensitive;
 use tianwang_proto::v1::Position;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
@@ -21,13 +22,26 @@ pub const STALE: Duration = Duration::from_secs(5);
 const METRES_PER_HDOP: f32 = 5.0;
 const KNOT_MPS: f32 = 0.514_444;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct LiveFix {
     pub latitude: f64,
     pub longitude: f64,
     pub accuracy_m: f32,
     pub speed_mps: f32,
     pub heading_deg: f32,
+}
+
+/// Where the officer is never reaches a log.
+impl std::fmt::Debug for LiveFix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveFix")
+            .field("latitude", &Sensitive::new(self.latitude))
+            .field("longitude", &Sensitive::new(self.longitude))
+            .field("accuracy_m", &self.accuracy_m)
+            .field("speed_mps", &self.speed_mps)
+            .field("heading_deg", &self.heading_deg)
+            .finish()
+    }
 }
 
 impl LiveFix {
@@ -243,6 +257,22 @@ pub fn gpsd(addr: String, shutdown: CancellationToken) -> Arc<Latest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_a_fix_shows_no_coordinates() {
+        let fix = LiveFix {
+            latitude: 39.912_345,
+            longitude: 116.398_765,
+            accuracy_m: 4.5,
+            speed_mps: 1.0,
+            heading_deg: 90.0,
+        };
+        let printed = format!("{fix:?} {:?}", PositionSource::Live(Arc::default()));
+        for value in ["39.91", "116.39"] {
+            assert!(!printed.contains(value), "{value} in {printed}");
+        }
+        assert!(printed.contains("<redacted>") && printed.contains("4.5"));
+    }
 
     /// A sentence with its checksum.
     fn sentence(body: &str) -> String {

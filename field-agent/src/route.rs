@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use tianwang_proto::Sensitive;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error("reading {path}: {source}")]
@@ -24,7 +26,7 @@ pub enum RouteError {
     Empty(String),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Route {
     pub waypoints: Vec<(f64, f64)>,
     pub speed_mps: f64,
@@ -32,12 +34,34 @@ pub struct Route {
 }
 
 /// Where the unit is: latitude, longitude, heading (degrees from north), speed.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct Fix {
     pub latitude: f64,
     pub longitude: f64,
     pub heading_deg: f64,
     pub speed_mps: f64,
+}
+
+// Where an officer goes or is never reaches a log: `Debug` redacts the coordinates.
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("waypoints", &Sensitive::new(self.waypoints.len()))
+            .field("speed_mps", &self.speed_mps)
+            .field("looped", &self.looped)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Fix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fix")
+            .field("latitude", &Sensitive::new(self.latitude))
+            .field("longitude", &Sensitive::new(self.longitude))
+            .field("heading_deg", &self.heading_deg)
+            .field("speed_mps", &self.speed_mps)
+            .finish()
+    }
 }
 
 const EARTH_M: f64 = 6_371_000.0;
@@ -172,6 +196,21 @@ impl Route {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn debug_shows_no_coordinates() {
+        let route = Route {
+            waypoints: vec![(39.912_345, 116.398_765), (39.913_456, 116.399_876)],
+            speed_mps: 1.5,
+            looped: false,
+        };
+        let fix = route.fix(Duration::from_secs(1));
+        let printed = format!("{route:?} {fix:?} {fix:#?}");
+        for value in ["39.91", "116.39"] {
+            assert!(!printed.contains(value), "{value} in {printed}");
+        }
+        assert!(printed.contains("<redacted>") && printed.contains("1.5"));
+    }
 
     #[test]
     fn a_unit_walks_its_route_at_its_speed_and_stops_at_the_end() {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
+use secrecy::{ExposeSecret, SecretString};
 use tianwang_proto::v1::{self, Announce, DeviceInfo, Hello, Telemetry};
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_transport::client;
@@ -27,7 +28,8 @@ use crate::talkback::{Talkback, TalkbackConfig, TalkbackStats};
 pub struct UplinkConfig {
     /// host:port of the hub's QUIC listener.
     pub hub: String,
-    pub token: String,
+    /// The device token: a secret, so never printed (`secrecy`).
+    pub token: SecretString,
     pub trust: Trust,
     pub device: DeviceInfo,
     /// Backoff between reconnects.
@@ -46,10 +48,10 @@ pub struct UplinkConfig {
 }
 
 impl UplinkConfig {
-    pub fn new(hub: String, token: String, trust: Trust) -> Self {
+    pub fn new(hub: String, token: impl Into<SecretString>, trust: Trust) -> Self {
         Self {
             hub,
-            token,
+            token: token.into(),
             trust,
             device: DeviceInfo {
                 model: "tianwang-field-agent".into(),
@@ -259,7 +261,7 @@ async fn session(
     let hello = Hello {
         role: v1::Role::Publisher as i32,
         unit_id: broadcast.unit.clone(),
-        token: config.token.clone(),
+        token: config.token.expose_secret().to_owned(),
         device: Some(config.device.clone()),
         ..Default::default()
     };

@@ -2,7 +2,9 @@
 //! device, the user for a console), an audience and an expiry. Only EdDSA is accepted, so
 //! `alg=none` and algorithm confusion fail before any claim is read.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -96,6 +98,27 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
     }
 }
 
+/// Revoked tokens (the index's `revocations`, held in memory for every token check): one
+/// token by its id, or every token of a subject issued up to the moment of revocation, so a
+/// lost device is cut off and a replacement token issued afterwards works.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub jtis: HashSet<String>,
+    /// Subject → revoked at (Unix seconds): tokens with `iat` up to then are refused.
+    pub subjects: HashMap<String, u64>,
+}
+
+impl Revoked {
+    pub fn covers(&self, claims: &Claims) -> bool {
+        self.covers_parts(&claims.sub, &claims.jti, claims.iat)
+    }
+
+    /// The same for a session that kept only its token's subject, id and issue time.
+    pub fn covers_parts(&self, sub: &str, jti: &str, iat: u64) -> bool {
+        self.jtis.contains(jti) || self.subjects.get(sub).is_some_and(|at| iat <= *at)
+    }
+}
+
 /// Issues and checks this hub's tokens.
 pub struct Authority {
     issuer: String,
@@ -103,6 +126,8 @@ pub struct Authority {
     decoding: DecodingKey,
     validation: Validation,
     public_pem: String,
+    /// A watch, so live sessions can learn that their token was revoked.
+    revoked: tokio::sync::watch::Sender<Arc<Revoked>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -127,7 +152,8 @@ impl Authority {
             path: path.display().to_string(),
             reason,
         };
-        let pem = match std::fs::read_to_string(path) {
+        // The private key as a secret: never printable, wiped once the keys are made.
+        let pem = secrecy::SecretString::from(match std::fs::read_to_string(path) {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
@@ -139,8 +165,9 @@ impl Authority {
                 pem
             }
             Err(e) => return Err(key_err(e.to_string())),
-        };
-        Self::from_pem(&pem, issuer, leeway).map_err(|e| key_err(e.to_string()))
+        });
+        Self::from_pem(secrecy::ExposeSecret::expose_secret(&pem), issuer, leeway)
+            .map_err(|e| key_err(e.to_string()))
     }
 
     pub fn from_pem(pem: &str, issuer: &str, leeway: Duration) -> Result<Self, AuthError> {
@@ -168,7 +195,24 @@ impl Authority {
             decoding,
             validation,
             public_pem,
+            revoked: tokio::sync::watch::Sender::new(Arc::default()),
         })
+    }
+
+    /// Replaces the revocation list (only when it changed, so watchers wake for news only).
+    pub fn set_revoked(&self, revoked: Revoked) {
+        self.revoked.send_if_modified(|current| {
+            if **current == revoked {
+                return false;
+            }
+            *current = Arc::new(revoked);
+            true
+        });
+    }
+
+    /// The revocation list, as it changes.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<Arc<Revoked>> {
+        self.revoked.subscribe()
     }
 
     pub fn issuer(&self) -> &str {
@@ -207,7 +251,7 @@ impl Authority {
             .map_err(AuthError::Issue)
     }
 
-    /// Checks signature, algorithm, audience and times; returns the claims.
+    /// Checks signature, algorithm, audience, times and revocation; returns the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Rejected("no token".into()));
@@ -215,7 +259,12 @@ impl Authority {
         if token.len() > 8192 {
             return Err(AuthError::Rejected("malformed".into()));
         }
-        Ok(jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?.claims)
+        let claims =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?.claims;
+        if self.revoked.borrow().covers(&claims) {
+            return Err(AuthError::Rejected("revoked".into()));
+        }
+        Ok(claims)
     }
 }
 
@@ -316,5 +365,29 @@ mod tests {
         assert!(a.verify(&none).is_err());
         assert!(a.verify("").is_err());
         assert!(a.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn revoked_tokens_are_refused_and_later_ones_of_the_subject_are_not() {
+        let a = authority();
+        let t = a
+            .issue(Role::Device, "bwc-7", None, Duration::from_secs(60))
+            .unwrap();
+        let mut claims = a.verify(&t).unwrap();
+        let mut revoked = Revoked::default();
+        revoked.jtis.insert(claims.jti.clone());
+        a.set_revoked(revoked);
+        assert_eq!(
+            a.verify(&t).unwrap_err().to_string(),
+            "token rejected: revoked"
+        );
+        let mut revoked = Revoked::default();
+        revoked.subjects.insert("bwc-7".into(), claims.iat);
+        a.set_revoked(revoked);
+        assert!(a.verify(&t).is_err());
+        // A replacement issued after the revocation works.
+        claims.iat += 1;
+        claims.jti = "replacement".into();
+        assert!(a.verify(&a.sign(&claims).unwrap()).is_ok());
     }
 }

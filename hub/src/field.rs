@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tianwang_core::alarms::{self, AlarmEngine, Event};
-use tianwang_proto::v1;
+use tianwang_proto::{Sensitive, v1};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -197,7 +197,7 @@ enum Input {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize)]
+#[derive(Clone, PartialEq, sqlx::FromRow, Serialize)]
 pub struct TelemetryRow {
     pub unit: String,
     pub at_us: i64,
@@ -216,7 +216,7 @@ pub struct TelemetryRow {
     pub operation_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize)]
+#[derive(Clone, PartialEq, sqlx::FromRow, Serialize)]
 pub struct AlarmRow {
     pub id: String,
     pub rule: String,
@@ -235,6 +235,53 @@ pub struct AlarmRow {
     pub comment: Option<String>,
     /// When it was escalated to the parent court, not acknowledged in time.
     pub escalated_us: Option<i64>,
+}
+
+/// An officer's position is personal data: `Debug` shows everything else.
+impl std::fmt::Debug for TelemetryRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: Option<f64>| v.map(Sensitive::new);
+        f.debug_struct("TelemetryRow")
+            .field("unit", &self.unit)
+            .field("at_us", &self.at_us)
+            .field("received_us", &self.received_us)
+            .field("latitude", &redacted(self.latitude))
+            .field("longitude", &redacted(self.longitude))
+            .field("accuracy_m", &self.accuracy_m)
+            .field("speed_mps", &self.speed_mps)
+            .field("heading_deg", &self.heading_deg)
+            .field("battery_percent", &self.battery_percent)
+            .field("signal_dbm", &self.signal_dbm)
+            .field("storage_free_bytes", &self.storage_free_bytes)
+            .field("recording", &self.recording)
+            .field("sos", &self.sos)
+            .field("case_number", &self.case_number)
+            .field("operation_id", &self.operation_id)
+            .finish()
+    }
+}
+
+/// The evidence of a `left_geofence` alarm holds the officer's position.
+impl std::fmt::Debug for AlarmRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlarmRow")
+            .field("id", &self.id)
+            .field("rule", &self.rule)
+            .field("severity", &self.severity)
+            .field("unit", &self.unit)
+            .field("case_number", &self.case_number)
+            .field("operation_id", &self.operation_id)
+            .field("raised_us", &self.raised_us)
+            .field("evidence", &Sensitive::new(()))
+            .field("state", &self.state)
+            .field("acked_by", &self.acked_by)
+            .field("acked_us", &self.acked_us)
+            .field("resolved_by", &self.resolved_by)
+            .field("resolved_us", &self.resolved_us)
+            .field("comment", &self.comment)
+            .field("escalated_us", &self.escalated_us)
+            .finish()
+    }
 }
 
 impl AlarmRow {
@@ -660,7 +707,9 @@ async fn raise(t: &FieldTask, a: alarms::Alarm) {
     let rule = a.rule.name();
     let severity = format!("{:?}", a.severity).to_lowercase();
     t.metrics.alarms_raised.with_label_values(&[rule]).inc();
-    info!(rule, unit = %a.unit, severity, evidence = %a.evidence, "alarm");
+    // Not the evidence: a geofence alarm's says where the officer is (it is stored, audited
+    // and shown to the consoles, never logged).
+    info!(rule, unit = %a.unit, severity, "alarm");
     let row = AlarmRow {
         id: format!("a{}-{:04x}", a.at_us, rand::random::<u16>()),
         rule: rule.to_string(),
@@ -1076,5 +1125,53 @@ pub mod http {
             Ok(rows) => axum::Json(serde_json::json!({ "points": rows })).into_response(),
             Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_stored_points_and_alarms_shows_no_position() {
+        let point = TelemetryRow {
+            unit: "bwc-1".into(),
+            at_us: 1,
+            received_us: 2,
+            latitude: Some(39.912_345),
+            longitude: Some(116.398_765),
+            accuracy_m: Some(4.0),
+            speed_mps: None,
+            heading_deg: None,
+            battery_percent: Some(80.0),
+            signal_dbm: -70,
+            storage_free_bytes: 1,
+            recording: 1,
+            sos: 0,
+            case_number: None,
+            operation_id: None,
+        };
+        let alarm = AlarmRow {
+            id: "a1".into(),
+            rule: "left_geofence".into(),
+            severity: "warning".into(),
+            unit: "bwc-1".into(),
+            case_number: None,
+            operation_id: None,
+            raised_us: 1,
+            evidence: "at 39.91234,116.39877, 900 m from the centre".into(),
+            state: "raised".into(),
+            acked_by: None,
+            acked_us: None,
+            resolved_by: None,
+            resolved_us: None,
+            comment: None,
+            escalated_us: None,
+        };
+        let printed = format!("{point:?} {alarm:?} {alarm:#?}");
+        for value in ["39.91", "116.39"] {
+            assert!(!printed.contains(value), "{value} in {printed}");
+        }
+        assert!(printed.contains("bwc-1") && printed.contains("<redacted>"));
     }
 }

@@ -50,8 +50,51 @@ pub fn router(hub: Arc<HubContext>) -> anyhow::Result<Router> {
         .merge(crate::field::http::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(hub);
-    Ok(http.merge(grpc))
+        .with_state(Arc::clone(&hub));
+    Ok(http
+        .merge(grpc)
+        .layer(axum::middleware::from_fn_with_state(hub, no_token_in_url)))
+}
+
+/// Query parameters that would carry a token: refused on every route.
+const TOKEN_PARAMS: [&str; 3] = ["token", "access_token", "jwt"];
+
+/// Refuses a request with a token in its URL (400, audited without the token): URLs end up
+/// in proxy logs, browser history and Referer headers, so a token there is as good as
+/// leaked. Tokens go in `Authorization: Bearer`, gRPC metadata, or the WebSocket's first
+/// message.
+async fn no_token_in_url(
+    State(hub): State<Arc<HubContext>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let query = request.uri().query().unwrap_or("");
+    let carried = query.split('&').find_map(|pair| {
+        let name = pair.split('=').next().unwrap_or("");
+        TOKEN_PARAMS
+            .iter()
+            .find(|p| name.eq_ignore_ascii_case(p))
+            .copied()
+    });
+    let Some(param) = carried else {
+        return next.run(request).await;
+    };
+    let path: String = request.uri().path().chars().take(128).collect();
+    let reason = format!(
+        "a token in the URL (?{param}=) is refused: URLs leak into logs and history; \
+         send it as Authorization: Bearer"
+    );
+    hub.evidence.audit.record(
+        "?",
+        "login.refused",
+        &path,
+        serde_json::json!({ "via": "url", "reason": reason }),
+    );
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(serde_json::json!({ "error": reason })),
+    )
+        .into_response()
 }
 
 /// The officer app: a phone becomes a unit (WHIP, telemetry, directives).

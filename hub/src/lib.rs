@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod publisher;
 pub mod registry;
+pub mod revocation;
 pub mod server;
 pub mod session;
 pub mod subscriber;

@@ -309,6 +309,22 @@ enum TokenCommand {
         #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Revoke a token (`--jti`) or every token of a unit or user issued until now
+    /// (`--subject`; tokens issued later work). Stored in the evidence index; a running hub
+    /// refuses them within a second and closes their live sessions.
+    Revoke {
+        #[command(flatten)]
+        hub: HubOverrides,
+        /// The unit (device) or user whose tokens are revoked.
+        #[arg(long, conflicts_with = "jti", required_unless_present = "jti")]
+        subject: Option<String>,
+        /// One token's id (its `jti` claim).
+        #[arg(long)]
+        jti: Option<String>,
+        /// Why (kept in the index and the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Write device tokens for PREFIX1 .. PREFIXN, one "unit token" line each (for
     /// `field-agent simulate --tokens`).
     Fleet {
@@ -326,8 +342,14 @@ enum TokenCommand {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+    // tungstenite prints every WebSocket message at trace: a console's sign-in (its token)
+    // and the telemetry pushed to it (officers' positions). Never above debug, whatever
+    // RUST_LOG says (tests/tests/log_hygiene.rs asks for trace).
+    if let Ok(cap) = "tungstenite=debug".parse() {
+        filter = filter.add_directive(cap);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -437,6 +459,24 @@ async fn main() -> anyhow::Result<()> {
                 // A token always names its court: the hub's own unless told otherwise.
                 let court = court.unwrap_or_else(|| config.court.code.clone());
                 println!("{}", authority.issue(role, &subject, Some(&court), ttl)?);
+                Ok(())
+            }
+            TokenCommand::Revoke {
+                hub,
+                subject,
+                jti,
+                reason,
+            } => {
+                let config = hub.load()?;
+                let (kind, value) = match (subject, jti) {
+                    (Some(s), _) => ("subject", s),
+                    (None, Some(j)) => ("jti", j),
+                    (None, None) => anyhow::bail!("name a --subject or a --jti"),
+                };
+                print!(
+                    "{}",
+                    hub::evidence::cli::revoke(&config, kind, &value, &reason).await?
+                );
                 Ok(())
             }
             TokenCommand::Fleet {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
+use secrecy::{ExposeSecret, SecretString};
 use tianwang_core::RelayStats;
 use tianwang_transport::{Limits, tls};
 use tokio_util::sync::CancellationToken;
@@ -50,9 +51,12 @@ pub fn ensure_certificate(config: &Config) -> anyhow::Result<()> {
 /// The hub's evidence signer: the same Ed25519 key that signs its tokens.
 pub fn load_signer(config: &Config) -> anyhow::Result<Signer> {
     let path = config.signing_key_path();
-    let pem = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the signing key {}", path.display()))?;
-    Signer::from_pem(&pem).with_context(|| format!("signing key {}", path.display()))
+    // Held as a secret: never printable, and wiped once the key pair is made from it.
+    let pem = SecretString::from(
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the signing key {}", path.display()))?,
+    );
+    Signer::from_pem(pem.expose_secret()).with_context(|| format!("signing key {}", path.display()))
 }
 
 pub fn load_authority(config: &Config) -> anyhow::Result<Authority> {
@@ -129,6 +133,12 @@ impl RunningHub {
             .repair()
             .await
             .context("repairing the recordings")?;
+        // Revoked tokens are refused from the first session on.
+        authority.set_revoked(
+            crate::revocation::load(&evidence.index)
+                .await
+                .context("reading revoked tokens")?,
+        );
         evidence.audit.record(
             "hub",
             "hub.start",
@@ -191,6 +201,7 @@ impl RunningHub {
             None
         };
         tasks.spawn(retention::run(Arc::clone(&context)));
+        tasks.spawn(crate::revocation::run(Arc::clone(&context)));
         tasks.spawn(async move {
             if let Err(e) = field_task.await {
                 tracing::error!(error = %e, "the field task failed");

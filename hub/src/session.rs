@@ -316,12 +316,29 @@ async fn run(
         );
         SessionError::new(ErrorCode::Unauthorized, "unauthorized", e.to_string())
     })?;
+    // Every refusal past the token check is audited too, with who asked.
+    let refuse = |code: ErrorCode, label: &'static str, reason: String| {
+        hub.evidence.audit.record(
+            &claims.sub,
+            "login.refused",
+            "quic",
+            serde_json::json!({ "via": "quic", "unit": hello.unit_id, "reason": reason }),
+        );
+        SessionError::new(code, label, reason)
+    };
     hub.evidence.audit.record(
         &claims.sub,
         "login",
         "quic",
         serde_json::json!({ "via": "quic", "role": claims.role, "unit": hello.unit_id }),
     );
+    // A revoked token ends the session it opened, not only the next one.
+    let watcher = tokio::spawn(crate::revocation::close_when_revoked(
+        Arc::clone(hub),
+        conn.clone(),
+        claims.clone(),
+    ));
+    let _watcher = AbortOnDrop(watcher);
     match hello.role() {
         WireRole::Publisher => {
             if !valid_unit_id(&hello.unit_id) {
@@ -331,14 +348,14 @@ async fn run(
                 )));
             }
             if claims.role != Role::Device {
-                return Err(SessionError::new(
+                return Err(refuse(
                     ErrorCode::Forbidden,
                     "forbidden",
                     format!("a {:?} token cannot publish", claims.role),
                 ));
             }
             if claims.sub != hello.unit_id {
-                return Err(SessionError::new(
+                return Err(refuse(
                     ErrorCode::Forbidden,
                     "forbidden",
                     format!(
@@ -347,6 +364,9 @@ async fn run(
                     ),
                 ));
             }
+            // A device of a court this hub does not serve does not publish here.
+            hub.scope_of(&claims)
+                .map_err(|reason| refuse(ErrorCode::Forbidden, "forbidden", reason))?;
             hub.metrics.sessions.with_label_values(&["publisher"]).inc();
             control.send(welcome).await?;
             let span = tracing::info_span!("publisher", unit = %hello.unit_id);
@@ -361,28 +381,22 @@ async fn run(
         }
         WireRole::Subscriber => {
             if !claims.role.can_watch_live() {
-                return Err(SessionError::new(
+                return Err(refuse(
                     ErrorCode::Forbidden,
                     "forbidden",
                     format!("a {:?} token cannot watch live", claims.role),
                 ));
             }
-            let scope = hub.scope_of(&claims).map_err(|reason| {
-                hub.evidence.audit.record(
-                    &claims.sub,
-                    "login.refused",
-                    "quic",
-                    serde_json::json!({ "via": "quic", "reason": reason }),
-                );
-                SessionError::new(ErrorCode::Forbidden, "forbidden", reason)
-            })?;
+            let scope = hub
+                .scope_of(&claims)
+                .map_err(|reason| refuse(ErrorCode::Forbidden, "forbidden", reason))?;
             hub.metrics
                 .sessions
                 .with_label_values(&["subscriber"])
                 .inc();
             control.send(welcome).await?;
             let span = tracing::info_span!("subscriber", user = %claims.sub);
-            crate::subscriber::run(hub, conn, control, scope)
+            crate::subscriber::run(hub, conn, control, scope, claims.sub.clone())
                 .instrument(span)
                 .await
         }
@@ -450,6 +464,15 @@ fn child_hub(
         serde_json::json!({ "court": identity.court, "name": claimed.name }),
     );
     Ok(claimed)
+}
+
+/// Aborts a helper task when the session that spawned it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A unit id names directories of recordings: plain characters only, never `..` or `/`.

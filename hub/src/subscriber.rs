@@ -34,6 +34,8 @@ pub(crate) struct Session<'a> {
     /// The court whose units this subscriber may watch; None for the parent hub (this
     /// hub's whole subtree).
     scope: Option<String>,
+    /// Who is watching (a token's subject), for the audit trail.
+    pub(crate) user: String,
     active: HashMap<u64, Active>,
     /// Our track id → the broadcast and the track's name, for keyframe requests.
     aliases: HashMap<u32, (Arc<Broadcast>, String)>,
@@ -47,6 +49,7 @@ pub(crate) async fn run(
     conn: &quinn::Connection,
     control: Control,
     scope: String,
+    user: String,
 ) -> Result<(), SessionError> {
     let (tx, mut rx) = control.split();
     // Replies and notices go out from their own task through a bounded queue: a subscriber
@@ -55,6 +58,7 @@ pub(crate) async fn run(
     let mut writer = JoinSet::new();
     writer.spawn(control::pump(tx, outgoing));
     let mut session = Session::new(hub, conn, Some(scope));
+    session.user = user;
     let mut changes = hub.units.changes();
     let result = loop {
         tokio::select! {
@@ -136,6 +140,7 @@ impl<'a> Session<'a> {
             hub,
             conn,
             scope,
+            user: String::new(),
             active: HashMap::new(),
             aliases: HashMap::new(),
             next_alias: 0,
@@ -225,13 +230,17 @@ impl<'a> Session<'a> {
         if let Some(scope) = &self.scope {
             match cascade.unit_court(&self.hub.units, &s.unit_id) {
                 Some(court) if !cascade.covers(scope, &court) => {
-                    return Err((
-                        ErrorCode::Forbidden,
-                        format!(
-                            "unit {:?} belongs to court {court}, outside this token's court {scope}",
-                            s.unit_id
-                        ),
-                    ));
+                    let reason = format!(
+                        "unit {:?} belongs to court {court}, outside this token's court {scope}",
+                        s.unit_id
+                    );
+                    self.hub.evidence.audit.record(
+                        &self.user,
+                        "view.refused",
+                        &s.unit_id,
+                        serde_json::json!({ "via": "quic", "reason": reason }),
+                    );
+                    return Err((ErrorCode::Forbidden, reason));
                 }
                 _ => {}
             }

@@ -51,17 +51,227 @@ impl ControlMessage {
     }
 }
 
-/// Tokens are secrets: `Debug` of a Hello shows everything but the token.
-impl std::fmt::Debug for RedactedHello<'_> {
+/// A value that must not reach a log: `Debug` and `Display` print `<redacted>`; the value
+/// is read with [`Sensitive::expose`], where it is really used. For positions, case parties
+/// and the like (secrets proper, such as tokens and keys, use the `secrecy` crate).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Sensitive<T>(T);
+
+impl<T> Sensitive<T> {
+    pub const fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> From<T> for Sensitive<T> {
+    fn from(value: T) -> Self {
+        Self(value)
+    }
+}
+
+impl<T> std::fmt::Debug for Sensitive<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<T> std::fmt::Display for Sensitive<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Prints as `<redacted>`: a field of a hand-written `Debug`.
+const REDACTED: Sensitive<()> = Sensitive::new(());
+
+/// `<N redacted>` for a list whose items must not be printed.
+fn redacted_list(n: usize) -> impl std::fmt::Debug {
+    struct Count(usize);
+    impl std::fmt::Debug for Count {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "<{} redacted>", self.0)
+        }
+    }
+    Count(n)
+}
+
+// The messages below are built without prost's `Debug` (proto/build.rs, `skip_debug`), so
+// that `?message` in a log — of the message or of anything that holds it (a ControlMessage,
+// a SessionRequest, a TelemetryBatch, a ListCasesResponse) — never prints the value.
+
+/// Tokens are secrets.
+impl std::fmt::Debug for v1::Hello {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hello")
-            .field("protocol_version", &self.0.protocol_version)
-            .field("role", &self.0.role())
-            .field("unit_id", &self.0.unit_id)
-            .field("token", &"<redacted>")
+            .field("protocol_version", &self.protocol_version)
+            .field("role", &self.role())
+            .field("unit_id", &self.unit_id)
+            .field("token", &REDACTED)
+            .field("device", &self.device)
+            .field("court", &self.court)
             .finish()
     }
 }
 
-/// Wraps a [`v1::Hello`] so that logging it never prints the token.
+impl std::fmt::Debug for v1::Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("token", &REDACTED).finish()
+    }
+}
+
+/// Where an officer is: only how good the fix is and how the officer moves are shown.
+impl std::fmt::Debug for v1::Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Position")
+            .field("latitude", &REDACTED)
+            .field("longitude", &REDACTED)
+            .field("accuracy_m", &self.accuracy_m)
+            .field("speed_mps", &self.speed_mps)
+            .field("heading_deg", &self.heading_deg)
+            .finish()
+    }
+}
+
+/// A case's parties are personal data; its number is not.
+impl std::fmt::Debug for v1::Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Case")
+            .field("number", &self.number)
+            .field("court", &self.court)
+            .field("parties", &redacted_list(self.parties.len()))
+            .field("state", &self.state)
+            .field("created_us", &self.created_us)
+            .field("closed_us", &self.closed_us)
+            .field("operations", &self.operations)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for v1::CreateCaseRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateCaseRequest")
+            .field("number", &self.number)
+            .field("court", &self.court)
+            .field("parties", &redacted_list(self.parties.len()))
+            .finish()
+    }
+}
+
+/// Wraps a [`v1::Hello`] for a log line (kept for callers; `Debug` of a Hello redacts the
+/// token by itself now).
 pub struct RedactedHello<'a>(pub &'a v1::Hello);
+
+impl std::fmt::Debug for RedactedHello<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::{Auth, Case, CreateCaseRequest, Hello, Position, Telemetry, TelemetryBatch};
+
+    const TOKEN: &str = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ1bml0In0.c2lnbmF0dXJlLXNlY3JldA";
+    const PARTY: &str = "王小明 Example Party";
+
+    fn position() -> Position {
+        Position {
+            latitude: 39.912_345_6,
+            longitude: 116.398_765_4,
+            accuracy_m: 4.0,
+            speed_mps: 1.5,
+            heading_deg: 90.0,
+        }
+    }
+
+    fn hides(printed: &str, values: &[&str]) {
+        for v in values {
+            assert!(!printed.contains(v), "{v:?} in {printed}");
+        }
+        assert!(printed.contains("redacted"), "{printed}");
+    }
+
+    #[test]
+    fn sensitive_prints_no_value() {
+        let s = Sensitive::new("39.9123456");
+        hides(&format!("{s:?} {s} {s:#?}"), &["39.9"]);
+        assert_eq!(*s.expose(), "39.9123456");
+        assert_eq!(format!("{s}"), "<redacted>");
+    }
+
+    #[test]
+    fn tokens_are_redacted_in_hello_auth_and_the_messages_around_them() {
+        let hello = Hello {
+            unit_id: "bwc-1".into(),
+            token: TOKEN.into(),
+            ..Default::default()
+        };
+        let printed = format!("{hello:?}");
+        hides(&printed, &[TOKEN, "c2lnbmF0dXJl"]);
+        assert!(
+            printed.contains("bwc-1"),
+            "the rest is still shown: {printed}"
+        );
+        let control = ControlMessage::new(Kind::Hello(hello.clone()));
+        hides(&format!("{control:?} {control:#?}"), &[TOKEN]);
+        hides(&format!("{:?}", RedactedHello(&hello)), &[TOKEN]);
+        let auth = Auth {
+            token: TOKEN.into(),
+        };
+        let request = v1::SessionRequest {
+            kind: Some(v1::session_request::Kind::Auth(auth.clone())),
+        };
+        hides(&format!("{auth:?} {request:?}"), &[TOKEN, "eyJ"]);
+    }
+
+    #[test]
+    fn positions_are_redacted_in_telemetry_and_batches() {
+        let t = Telemetry {
+            position: Some(position()),
+            ..Default::default()
+        };
+        let batch = TelemetryBatch {
+            points: vec![v1::TelemetryPoint {
+                unit_id: "bwc-1".into(),
+                telemetry: Some(t),
+                received_us: 1,
+            }],
+        };
+        let printed = format!("{:?} {t:?} {batch:?} {batch:#?}", position());
+        hides(&printed, &["39.9", "116.3", "39,9", "116,3"]);
+        assert!(printed.contains("speed_mps: 1.5"), "{printed}");
+    }
+
+    #[test]
+    fn parties_are_redacted_in_cases() {
+        let case = Case {
+            number: "(2026)京0113执1".into(),
+            parties: vec![PARTY.into(), "李四".into()],
+            ..Default::default()
+        };
+        let request = CreateCaseRequest {
+            number: case.number.clone(),
+            court: "c".into(),
+            parties: case.parties.clone(),
+        };
+        let list = v1::ListCasesResponse {
+            cases: vec![case.clone()],
+        };
+        let printed = format!("{case:?} {request:?} {list:#?}");
+        hides(&printed, &[PARTY, "王小明", "李四"]);
+        assert!(printed.contains("<2 redacted>"), "{printed}");
+        assert!(
+            printed.contains("京0113执1"),
+            "the number is shown: {printed}"
+        );
+    }
+}

@@ -377,4 +377,14 @@ impl Console {
             let _ = pc.close().await;
         }
     }
+
+    /// Leaves as a killed browser tab does: the TCP connection ends with no WebSocket close.
+    /// The PeerConnection is closed afterwards only so this process does not keep its tasks.
+    pub async fn abandon(mut self) {
+        let pc = self.pc.take();
+        drop(self.ws);
+        if let Some(pc) = pc {
+            let _ = pc.close().await;
+        }
+    }
 }

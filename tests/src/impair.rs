@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::BytesMut;
 use tianwang_proto::v1::TrackKind;
-use tianwang_proto::wire::{self, Progress};
 use tianwang_transport::Limits;
 
 use crate::relay::{Impairment, UdpRelay};
@@ -235,23 +233,7 @@ fn near(set: &BTreeSet<u64>, t: u64) -> bool {
 
 /// Capture times (µs) of every video frame the spool holds, whatever its state.
 pub fn spooled_video(spool: &Path) -> anyhow::Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(spool).with_context(|| format!("reading {}", spool.display()))? {
-        let path = e?.path();
-        let data = std::fs::read(&path)?;
-        let mut buf = BytesMut::from(&data[..]);
-        let Ok(Progress::Done(header)) = wire::decode_group_header(&mut buf) else {
-            continue;
-        };
-        if header.track_id != 0 {
-            continue;
-        }
-        while let Ok(Progress::Done(f)) = wire::decode_frame(&mut buf, wire::DEFAULT_MAX_FRAME) {
-            out.push(f.header.timestamp_us);
-        }
-    }
-    out.sort_unstable();
-    Ok(out)
+    crate::recorded::spooled_frames(spool, 0)
 }
 
 /// Spooled video groups not yet confirmed that begin before `before` (µs): the window's

@@ -18,6 +18,7 @@ use tianwang_transport::{Control, Limits, Trust};
 pub mod console;
 pub mod impair;
 pub mod postgres;
+pub mod recorded;
 pub mod relay;
 pub mod unit;
 pub mod whip;
@@ -83,11 +84,22 @@ pub struct Hub {
     pub quic: SocketAddr,
     pub http: SocketAddr,
     config: Option<PathBuf>,
+    /// Extra environment of the process (e.g. libfaketime's), kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Hub {
     /// Starts a hub in `dir` on free ports; `config` is extra TOML for `--config`.
     pub async fn start(dir: &Path, config: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with_env(dir, config, &[]).await
+    }
+
+    /// As [`Hub::start`], with extra environment variables for the hub process.
+    pub async fn start_with_env(
+        dir: &Path,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let config_path = match config {
             Some(text) => {
                 let p = dir.join("hub.toml");
@@ -103,6 +115,10 @@ impl Hub {
             quic: free_udp_addr(),
             http: free_tcp_addr(),
             config: config_path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         hub.spawn().await?;
         Ok(hub)
@@ -121,7 +137,9 @@ impl Hub {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        // The caller's environment last, so that its RUST_LOG (if any) wins.
         cmd.env("RUST_LOG", "info,hub=debug,quinn=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log_file(&self.dir.join("hub.log"))?)
             .stderr(log_file(&self.dir.join("hub.log"))?);
         self.child = Some(cmd.spawn().context("starting hub")?);
@@ -561,8 +579,20 @@ pub struct Simulator {
 
 impl Simulator {
     pub fn start(hub: &Hub, units: usize, tokens: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(hub, units, tokens, extra, &[])
+    }
+
+    /// As [`Simulator::start`], with extra environment variables for the process.
+    pub fn start_with_env(
+        hub: &Hub,
+        units: usize,
+        tokens: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let log = hub.dir.join("simulate.log");
         let child = Command::new(bin("field-agent"))
+            .envs(env.iter().copied())
             .args([
                 "simulate",
                 "--hub",

@@ -27,6 +27,8 @@ pub struct Postgres {
     bin: PathBuf,
     port: u16,
     dir: TempDir,
+    /// The user the server runs as when this process is root.
+    owner: Option<(u32, u32)>,
 }
 
 impl Postgres {
@@ -87,6 +89,7 @@ impl Postgres {
             bin,
             port: 0,
             dir,
+            owner,
         };
         // The port is free when chosen but may be taken before the server binds it: retry.
         for attempt in 1..=3 {
@@ -148,6 +151,15 @@ impl Postgres {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port and data (a
+    /// database that comes back).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("postgres is running");
+        }
+        self.spawn(self.owner).await
     }
 
     async fn create_database(&self, name: &str) -> anyhow::Result<()> {

@@ -447,7 +447,7 @@ impl Unit {
         let broadcast = LocalBroadcast::new("unit-1", vec![audio_info(1)], 16);
         let executor =
             Executor::open(dir, Arc::clone(&broadcast), Arc::new(NoQuality)).expect("executor");
-        let mut config = UplinkConfig::new(hub.addr.to_string(), "token".into(), Trust::Insecure);
+        let mut config = UplinkConfig::new(hub.addr.to_string(), "token", Trust::Insecure);
         config.data_dir = dir.to_path_buf();
         let stats = Arc::new(UplinkStats::default());
         let stop = CancellationToken::new();

@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use tianwang_proto::ErrorCode;
 use tianwang_proto::v1::session_event::Kind as Event;
 use tianwang_proto::v1::session_request::Kind as Request;
 use tianwang_proto::v1::tile_state::State as TileLifecycle;
@@ -19,6 +18,7 @@ use tianwang_proto::v1::{
     DirectiveRequest, IceCandidate, Pong, SessionDescription, SessionError, SessionEvent,
     SessionReady, SessionRequest, TileState, TileStats, UnitEvent, UnitSummary,
 };
+use tianwang_proto::{ErrorCode, Sensitive};
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConsoleConfig {
@@ -50,9 +50,10 @@ pub struct Principal {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     Send(SessionEvent),
-    /// Check the token; answer with `authenticated` or `auth_failed`.
+    /// Check the token; answer with `authenticated` or `auth_failed`. (Redacted in `Debug`:
+    /// actions may be logged.)
     Authenticate {
-        token: String,
+        token: Sensitive<String>,
     },
     /// Add the unit's tracks to the PeerConnection; answer with `tile_attached` or
     /// `tile_failed`.
@@ -245,8 +246,9 @@ impl ConsoleSession {
                         .push_back(error(ErrorCode::Protocol, "already authenticated", ""));
                 } else {
                     self.authenticating = true;
-                    self.actions
-                        .push_back(Action::Authenticate { token: a.token });
+                    self.actions.push_back(Action::Authenticate {
+                        token: Sensitive::new(a.token),
+                    });
                 }
             }
             _ if self.principal.is_none() => {

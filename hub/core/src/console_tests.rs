@@ -62,7 +62,9 @@ fn signed_in(t0: Instant) -> ConsoleSession {
     s.handle_request(t0, req(Request::Auth(Auth { token: "t".into() })));
     assert_eq!(
         drain(&mut s),
-        vec![Action::Authenticate { token: "t".into() }]
+        vec![Action::Authenticate {
+            token: Sensitive::new("t".into())
+        }]
     );
     let p = Principal {
         user: "duty".into(),
@@ -306,4 +308,17 @@ fn undecodable_messages_are_answered_not_fatal() {
         vec!["message not understood: expected value at line 1 column 1"]
     );
     assert!(!s.is_closed());
+}
+
+#[test]
+fn an_authenticate_action_does_not_print_its_token() {
+    let action = Action::Authenticate {
+        token: Sensitive::new("eyJhbGciOiJFZERTQSJ9.e30.c2VjcmV0".into()),
+    };
+    let printed = format!("{action:?} {action:#?}");
+    assert!(
+        !printed.contains("eyJ") && !printed.contains("c2VjcmV0"),
+        "{printed}"
+    );
+    assert!(printed.contains("<redacted>"), "{printed}");
 }

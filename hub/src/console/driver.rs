@@ -363,7 +363,7 @@ impl Driver {
                 }
                 Err(TrySendError::Closed(_)) => return Err(Stop::Closed),
             },
-            Action::Authenticate { token } => self.authenticate(&token),
+            Action::Authenticate { token } => self.authenticate(token.expose()),
             Action::AttachTile { tile_id, unit_id } => {
                 let scope = self.scope.clone().unwrap_or_default();
                 let cascade = &self.hub.cascade;
@@ -377,7 +377,7 @@ impl Driver {
                         self.user.as_deref().unwrap_or("?"),
                         "view.refused",
                         &unit_id,
-                        serde_json::json!({ "console": self.id, "reason": reason }),
+                        serde_json::json!({ "via": self.transport, "console": self.id, "reason": reason }),
                     );
                     self.session
                         .tile_failed(&tile_id, ErrorCode::Forbidden, &reason);

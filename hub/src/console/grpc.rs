@@ -49,10 +49,14 @@ impl ConsoleService {
             Status::unauthenticated(e.to_string())
         })?;
         if !claims.role.can_watch_live() {
-            return Err(Status::permission_denied(format!(
-                "a {:?} token cannot use the console",
-                claims.role
-            )));
+            let reason = format!("a {:?} token cannot use the console", claims.role);
+            audit.record(
+                &claims.sub,
+                "login.refused",
+                "console",
+                serde_json::json!({ "via": "grpc", "reason": reason }),
+            );
+            return Err(Status::permission_denied(reason));
         }
         let scope = self.hub.scope_of(&claims).map_err(|reason| {
             audit.record(

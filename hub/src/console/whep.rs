@@ -52,25 +52,29 @@ fn authorize(
             "Authorization: Bearer <token> required".into(),
         ));
     };
-    let claims = hub
-        .authority
-        .verify(token)
-        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
-    if !claims.role.can_watch_live() {
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!("a {:?} token cannot watch live", claims.role),
-        ));
-    }
-    let scope = hub.scope_of(&claims).map_err(|reason| {
+    let refused = |actor: &str, status: StatusCode, reason: String| {
         hub.evidence.audit.record(
-            &claims.sub,
+            actor,
             "login.refused",
             "whep",
             serde_json::json!({ "via": "whep", "reason": reason }),
         );
-        (StatusCode::FORBIDDEN, reason)
-    })?;
+        (status, reason)
+    };
+    let claims = hub
+        .authority
+        .verify(token)
+        .map_err(|e| refused("?", StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if !claims.role.can_watch_live() {
+        return Err(refused(
+            &claims.sub,
+            StatusCode::FORBIDDEN,
+            format!("a {:?} token cannot watch live", claims.role),
+        ));
+    }
+    let scope = hub
+        .scope_of(&claims)
+        .map_err(|reason| refused(&claims.sub, StatusCode::FORBIDDEN, reason))?;
     Ok((claims.sub, scope))
 }
 

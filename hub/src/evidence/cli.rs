@@ -242,6 +242,38 @@ pub fn print_report(report: &Report, what: &str) -> bool {
     report.ok()
 }
 
+/// `hub token revoke`: stored in the index (a running hub reads it within a second) and
+/// audited in the same chain.
+pub async fn revoke(
+    config: &Config,
+    kind: &str,
+    value: &str,
+    reason: &str,
+) -> anyhow::Result<String> {
+    let evidence = open(config).await?;
+    let actor = format!("cli:{}", whoami());
+    let row = super::index::RevocationRow {
+        kind: kind.to_string(),
+        value: value.to_string(),
+        at_us: unix_us(),
+        actor: actor.clone(),
+        reason: reason.to_string(),
+    };
+    let stored = evidence.index.revoke(&row).await;
+    if stored.is_ok() {
+        evidence.audit.record(
+            &actor,
+            "token.revoke",
+            value,
+            serde_json::json!({ "kind": kind, "reason": reason }),
+        );
+    }
+    evidence.audit.flush().await;
+    evidence.index.close().await;
+    stored.context("storing the revocation")?;
+    Ok(format!("revoked {kind} {value}\n"))
+}
+
 /// `hub export`.
 pub async fn export(config: &Config, case: &str, out: &Path) -> anyhow::Result<String> {
     let evidence = open(config).await?;

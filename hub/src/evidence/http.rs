@@ -44,16 +44,21 @@ fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<Claims, Response> 
             "Authorization: Bearer <token> required",
         )
     })?;
-    let claims = hub
-        .authority
-        .verify(token)
-        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    let claims = hub.authority.verify(token).map_err(|e| {
+        hub.evidence.audit.record(
+            "?",
+            "denied",
+            "recordings",
+            serde_json::json!({ "via": "recordings", "reason": e.to_string() }),
+        );
+        refuse(StatusCode::UNAUTHORIZED, e.to_string())
+    })?;
     if !claims.role.can_see_recordings() {
         hub.evidence.audit.record(
             &claims.sub,
             "denied",
             "recordings",
-            serde_json::json!({ "role": claims.role }),
+            serde_json::json!({ "via": "recordings", "role": claims.role }),
         );
         return Err(refuse(
             StatusCode::FORBIDDEN,
@@ -65,7 +70,7 @@ fn authorize(hub: &HubContext, headers: &HeaderMap) -> Result<Claims, Response> 
             &claims.sub,
             "denied",
             "recordings",
-            serde_json::json!({ "reason": reason }),
+            serde_json::json!({ "via": "recordings", "reason": reason }),
         );
         return Err(refuse(StatusCode::FORBIDDEN, reason));
     }

@@ -20,7 +20,7 @@ pub enum IndexError {
     NotFound(String),
 }
 
-#[derive(Debug, Clone, PartialEq, FromRow, Serialize)]
+#[derive(Clone, PartialEq, FromRow, Serialize)]
 pub struct CaseRow {
     pub number: String,
     pub court: String,
@@ -30,6 +30,20 @@ pub struct CaseRow {
     pub state: String,
     pub created_us: i64,
     pub closed_us: Option<i64>,
+}
+
+/// The parties are personal data: `Debug` shows the rest of the case.
+impl std::fmt::Debug for CaseRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaseRow")
+            .field("number", &self.number)
+            .field("court", &self.court)
+            .field("parties", &tianwang_proto::Sensitive::new(()))
+            .field("state", &self.state)
+            .field("created_us", &self.created_us)
+            .field("closed_us", &self.closed_us)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, FromRow, Serialize)]
@@ -567,8 +581,85 @@ impl Index {
             .await?)
     }
 
+    // ---- revoked tokens ----
+
+    /// Revokes a token id or a subject; a subject revoked again takes the newer moment.
+    pub async fn revoke(&self, r: &RevocationRow) -> Result<(), IndexError> {
+        sqlx::query(
+            "INSERT INTO revocations (kind, value, at_us, actor, reason) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, value) DO UPDATE SET \
+             at_us = excluded.at_us, actor = excluded.actor, reason = excluded.reason",
+        )
+        .bind(&r.kind)
+        .bind(&r.value)
+        .bind(r.at_us)
+        .bind(&r.actor)
+        .bind(&r.reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn revocations(&self) -> Result<Vec<RevocationRow>, IndexError> {
+        Ok(
+            sqlx::query_as("SELECT * FROM revocations ORDER BY at_us, kind, value")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Raw access for tests that tamper with the index on purpose.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+}
+
+/// A revoked token (`jti`) or subject (`subject`: its tokens issued up to `at_us`).
+#[derive(Debug, Clone, PartialEq, FromRow, Serialize)]
+pub struct RevocationRow {
+    pub kind: String,
+    pub value: String,
+    pub at_us: i64,
+    pub actor: String,
+    pub reason: String,
+}
+
+impl RevocationRow {
+    /// The list the token check consults.
+    pub fn to_revoked(rows: &[RevocationRow]) -> crate::auth::Revoked {
+        let mut r = crate::auth::Revoked::default();
+        for row in rows {
+            match row.kind.as_str() {
+                "jti" => {
+                    r.jtis.insert(row.value.clone());
+                }
+                "subject" => {
+                    let at = u64::try_from(row.at_us / 1_000_000).unwrap_or(0);
+                    r.subjects.insert(row.value.clone(), at);
+                }
+                other => tracing::warn!(kind = other, "unknown revocation kind ignored"),
+            }
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::CaseRow;
+
+    #[test]
+    fn debug_of_a_case_shows_no_party() {
+        let case = CaseRow {
+            number: "(2026)京0113执1号".into(),
+            court: "c".into(),
+            parties: r#"["王小明","Example Party"]"#.into(),
+            state: "open".into(),
+            created_us: 1,
+            closed_us: None,
+        };
+        let printed = format!("{case:?} {case:#?}");
+        assert!(!printed.contains("王小明") && !printed.contains("Example Party"));
+        assert!(printed.contains("京0113执1") && printed.contains("<redacted>"));
     }
 }

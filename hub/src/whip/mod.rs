@@ -42,6 +42,9 @@ use patch::{PatchReply, PatchRequest, SdpFrag};
 /// A live WHIP resource.
 pub struct WhipSession {
     pub unit: String,
+    /// Its token's id and issue time, to end it when the token is revoked.
+    pub jti: String,
+    pub iat: u64,
     pub stop: CancellationToken,
     /// PATCH requests, to the task that owns the PeerConnection.
     pub patches: mpsc::Sender<PatchRequest>,
@@ -101,6 +104,16 @@ pub async fn start(
         } else {
             format!("the token is for unit {:?}, not {unit:?}", claims.sub)
         };
+        audit.record(
+            &claims.sub,
+            "login.refused",
+            &unit,
+            serde_json::json!({ "via": "whip", "reason": reason }),
+        );
+        return problem(StatusCode::FORBIDDEN, reason);
+    }
+    // A device of a court this hub does not serve does not publish here.
+    if let Err(reason) = hub.scope_of(&claims) {
         audit.record(
             &claims.sub,
             "login.refused",
@@ -214,6 +227,8 @@ pub async fn start(
         id.clone(),
         WhipSession {
             unit: unit.clone(),
+            jti: claims.jti.clone(),
+            iat: claims.iat,
             stop: stop.clone(),
             patches: patch_tx,
         },
