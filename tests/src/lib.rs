@@ -659,3 +659,18 @@ pub fn sorted_ms(mut us: Vec<u64>) -> Vec<f64> {
     us.sort_unstable();
     us.into_iter().map(|u| u as f64 / 1000.0).collect()
 }
+
+/// How the hub ended a connection: its close code and reason.
+pub async fn closed_with(conn: &quinn::Connection) -> (tianwang_proto::ErrorCode, String) {
+    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the hub closes the connection");
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            tianwang_proto::ErrorCode::try_from(c.error_code.into_inner() as i32)
+                .unwrap_or(tianwang_proto::ErrorCode::Unspecified),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("closed without a reason: {other}"),
+    }
+}

@@ -687,20 +687,6 @@ fn hello(role: Role, unit: &str, token: &str) -> Hello {
     }
 }
 
-/// How the hub ended a connection: its close code and reason.
-async fn closed_with(conn: &quinn::Connection) -> (ErrorCode, String) {
-    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("the hub closes the connection");
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => (
-            ErrorCode::try_from(c.error_code.into_inner() as i32).unwrap_or(ErrorCode::Unspecified),
-            String::from_utf8_lossy(&c.reason).into_owned(),
-        ),
-        other => panic!("closed without a reason: {other}"),
-    }
-}
-
 #[derive(Debug, sqlx::FromRow)]
 struct AuditRow {
     actor: String,

@@ -17,20 +17,6 @@ use tianwang_transport::{Control, ControlError, Limits, Trust, client};
 
 const UNIT: &str = "bwc-001";
 
-/// How the hub ended a connection: its close code and reason.
-async fn closed_with(conn: &quinn::Connection) -> (ErrorCode, String) {
-    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("the hub closes the connection");
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => (
-            ErrorCode::try_from(c.error_code.into_inner() as i32).unwrap_or(ErrorCode::Unspecified),
-            String::from_utf8_lossy(&c.reason).into_owned(),
-        ),
-        other => panic!("closed without a reason: {other}"),
-    }
-}
-
 async fn dial(hub: &Hub) -> (quinn::Endpoint, quinn::Connection) {
     let ep = tianwang_transport::client_endpoint(&hub.trust(), &Limits::default(), false).unwrap();
     let conn = tianwang_transport::connect(&ep, &hub.quic.to_string())
