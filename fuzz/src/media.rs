@@ -23,9 +23,11 @@ pub fn h264(data: &[u8]) {
     let (step, body) = crate::chunks(data);
     let mut depacketizer = H264Packet::default();
     for payload in body.chunks(step * 7) {
-        if depacketizer
-            .depacketize(&Bytes::copy_from_slice(payload))
-            .is_err()
+        // As the hub's WHIP assembler does: malformed aggregations never reach rtc-rtp.
+        if !tianwang_core::codec::h264_rtp_payload_ok(payload)
+            || depacketizer
+                .depacketize(&Bytes::copy_from_slice(payload))
+                .is_err()
         {
             depacketizer = H264Packet::default();
         }

@@ -49,9 +49,39 @@ pub fn vp8_keyframe_size(frame: &[u8]) -> Option<(u16, u16)> {
     (width > 0 && height > 0).then_some((width, height))
 }
 
+/// Whether an H.264 RTP payload's aggregation (STAP-A) lengths stay inside the packet.
+/// rtc-rtp 0.21's depacketizer indexes past the end of one that does not (a panic found by
+/// the `h264` fuzz target), so the hub checks before handing a packet over.
+pub fn h264_rtp_payload_ok(payload: &[u8]) -> bool {
+    const STAP_A: u8 = 24;
+    if payload.first().is_none_or(|b| b & 0x1f != STAP_A) {
+        return true;
+    }
+    let mut at = 1;
+    while at < payload.len() {
+        let Some(len) = payload.get(at..at + 2) else {
+            return false;
+        };
+        at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+    }
+    at == payload.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stap_a_lengths_must_stay_inside_the_packet() {
+        // Two NAL units of 2 and 1 bytes.
+        assert!(h264_rtp_payload_ok(&[24, 0, 2, 0x67, 1, 0, 1, 0x68]));
+        // A trailing byte where a length should be (the fuzzer's crash).
+        assert!(!h264_rtp_payload_ok(&[24, 0, 2, 0x67, 1, 0]));
+        // A length past the end.
+        assert!(!h264_rtp_payload_ok(&[24, 0, 9, 0x67]));
+        // Not an aggregation: the depacketizer's own checks apply.
+        assert!(h264_rtp_payload_ok(&[0x65, 0x88]));
+    }
 
     #[test]
     fn a_vp8_keyframe_header_gives_its_size() {

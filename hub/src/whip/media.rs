@@ -216,7 +216,17 @@ impl Assembler {
             self.flush(t);
         }
         self.frame_ts = Some(ts);
-        match self.depacketizer.depacketize(&p.payload) {
+        // rtc-rtp's H.264 depacketizer panics on a STAP-A whose lengths overrun the packet.
+        let sane =
+            self.codec != VideoCodec::H264 || tianwang_core::codec::h264_rtp_payload_ok(&p.payload);
+        let depacketized = if sane {
+            self.depacketizer
+                .depacketize(&p.payload)
+                .map_err(|e| e.to_string())
+        } else {
+            Err("aggregation lengths overrun the packet".to_string())
+        };
+        match depacketized {
             Ok(data) => self.frame.extend_from_slice(&data),
             Err(e) => {
                 debug!(error = %e, "a video packet that does not depacketize");
