@@ -13,6 +13,7 @@ use gstreamer_app as gst_app;
 use tianwang_proto::v1::TrackKind;
 
 use crate::broadcast::{LocalBroadcast, LocalTrack};
+use crate::clock::CaptureClock;
 use crate::directives::{DirectiveError, QualityChange, QualityControl};
 
 /// Where the picture comes from.
@@ -183,8 +184,10 @@ fn connect_sink(
     sink: &gst_app::AppSink,
     broadcast: &Arc<LocalBroadcast>,
     kind: TrackKind,
+    capture_clock: &Arc<CaptureClock>,
 ) {
     let broadcast = Arc::clone(broadcast);
+    let capture_clock = Arc::clone(capture_clock);
     let pipeline = pipeline.downgrade();
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
@@ -196,18 +199,33 @@ fn connect_sink(
                 let Some(track): Option<&LocalTrack> = broadcast.track(kind) else {
                     return Ok(gst::FlowSuccess::Ok);
                 };
-                // Capture time: now, minus how long ago (in pipeline running time) the
-                // buffer was captured.
+                let keyframe = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
+                // Capture time: when the buffer was taken (its PTS as running time, through
+                // the sample's segment: encoders shift their PTS, x264enc by 1000 hours), on
+                // the capture clock (the wall clock as it stood when the video group began).
                 let mut timestamp_us = crate::unix_now_us();
-                if let (Some(p), Some(pts)) = (pipeline.upgrade(), buffer.pts())
+                if let Some(p) = pipeline.upgrade()
                     && let (Some(clock), Some(base)) = (p.clock(), p.base_time())
                 {
                     let running = clock.time().saturating_sub(base);
-                    let age = running.saturating_sub(pts);
-                    timestamp_us = timestamp_us.saturating_sub(age.useconds());
+                    let taken = buffer
+                        .pts()
+                        .and_then(|pts| {
+                            sample
+                                .segment()?
+                                .downcast_ref::<gst::ClockTime>()?
+                                .to_running_time(pts)
+                        })
+                        .filter(|t| *t <= running)
+                        .unwrap_or(running);
+                    timestamp_us = capture_clock.stamp(
+                        taken.useconds(),
+                        timestamp_us,
+                        running.useconds(),
+                        keyframe && kind == TrackKind::Video,
+                    );
                 }
                 let duration_us = buffer.duration().map(|d| d.useconds() as u32).unwrap_or(0);
-                let keyframe = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
                 let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
                 if !map.is_empty() {
                     track.push(&map, timestamp_us, duration_us, keyframe);
@@ -466,12 +484,26 @@ impl Capture {
             .ok_or_else(|| anyhow!("the pipeline has no appsink named video"))?;
         let encoder = Arc::new(EncoderControl::find(&pipeline, settings)?);
         broadcast.set_rate_control(Arc::clone(&encoder) as Arc<dyn crate::broadcast::RateControl>);
-        connect_sink(&pipeline, &video, broadcast, TrackKind::Video);
+        // One capture clock for both sinks: a step of the wall clock moves them together.
+        let capture_clock = Arc::new(CaptureClock::default());
+        connect_sink(
+            &pipeline,
+            &video,
+            broadcast,
+            TrackKind::Video,
+            &capture_clock,
+        );
         if let Some(audio) = pipeline
             .by_name("audio")
             .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
         {
-            connect_sink(&pipeline, &audio, broadcast, TrackKind::Audio);
+            connect_sink(
+                &pipeline,
+                &audio,
+                broadcast,
+                TrackKind::Audio,
+                &capture_clock,
+            );
         }
         let sink = video.downgrade();
         broadcast.set_keyframe_hook(Box::new(move |name| {

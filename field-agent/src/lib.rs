@@ -7,6 +7,7 @@
 pub mod abr;
 pub mod broadcast;
 pub mod capture;
+pub mod clock;
 pub mod directives;
 pub mod position;
 pub mod route;
@@ -17,7 +18,8 @@ pub mod spool;
 pub mod talkback;
 pub mod uplink;
 
-/// Wall clock, microseconds since the Unix epoch: the capture timestamps' clock.
+/// Wall clock, microseconds since the Unix epoch: the capture timestamps' clock (read
+/// through [`clock::CaptureClock`] for frames).
 pub fn unix_now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -362,6 +362,7 @@ pub async fn play(
         .collect();
     schedule.sort_by_key(|(pts, kind, _)| (*pts, *kind as i32));
     let start = tokio::time::Instant::now() + start_delay;
+    let capture_clock = crate::clock::CaptureClock::default();
     let mut stamped = Vec::new();
     for lap in 0u64.. {
         let base = start + Duration::from_micros(lap * clip.duration_us);
@@ -375,7 +376,13 @@ pub async fn play(
                 _ => (video.frame(i), broadcast.track(TrackKind::Video)),
             };
             if let (Some(f), Some(t)) = (frame, track) {
-                let now = crate::unix_now_us();
+                let mono = start.elapsed().as_micros() as u64;
+                let now = capture_clock.stamp(
+                    mono,
+                    crate::unix_now_us(),
+                    mono,
+                    f.keyframe && kind == TrackKind::Video,
+                );
                 let payload = if stamp && kind == TrackKind::Video {
                     stamped.clear();
                     tianwang_proto::stamp::write(&mut stamped, now);

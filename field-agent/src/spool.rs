@@ -33,6 +33,9 @@ const AUDIO_GROUP_FRAMES: u32 = 50;
 /// Two confirmed windows of a track closer than this are one: less than a video frame or
 /// an audio packet, so a frame the hub lacks always leaves a hole.
 const JOIN_US: u64 = 10_000;
+/// A new group beginning this far before the newest confirmed capture time means the
+/// capture clock stepped back (as the hub's segmenter takes it).
+const CLOCK_STEP_US: u64 = 10_000_000;
 /// A group sent as backfill is not offered again for this long (its `Recorded` is on the way).
 const IN_FLIGHT: Duration = Duration::from_secs(60);
 /// The largest frame a spool file may hold (as the hub's default limit).
@@ -90,7 +93,8 @@ struct State {
     bytes: u64,
     /// What the hub confirmed per track, merged, oldest first.
     recorded: HashMap<u32, Vec<(u64, u64)>>,
-    /// The newest end the hub confirmed.
+    /// The newest end the hub confirmed (since the capture clock last stepped back):
+    /// undelivered groups before it were missed live.
     recorded_until: u64,
     refused_unreported: u64,
     /// Refusing: full of undelivered data (warned once per episode).
@@ -349,6 +353,16 @@ impl Spool {
                 s.full = false;
                 info!("spool has room again");
             }
+            // A group begun well before what the hub already confirmed: the capture clock
+            // stepped back. Groups of the new time are not missed ones (the live recording
+            // has yet to reach them), so what was confirmed counts from here on.
+            if start_us.saturating_add(CLOCK_STEP_US) < s.recorded_until {
+                warn!(
+                    back_us = s.recorded_until - start_us,
+                    "capture clock stepped back"
+                );
+                s.recorded_until = start_us;
+            }
             s.next_seq += 1;
             s.next_seq
         };
@@ -544,8 +558,6 @@ impl Spool {
         }
     }
 
-    /// Whether undelivered groups lie before what the hub has confirmed (missed live: the
-    /// hub should hear of them).
     /// Whether the hub should hear from the spool: groups it missed, or groups refused
     /// since the last report (the spool is full of unrecorded evidence: an alarm there).
     pub fn has_news(&self) -> bool {
@@ -761,6 +773,31 @@ mod tests {
         assert!(header.backfill);
         // In flight: not offered again at once.
         assert!(spool.holdings(None).ranges.is_empty());
+    }
+
+    #[test]
+    fn after_a_step_back_of_the_capture_clock_new_groups_are_not_taken_for_missed_ones() {
+        const HOUR_MS: u64 = 3_600_000;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("spool");
+        // The hub recorded up to two hours in; then the clock steps back an hour.
+        spool.recorded(&[range(2 * HOUR_MS, 2 * HOUR_MS + 2000)], &[]);
+        feed(&spool, HOUR_MS, 91);
+        spool.close();
+        assert!(
+            !spool.has_news(),
+            "the live recording has yet to reach them"
+        );
+        // Once the live recording passed a group without it, that one was missed.
+        spool.recorded(&[range(HOUR_MS + 990, HOUR_MS + 1980)], &[]);
+        assert!(spool.has_news());
+        let missed = spool.holdings(Some(spool.recorded_until()));
+        // The first group: 30 frames, the last one's end included.
+        let first = TimeRange {
+            from_us: HOUR_MS * 1000,
+            to_us: (HOUR_MS + 957) * 1000 + 33_333,
+        };
+        assert_eq!(missed.ranges, vec![first]);
     }
 
     #[test]

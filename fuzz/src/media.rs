@@ -87,6 +87,14 @@ fn check_segment(seg: &Segment) {
         .iter()
         .find(|t| t.tfhd.track_id == tianwang_core::segmenter::VIDEO_TRACK)
         .expect("a segment has video");
+    // A capture clock that steps either way never turns a segment's range inside out
+    // (the recorder confirms to the unit what the range holds).
+    assert!(
+        seg.end_us >= seg.start_us,
+        "capture range {}..{}",
+        seg.start_us,
+        seg.end_us
+    );
     let trun = video.trun.first().expect("video samples");
     assert_eq!(trun.samples.len(), seg.video_frames as usize);
     let first = trun.samples.get(0).expect("at least one sample");

@@ -30,6 +30,10 @@ pub const AUDIO_TIMESCALE: u64 = 48_000;
 /// others and is not a sync sample.
 const FLAGS_SYNC: u32 = 0x0200_0000;
 const FLAGS_DEPENDENT: u32 = 0x0101_0000;
+/// A keyframe this long after the frame before it is taken for a step of the capture
+/// clock, not a stall: a unit whose frames stop this long has gone offline, or its frames
+/// come later as backfill.
+const CLOCK_STEP_US: u64 = 10_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SegmenterError {
@@ -449,32 +453,50 @@ impl Segmenter {
         keyframe: bool,
     ) -> Result<(), SegmenterError> {
         if keyframe {
-            // A clock that stepped back closes the segment at once rather than holding it
-            // until the clock catches up.
-            let buffered_us = match self.video.first() {
-                Some(a) if timestamp_us < a.timestamp_us => u64::MAX / 2,
-                Some(a) => timestamp_us - a.timestamp_us,
-                None => 0,
-            };
-            match Params::of(self.config.video, au) {
-                Some(params) if self.parameters.as_ref() != Some(&params) => {
-                    // New parameters: end the recording, start another with its own init.
-                    self.close(Some(timestamp_us))?;
-                    let init = init_segment(&self.config, &params, timestamp_us)?;
-                    self.parameters = Some(params);
-                    self.video_decode = 0;
-                    self.audio_decode = 0;
-                    self.start_us = timestamp_us;
-                    self.sequence = 0;
-                    // Sound from before the picture has no place in this recording.
-                    self.audio.retain(|a| a.timestamp_us >= timestamp_us);
-                    self.outputs.push_back(Output::Init(init));
+            let buffered_us = self
+                .video
+                .first()
+                .map_or(0, |a| timestamp_us.saturating_sub(a.timestamp_us));
+            // The capture clock stepped (back, or forward by more than any stall): the
+            // keyframe's time says nothing of where the segment ends, and media time on
+            // could not follow capture time. The segment ends with its own last frame and
+            // a recording of its own begins, as a change of parameters would.
+            let newest = self.video.iter().map(|v| v.timestamp_us).max();
+            let stepped = newest.is_some_and(|n| {
+                timestamp_us < n || timestamp_us > n.saturating_add(CLOCK_STEP_US)
+            });
+            let params = Params::of(self.config.video, au)
+                .filter(|p| self.parameters.as_ref() != Some(p))
+                .or_else(|| self.parameters.clone().filter(|_| stepped));
+            if let Some(params) = params {
+                let end = self
+                    .video
+                    .iter()
+                    .map(|v| v.timestamp_us + u64::from(v.duration_us.max(1_000)))
+                    .max();
+                match end {
+                    Some(end) if stepped => {
+                        self.close(Some(end))?;
+                        // Sound left from the time before a step back is not this
+                        // recording's either.
+                        self.audio.retain(|a| {
+                            a.timestamp_us < timestamp_us.saturating_add(CLOCK_STEP_US)
+                        });
+                    }
+                    _ => self.close(Some(timestamp_us))?,
                 }
+                let init = init_segment(&self.config, &params, timestamp_us)?;
+                self.parameters = Some(params);
+                self.video_decode = 0;
+                self.audio_decode = 0;
+                self.start_us = timestamp_us;
+                self.sequence = 0;
+                // Sound from before the picture has no place in this recording.
+                self.audio.retain(|a| a.timestamp_us >= timestamp_us);
+                self.outputs.push_back(Output::Init(init));
+            } else if buffered_us + u64::from(duration_us) > self.config.target_us {
                 // Within a frame of the target counts: a 4 s GOP at 30 fps is 3.99996 s.
-                _ if buffered_us + u64::from(duration_us) > self.config.target_us => {
-                    self.close(Some(timestamp_us))?
-                }
-                _ => {}
+                self.close(Some(timestamp_us))?
             }
         }
         if self.parameters.is_none() || (self.video.is_empty() && !keyframe) {
@@ -539,8 +561,9 @@ impl Segmenter {
         let end_us = match cut_us {
             Some(c) => c,
             None => video
-                .last()
+                .iter()
                 .map(|s| s.timestamp_us + u64::from(s.duration_us))
+                .max()
                 .unwrap_or(0),
         };
         let audio: Vec<Sample> = if self.config.audio {

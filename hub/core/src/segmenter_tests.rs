@@ -269,16 +269,47 @@ fn audio_before_the_first_keyframe_is_dropped_and_audio_time_follows_capture() {
 }
 
 #[test]
-fn a_device_clock_stepping_back_closes_the_segment_at_the_next_keyframe() {
-    let mut s = Segmenter::new(config(false));
-    let mut outputs = feed(&mut s, 4_000_000_000, 3);
-    // The clock jumps back an hour: the next keyframe still closes what was buffered.
-    outputs.extend(feed(&mut s, 4_000_000_000 - 3_600_000_000, 3));
-    s.flush().unwrap();
-    outputs.extend(std::iter::from_fn(|| s.poll()));
-    let segs = segments(&outputs);
-    assert_eq!(segs.len(), 2, "the jump cut the first segment");
-    assert_eq!(segs[0].video_frames, 90, "{}", segs[0].video_frames);
+fn a_device_clock_step_ends_the_segment_at_its_own_end_and_begins_a_recording() {
+    const HOUR: u64 = 3_600_000_000;
+    for (what, to) in [
+        ("back", 4_000_000_000 - HOUR),
+        ("forward", 4_000_000_000 + HOUR),
+    ] {
+        let mut s = Segmenter::new(config(true));
+        let mut outputs = feed(&mut s, 4_000_000_000, 3);
+        outputs.extend(feed(&mut s, to, 3));
+        s.flush().unwrap();
+        outputs.extend(std::iter::from_fn(|| s.poll()));
+        let kinds: Vec<&str> = outputs
+            .iter()
+            .map(|o| match o {
+                Output::Init(_) => "init",
+                Output::Segment(_) => "segment",
+            })
+            .collect();
+        assert_eq!(kinds, ["init", "segment", "init", "segment"], "{what}");
+        let segs = segments(&outputs);
+        // Every frame before the step is in the first segment, whose capture-time range
+        // is its own (not up to the keyframe an hour away), as is its sound.
+        assert_eq!(segs[0].video_frames, 90, "{what}");
+        assert_eq!(segs[0].start_us, 4_000_000_000, "{what}");
+        assert_eq!(segs[0].end_us, 4_000_000_000 + 90 * 33_333, "{what}");
+        assert!(
+            (149..=151).contains(&segs[0].audio_frames),
+            "{what}: {}",
+            segs[0].audio_frames
+        );
+        // The new recording's media time starts over at the step, its sound with it.
+        assert_eq!((segs[1].sequence, segs[1].media_start), (1, 0), "{what}");
+        assert_eq!((segs[1].start_us, segs[1].video_frames), (to, 90), "{what}");
+        assert!(
+            (149..=151).contains(&segs[1].audio_frames),
+            "{what}: {}",
+            segs[1].audio_frames
+        );
+        let media_s = segs[1].media_duration as f64 / VIDEO_TIMESCALE as f64;
+        assert!((media_s - 3.0).abs() < 0.05, "{what}: {media_s} s");
+    }
 }
 
 #[test]

@@ -732,18 +732,31 @@ impl Runs {
     }
 
     /// Each track's runs within [from, to) (a written segment; audio up to its end too,
-    /// as the segment holds the packets before its cut), forgetting what ends before.
+    /// as the segment holds the packets before its cut), forgetting what ends before it
+    /// among the runs that came before the segment's last. Runs that came after it are
+    /// kept whatever their time: after a step back of the capture clock, frames of the
+    /// next recording come before this segment is written, an hour earlier.
     fn take(&mut self, from: u64, to: u64) -> (Windows, Windows) {
-        let clip = |runs: &[(u64, u64)]| -> Vec<(u64, u64)> {
-            runs.iter()
-                .filter(|(s, e)| *e > from && *s < to)
+        fn take_from(runs: &mut Vec<(u64, u64)>, from: u64, to: u64) -> Windows {
+            let within = |&(s, e): &(u64, u64)| e > from && s < to;
+            let out = runs
+                .iter()
+                .filter(|r| within(r))
                 .map(|(s, e)| ((*s).max(from), (*e).min(to)))
-                .collect()
-        };
-        let out = (clip(&self.video), clip(&self.audio));
-        self.video.retain(|(_, e)| *e > to);
-        self.audio.retain(|(_, e)| *e > to);
-        out
+                .collect();
+            if let Some(last) = runs.iter().rposition(within) {
+                let mut i = 0;
+                runs.retain(|(_, e)| {
+                    i += 1;
+                    i > last + 1 || *e > to
+                });
+            }
+            out
+        }
+        (
+            take_from(&mut self.video, from, to),
+            take_from(&mut self.audio, from, to),
+        )
     }
 }
 
@@ -1041,4 +1054,46 @@ async fn write_file(root: &Path, rel: &str, chunks: Vec<Bytes>) -> Result<String
         path: err_path,
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_a_later_recording_survive_a_step_back_of_the_capture_clock() {
+        const HOUR: u64 = 3_600_000_000;
+        let t0 = 10 * HOUR;
+        let mut runs = Runs::default();
+        // 30 frames, then the clock steps back an hour and 30 more arrive before the
+        // first segment is written.
+        for i in 0..30 {
+            runs.add(true, t0 + i * 33_333, 33_333);
+        }
+        for i in 0..30 {
+            runs.add(true, t0 - HOUR + i * 33_333, 33_333);
+        }
+        let end = t0 + 30 * 33_333;
+        assert_eq!(runs.take(t0, end).0, vec![(t0, end)]);
+        // The next recording's segment finds its frames, all of them.
+        let back = t0 - HOUR;
+        assert_eq!(
+            runs.take(back, back + 30 * 33_333).0,
+            vec![(back, back + 30 * 33_333)]
+        );
+        assert!(runs.video.is_empty());
+    }
+
+    #[test]
+    fn a_segment_forgets_the_runs_before_it() {
+        let mut runs = Runs::default();
+        runs.add(true, 0, 33_333);
+        // A hole, then a run the segment covers.
+        for i in 10..20 {
+            runs.add(true, i * 33_333, 33_333);
+        }
+        let (video, _) = runs.take(10 * 33_333, 20 * 33_333);
+        assert_eq!(video, vec![(333_330, 666_660)]);
+        assert!(runs.video.is_empty());
+    }
 }
