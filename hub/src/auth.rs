@@ -271,27 +271,10 @@ impl Authority {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64_engine::encode_url;
-
-    mod base64_engine {
-        /// URL-safe base64 without padding, enough to forge test tokens.
-        pub fn encode_url(data: &[u8]) -> String {
-            const T: &[u8; 64] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-            let mut out = String::new();
-            for chunk in data.chunks(3) {
-                let b = [
-                    chunk[0],
-                    *chunk.get(1).unwrap_or(&0),
-                    *chunk.get(2).unwrap_or(&0),
-                ];
-                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-                for i in 0..=chunk.len() {
-                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                }
-            }
-            out
-        }
+    /// URL-safe base64 without padding, to forge test tokens.
+    fn encode_url(data: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
     }
 
     fn authority() -> Authority {
