@@ -329,6 +329,41 @@ async fn matrix() -> anyhow::Result<()> {
     // The unit that was impersonated and watched throughout is still live.
     tree::wait_units_online(&hub, &commander, &[UNIT], Duration::from_secs(5)).await?;
 
+    // A WHIP session's resource (DELETE ends it, PATCH steers its ICE) answers only its
+    // unit's token; another unit's is refused and audited, and the session lives on.
+    let whip_unit = "bwc-w";
+    let publisher =
+        WhipPublisher::publish(hub.http, whip_unit, &hub.token("device", whip_unit), |o| o).await?;
+    let resource = format!("http://{}{}", hub.http, publisher.location);
+    let client = reqwest::Client::new();
+    for (method, req) in [
+        ("DELETE", client.delete(&resource)),
+        (
+            "PATCH",
+            client
+                .patch(&resource)
+                .header("content-type", "application/trickle-ice-sdpfrag")
+                .body("a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"),
+        ),
+    ] {
+        let before = audit.max_seq().await?;
+        let status = req.bearer_auth(&device_a).send().await?.status().as_u16();
+        assert_eq!(status, 403, "WHIP {method} with another unit's token");
+        audit
+            .refusal_since(before, Iface::Whip, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("WHIP {method} refused but not audited"))?;
+    }
+    let status = client
+        .delete(&resource)
+        .bearer_auth(hub.token("device", whip_unit))
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    assert_eq!(status, 200, "the unit's own token ends its session");
+    publisher.close().await;
+
     let report = format!(
         "## Auth matrix\n\n\
          Written by `scripts/auth-matrix` (tests/tests/auth_matrix.rs) against a real hub with \
@@ -339,7 +374,8 @@ async fn matrix() -> anyhow::Result<()> {
          revoked unit was live when `hub token revoke` ran: the hub closed its QUIC session \
          (UNAUTHORIZED, \"token revoked\", audited `session.revoked`) before the row was tried. \
          Recordings HTTP is `/api/recordings` (listing); playback (`/recordings/…`) and the \
-         cases API go through the same check; export is the offline `hub export`.\n\n{table}"
+         cases API go through the same check; export is the offline `hub export`. A WHIP \
+         session's resource (DELETE, PATCH) refuses another unit's token (403), audited.\n\n{table}"
     );
     print!("{report}");
     if let Some(dir) = std::env::var_os("TIANWANG_REPORT_DIR") {

@@ -80,17 +80,19 @@ pub async fn start(
             "Authorization: Bearer <device token> required",
         );
     };
+    // Every refusal of a presented token is audited.
+    let refuse = |who: &str, status: StatusCode, reason: String| {
+        audit.record(
+            who,
+            "login.refused",
+            &unit.chars().take(64).collect::<String>(),
+            serde_json::json!({ "via": "whip", "reason": reason }),
+        );
+        problem(status, reason)
+    };
     let claims = match hub.authority.verify(token) {
         Ok(c) => c,
-        Err(e) => {
-            audit.record(
-                "?",
-                "login.refused",
-                &unit.chars().take(64).collect::<String>(),
-                serde_json::json!({ "via": "whip", "reason": e.to_string() }),
-            );
-            return problem(StatusCode::UNAUTHORIZED, e.to_string());
-        }
+        Err(e) => return refuse("?", StatusCode::UNAUTHORIZED, e.to_string()),
     };
     if !crate::session::valid_unit_id(&unit) {
         return problem(
@@ -98,29 +100,17 @@ pub async fn start(
             "unit ids are 1 to 64 of A-Z a-z 0-9 - _ . (not starting with .)",
         );
     }
-    if claims.role != Role::Device || claims.sub != unit {
-        let reason = if claims.role != Role::Device {
-            format!("a {:?} token cannot publish", claims.role)
-        } else {
-            format!("the token is for unit {:?}, not {unit:?}", claims.sub)
-        };
-        audit.record(
-            &claims.sub,
-            "login.refused",
-            &unit,
-            serde_json::json!({ "via": "whip", "reason": reason }),
-        );
-        return problem(StatusCode::FORBIDDEN, reason);
+    if claims.role != Role::Device {
+        let reason = format!("a {:?} token cannot publish", claims.role);
+        return refuse(&claims.sub, StatusCode::FORBIDDEN, reason);
+    }
+    if claims.sub != unit {
+        let reason = format!("the token is for unit {:?}, not {unit:?}", claims.sub);
+        return refuse(&claims.sub, StatusCode::FORBIDDEN, reason);
     }
     // A device of a court this hub does not serve does not publish here.
     if let Err(reason) = hub.scope_of(&claims) {
-        audit.record(
-            &claims.sub,
-            "login.refused",
-            &unit,
-            serde_json::json!({ "via": "whip", "reason": reason }),
-        );
-        return problem(StatusCode::FORBIDDEN, reason);
+        return refuse(&claims.sub, StatusCode::FORBIDDEN, reason);
     }
     let offer = match crate::console::whep::sdp_offer(&headers, &body) {
         Ok(o) => o,
@@ -363,11 +353,23 @@ pub(crate) fn own_unit(hub: &HubContext, headers: &HeaderMap, unit: &str) -> Res
             "Authorization: Bearer required",
         ));
     };
-    match hub.authority.verify(token) {
-        Ok(c) if c.role == Role::Device && c.sub == unit => Ok(()),
-        Ok(_) => Err(problem(StatusCode::FORBIDDEN, "not this unit's token")),
-        Err(e) => Err(problem(StatusCode::UNAUTHORIZED, e.to_string())),
-    }
+    let (who, status, reason) = match hub.authority.verify(token) {
+        Ok(c) if c.role == Role::Device && c.sub == unit => return Ok(()),
+        Ok(c) => (
+            c.sub,
+            StatusCode::FORBIDDEN,
+            "not this unit's token".to_string(),
+        ),
+        Err(e) => ("?".to_string(), StatusCode::UNAUTHORIZED, e.to_string()),
+    };
+    // Refused like a sign-in: someone tried to end or steer another unit's session.
+    hub.evidence.audit.record(
+        &who,
+        "login.refused",
+        &unit.chars().take(64).collect::<String>(),
+        serde_json::json!({ "via": "whip", "reason": reason }),
+    );
+    Err(problem(status, reason))
 }
 
 /// DELETE /whip/{unit}/{id}: only with the unit's own token.
