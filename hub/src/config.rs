@@ -164,7 +164,7 @@ impl AlarmsConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvidenceConfig {
     /// Record every online unit, watched or not.
@@ -177,6 +177,50 @@ pub struct EvidenceConfig {
     #[serde(with = "humantime_serde")]
     pub segment_target: Duration,
     pub retention: RetentionConfig,
+}
+
+// By hand: the index URL may carry the database's password.
+impl std::fmt::Debug for EvidenceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvidenceConfig")
+            .field("record", &self.record)
+            .field("index_url", &self.index_url.as_deref().map(redact_password))
+            .field("dir", &self.dir)
+            .field("segment_target", &self.segment_target)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+/// A database URL with its password hidden, in the authority (`user:***@`) or the query
+/// (`password=***`).
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// How long recordings are kept. Recordings of an open case are never deleted.
@@ -544,6 +588,24 @@ mod tests {
         let example = Config::parse(text).expect("deploy/hub.example.toml parses");
         assert_eq!(example, Config::default());
         example.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn the_index_password_never_shows_in_debug() {
+        let mut config = Config::default();
+        config.evidence.index_url =
+            Some("postgres://tianwang:s3cret@db:5432/index?sslmode=require&password=s3cret".into());
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(
+            debug.contains("postgres://tianwang:***@db:5432/index?sslmode=require&password=***"),
+            "{debug}"
+        );
+        assert_eq!(
+            redact_password("sqlite:///d/index.sqlite?mode=rwc"),
+            "sqlite:///d/index.sqlite?mode=rwc"
+        );
+        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]
