@@ -106,26 +106,8 @@ pub(crate) fn check(outputs: &[Output]) {
 
 fn blank() -> SegmentRow {
     SegmentRow {
-        unit: "unit".into(),
-        seq: 0,
-        kind: String::new(),
-        recording: String::new(),
-        number: 0,
-        path: String::new(),
         codecs: "avc1.42e01f".into(),
-        start_us: 0,
-        end_us: 0,
-        media_start: 0,
-        media_duration: 0,
-        bytes: 0,
-        sha256: String::new(),
-        prev_sha256: String::new(),
-        case_number: None,
-        operation_id: None,
-        officer: None,
         court: "court".into(),
-        recorded_us: 0,
-        signature: String::new(),
-        deleted_us: None,
+        ..SegmentRow::new("unit", "")
     }
 }

@@ -94,6 +94,34 @@ pub struct SegmentRow {
 }
 
 impl SegmentRow {
+    /// A row of `unit`'s chain in `recording` with nothing else filled in: the writer sets
+    /// its kind, span and hash, and `append` its link, binding and signature.
+    pub fn new(unit: &str, recording: &str) -> Self {
+        Self {
+            unit: unit.to_string(),
+            seq: 0,
+            kind: String::new(),
+            recording: recording.to_string(),
+            number: 0,
+            path: String::new(),
+            codecs: String::new(),
+            start_us: 0,
+            end_us: 0,
+            media_start: 0,
+            media_duration: 0,
+            bytes: 0,
+            sha256: String::new(),
+            prev_sha256: String::new(),
+            case_number: None,
+            operation_id: None,
+            officer: None,
+            court: String::new(),
+            recorded_us: 0,
+            signature: String::new(),
+            deleted_us: None,
+        }
+    }
+
     /// What the signature covers: every field but the signature and the retention mark, as
     /// a JSON array (unambiguous whatever the fields contain).
     pub fn signed_bytes(&self) -> Vec<u8> {

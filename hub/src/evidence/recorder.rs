@@ -929,29 +929,7 @@ async fn write_segment(
 
 /// An empty row of the chain's current recording (the caller fills it in).
 fn row(chain: &Chain) -> SegmentRow {
-    SegmentRow {
-        unit: chain.unit.clone(),
-        seq: 0,
-        kind: String::new(),
-        recording: chain.recording.clone(),
-        number: 0,
-        path: String::new(),
-        codecs: String::new(),
-        start_us: 0,
-        end_us: 0,
-        media_start: 0,
-        media_duration: 0,
-        bytes: 0,
-        sha256: String::new(),
-        prev_sha256: String::new(),
-        case_number: None,
-        operation_id: None,
-        officer: None,
-        court: String::new(),
-        recorded_us: 0,
-        signature: String::new(),
-        deleted_us: None,
-    }
+    SegmentRow::new(&chain.unit, &chain.recording)
 }
 
 /// Records the time between the last media segment and `start_us`, when it is a gap.
