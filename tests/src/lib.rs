@@ -674,3 +674,19 @@ pub async fn closed_with(conn: &quinn::Connection) -> (tianwang_proto::ErrorCode
         other => panic!("closed without a reason: {other}"),
     }
 }
+
+/// A Hello as a client of this protocol version sends it.
+pub fn hello(role: tianwang_proto::v1::Role, unit: &str, token: &str) -> tianwang_proto::v1::Hello {
+    tianwang_proto::v1::Hello {
+        protocol_version: tianwang_proto::wire::PROTOCOL_VERSION,
+        role: role as i32,
+        unit_id: unit.into(),
+        token: token.into(),
+        ..Default::default()
+    }
+}
+
+/// A value for a URL query, percent-encoded (case numbers carry `/` and CJK).
+pub fn query_value(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

@@ -13,8 +13,8 @@ use futures::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tianwang_proto::v1::session_event::Kind as Event;
 use tianwang_proto::v1::session_request::Kind as Request;
-use tianwang_proto::v1::{AddTile, Hello, ListCourtsRequest, Role, SessionRequest};
-use tianwang_proto::wire::{self, PROTOCOL_VERSION};
+use tianwang_proto::v1::{AddTile, ListCourtsRequest, Role, SessionRequest};
+use tianwang_proto::wire;
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_tests::console::Console;
 use tianwang_tests::tree::{self, HIGH, SUPREME, authed, hub_cli};
@@ -699,16 +699,6 @@ async fn dial(hub: &Hub, trust: &Trust) -> (quinn::Endpoint, quinn::Connection) 
         .await
         .unwrap();
     (ep, conn)
-}
-
-fn hello(role: Role, unit: &str, token: &str) -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        role: role as i32,
-        unit_id: unit.into(),
-        token: token.into(),
-        ..Default::default()
-    }
 }
 
 #[derive(Debug, sqlx::FromRow)]

@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use prost::Message;
 use tianwang_proto::v1::{
-    Announce, FrameHeader, GroupHeader, Hello, Role, Subscribe, TrackInfo, TrackKind,
+    Announce, FrameHeader, GroupHeader, Role, Subscribe, TrackInfo, TrackKind,
 };
-use tianwang_proto::wire::{self, PROTOCOL_VERSION};
+use tianwang_proto::wire;
 use tianwang_proto::{ControlMessage, ErrorCode, Kind};
 use tianwang_tests::*;
 use tianwang_transport::{Control, ControlError, Limits, Trust, client};
@@ -39,16 +39,6 @@ fn encoded(msg: Kind) -> Vec<u8> {
     let mut b = BytesMut::new();
     wire::encode_delimited(&ControlMessage::new(msg), &mut b);
     b.to_vec()
-}
-
-fn hello(role: Role, unit: &str, token: &str) -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        role: role as i32,
-        unit_id: unit.into(),
-        token: token.into(),
-        ..Default::default()
-    }
 }
 
 /// A publisher session past hello and announce, ready to open group streams.

@@ -557,7 +557,7 @@ async fn a_case_is_recorded_exported_and_verified_on_another_machine() -> anyhow
     let list = wait_recorded(
         &hub,
         &commander,
-        &format!("case={}", urlencode(CASE)),
+        &format!("case={}", tianwang_tests::query_value(CASE)),
         Duration::from_secs(60),
         |l| segments(l).len() >= 3,
     )
@@ -689,15 +689,6 @@ async fn a_case_is_recorded_exported_and_verified_on_another_machine() -> anyhow
     let (ok, out) = verify_data(&hub, &["--case", CASE]);
     assert!(ok, "{out}");
     Ok(())
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -886,7 +877,7 @@ async fn index_round_trip(tmp: &Path, url: &str) -> anyhow::Result<()> {
 
     let tokens = hub.fleet("sim-", 1);
     let sim = Simulator::start(&hub, 1, &tokens, &[])?;
-    let query = format!("case={}", urlencode(CASE));
+    let query = format!("case={}", tianwang_tests::query_value(CASE));
     wait_recorded(&hub, &commander, &query, Duration::from_secs(60), |l| {
         segments(l).len() >= 3
     })

@@ -93,15 +93,6 @@ async fn get(hub: &Hub, token: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>
     Ok((status, r.bytes().await?.to_vec()))
 }
 
-fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_key_party_or_position_reaches_the_logs_at_trace() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -300,7 +291,7 @@ async fn no_token_key_party_or_position_reaches_the_logs_at_trace() -> anyhow::R
     assert_eq!(case.parties, PARTIES);
     let cases = hub.get_json("/api/cases", &commander).await?;
     assert!(cases.to_string().contains(PARTIES[1]), "{cases}");
-    let query = format!("/api/recordings?case={}", percent(CASE));
+    let query = format!("/api/recordings?case={}", tianwang_tests::query_value(CASE));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let url = loop {
         let list = hub.get_json(&query, &commander).await?;
