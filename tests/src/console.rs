@@ -1,5 +1,5 @@
-//! A console in Rust: the WebSocket session (protobuf JSON) and, for media, a webrtc-rs
-//! PeerConnection that answers the hub's offers and counts the RTP of each tile. Tests use
+//! A console in Rust: the session over WebSocket (protobuf JSON) or gRPC (the same messages
+//! as protobuf) and, for media, a webrtc-rs PeerConnection that answers the hub's offers and counts the RTP of each tile. Tests use
 //! it to send bad input; `loadrun` to measure WebRTC fan-out.
 
 use std::collections::HashMap;
@@ -17,8 +17,9 @@ use rtc::peer_connection::configuration::media_engine::{
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+use tianwang_proto::v1::console_client::ConsoleClient;
 use tianwang_proto::v1::session_event::Kind as Event;
-use tianwang_proto::v1::{SessionEvent, TileState, tile_state::State};
+use tianwang_proto::v1::{SessionEvent, SessionRequest, TileState, tile_state::State};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -30,6 +31,15 @@ use webrtc::peer_connection::{
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The session's signalling path.
+enum Signalling {
+    Ws(Box<Ws>),
+    Grpc {
+        requests: Option<tokio::sync::mpsc::Sender<SessionRequest>>,
+        events: Box<tonic::Streaming<SessionEvent>>,
+    },
+}
 
 /// What arrived for one tile (its stream id is the tile id).
 #[derive(Debug, Default, Clone, Copy)]
@@ -109,9 +119,9 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
-/// A console session over WebSocket.
+/// A console session over WebSocket or gRPC.
 pub struct Console {
-    ws: Ws,
+    signalling: Signalling,
     pc: Option<Arc<dyn PeerConnection>>,
     candidates: Option<mpsc::UnboundedReceiver<RTCIceCandidateInit>>,
     pub media: MediaCounts,
@@ -186,25 +196,110 @@ impl Console {
         )
         .await
         .context("opening the console WebSocket")?;
-        Ok(Self {
-            ws,
+        Ok(Self::over(Signalling::Ws(Box::new(ws))))
+    }
+
+    /// A session over gRPC, signed in by its metadata (`authorization: Bearer`): returns
+    /// once the hub said Ready.
+    pub async fn connect_grpc(http: SocketAddr, token: &str) -> anyhow::Result<Self> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{http}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .context("connecting to the hub's gRPC")?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<SessionRequest>(64);
+        let requests =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let events = ConsoleClient::new(channel)
+            .session(crate::tree::authed(token, requests))
+            .await
+            .context("opening the gRPC session")?
+            .into_inner();
+        let mut c = Self::over(Signalling::Grpc {
+            requests: Some(tx),
+            events: Box::new(events),
+        });
+        c.until(Duration::from_secs(10), |e| match &e.kind {
+            Some(Event::Ready(_)) => Some(()),
+            _ => None,
+        })
+        .await?;
+        Ok(c)
+    }
+
+    fn over(signalling: Signalling) -> Self {
+        Self {
+            signalling,
             pc: None,
             candidates: None,
             media: MediaCounts::default(),
             delays: Delays::default(),
             tracks: Tracks::default(),
-        })
+        }
     }
 
+    /// Sends a request written as protobuf JSON (over gRPC, as the message it stands for).
     pub async fn send(&mut self, request: serde_json::Value) -> anyhow::Result<()> {
-        self.send_raw(Message::text(request.to_string())).await
+        match &mut self.signalling {
+            Signalling::Ws(_) => self.send_raw(Message::text(request.to_string())).await,
+            Signalling::Grpc { requests, .. } => {
+                let request: SessionRequest = serde_json::from_value(request)
+                    .context("a request that is not a SessionRequest")?;
+                requests
+                    .as_ref()
+                    .context("the request stream is closed")?
+                    .send(request)
+                    .await
+                    .map_err(|_| anyhow!("the gRPC session ended"))
+            }
+        }
     }
 
+    /// Sends a WebSocket message as it is (malformed ones included).
     pub async fn send_raw(&mut self, message: Message) -> anyhow::Result<()> {
-        self.ws
-            .send(message)
+        match &mut self.signalling {
+            Signalling::Ws(ws) => ws
+                .send(message)
+                .await
+                .context("sending to the console WebSocket"),
+            Signalling::Grpc { .. } => bail!("raw WebSocket messages need a WebSocket session"),
+        }
+    }
+
+    /// The next event off the signalling path: `Ok(None)`: the hub closed; `Some(None)`: a
+    /// message that is not an event.
+    async fn receive(
+        signalling: &mut Signalling,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<Option<Option<SessionEvent>>> {
+        let ws = match signalling {
+            Signalling::Ws(ws) => ws,
+            Signalling::Grpc { events, .. } => {
+                return match tokio::time::timeout_at(deadline, events.next()).await {
+                    Err(_) => Err(anyhow!("no console event in time")),
+                    Ok(None) => Ok(None),
+                    Ok(Some(Err(status))) => Err(anyhow!(
+                        "the gRPC session failed: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    )),
+                    Ok(Some(Ok(event))) => Ok(Some(Some(event))),
+                };
+            }
+        };
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .context("sending to the console WebSocket")
+            .map_err(|_| anyhow!("no console event in time"))?;
+        let text = match msg {
+            None | Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Message::Text(t))) => t,
+            // Not an event (a ping, a pong): none this time.
+            Some(Ok(_)) => return Ok(Some(None)),
+        };
+        let event: SessionEvent = serde_json::from_str(text.as_str())
+            .with_context(|| format!("decoding a console event: {text}"))?;
+        Ok(Some(Some(event)))
     }
 
     /// The next event, answering offers and passing ICE candidates on the way when the
@@ -218,8 +313,8 @@ impl Console {
                     None => std::future::pending().await,
                 }
             };
-            let msg = tokio::select! {
-                m = tokio::time::timeout_at(deadline, self.ws.next()) => m.map_err(|_| anyhow!("no console event in {timeout:?}"))?,
+            let received = tokio::select! {
+                r = Self::receive(&mut self.signalling, deadline) => r.map_err(|e| anyhow!("{e} ({timeout:?})"))?,
                 Some(c) = candidate => {
                     self.send(serde_json::json!({"iceCandidate": {
                         "candidate": c.candidate,
@@ -229,14 +324,11 @@ impl Console {
                     continue;
                 }
             };
-            let text = match msg {
-                None | Some(Ok(Message::Close(_))) => return Ok(None),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(_)) => continue,
+            let event = match received {
+                None => return Ok(None),
+                Some(None) => continue,
+                Some(Some(event)) => event,
             };
-            let event: SessionEvent = serde_json::from_str(text.as_str())
-                .with_context(|| format!("decoding a console event: {text}"))?;
             if let (Some(Event::Offer(offer)), Some(pc)) = (&event.kind, self.pc.clone()) {
                 pc.set_remote_description(RTCSessionDescription::offer(offer.sdp.clone())?)
                     .await?;
@@ -372,7 +464,13 @@ impl Console {
     }
 
     pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+        match &mut self.signalling {
+            Signalling::Ws(ws) => {
+                let _ = WebSocketStream::close(ws.as_mut(), None).await;
+            }
+            // Ending the request stream ends the session.
+            Signalling::Grpc { requests, .. } => drop(requests.take()),
+        }
         if let Some(pc) = self.pc.take() {
             let _ = pc.close().await;
         }
@@ -382,7 +480,7 @@ impl Console {
     /// The PeerConnection is closed afterwards only so this process does not keep its tasks.
     pub async fn abandon(mut self) {
         let pc = self.pc.take();
-        drop(self.ws);
+        drop(self.signalling);
         if let Some(pc) = pc {
             let _ = pc.close().await;
         }

@@ -1395,8 +1395,35 @@ async fn ping(c: &mut Console, nonce: u64, timeout: Duration) -> bool {
         .is_ok()
 }
 
+/// A console session over the cut proxy, by WebSocket or gRPC.
+async fn console_via(
+    addr: std::net::SocketAddr,
+    token: &str,
+    grpc: bool,
+) -> anyhow::Result<Console> {
+    if grpc {
+        Console::connect_grpc(addr, token).await
+    } else {
+        let mut c = Console::connect(addr).await?;
+        c.auth(token).await?;
+        Ok(c)
+    }
+}
+
+/// What one signalling path went through.
+struct Cut {
+    before: u64,
+    held: u64,
+    peers_held: f64,
+    sessions_held: f64,
+    resumed_in: Option<Duration>,
+    after_heal: u64,
+    media_after_reset: Duration,
+    peers_reset: f64,
+    again: Option<Duration>,
+}
+
 async fn signalling(dir: &Path) -> anyhow::Result<String> {
-    const HOLD: Duration = Duration::from_secs(15);
     let hub = Hub::start(dir, None).await?;
     let tokens = hub.fleet("sim-", 1);
     let _sim = Simulator::start(&hub, 1, &tokens, &[])?;
@@ -1406,8 +1433,63 @@ async fn signalling(dir: &Path) -> anyhow::Result<String> {
     .await?;
     let token = hub.token("commander", "faults");
     let cut = TcpCut::start(hub.http).await?;
-    let mut c = Console::connect(cut.addr).await?;
-    c.auth(&token).await?;
+    let mut s = String::new();
+    writeln!(s, "### Signalling cut while media continues\n")?;
+    writeln!(
+        s,
+        "A console (Rust: a WebSocket or gRPC session + a webrtc-rs PeerConnection) watches a \
+         unit; its signalling goes through a TCP proxy, its WebRTC media straight to the hub \
+         over UDP. First the proxy holds the signalling for {:.0} s (bytes stop, sockets stay \
+         open: a path gone dark), then lets it through again; then it closes the connection \
+         (a reset), and a new session is opened.\n",
+        SIGNAL_HOLD.as_secs_f64()
+    )?;
+    for (name, grpc) in [("WebSocket", false), ("gRPC", true)] {
+        let c = cut_once(&hub, &cut, &token, grpc).await?;
+        let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+        writeln!(
+            s,
+            "- {name}, before: {:.0} RTP packets/s on the tile. Signalling held {:.0} s: media \
+             went on at {:.0} packets/s; the hub kept {:.0} WebRTC peer(s) and {:.0} console \
+             session(s) open. Healed: the same session answered a ping {}; {:.0} packets/s \
+             after.",
+            rate(c.before, Duration::from_secs(3)),
+            SIGNAL_HOLD.as_secs_f64(),
+            rate(c.held, SIGNAL_HOLD),
+            c.peers_held,
+            c.sessions_held,
+            c.resumed_in
+                .map_or("**not within 10 s**".into(), |d| format!(
+                    "in {:.2} s",
+                    d.as_secs_f64()
+                )),
+            rate(c.after_heal, Duration::from_secs(2)),
+        )?;
+        writeln!(
+            s,
+            "- {name}, reset: {}, so media stopped {:.2} s after the reset ({:.0} peers \
+             left). A new session (sign-in, offer/answer, tile) had media again in {}.",
+            if c.peers_reset == 0.0 {
+                "the hub ended the session and closed its PeerConnection with it"
+            } else {
+                "**the hub kept the PeerConnection of the session it lost**"
+            },
+            c.media_after_reset.as_secs_f64(),
+            c.peers_reset,
+            c.again.map_or("**not within 20 s**".into(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            ))
+        )?;
+    }
+    writeln!(s)?;
+    Ok(s)
+}
+
+const SIGNAL_HOLD: Duration = Duration::from_secs(15);
+
+async fn cut_once(hub: &Hub, cut: &TcpCut, token: &str, grpc: bool) -> anyhow::Result<Cut> {
+    let mut c = console_via(cut.addr, token, grpc).await?;
     c.with_media().await?;
     c.add_tile("t1", UNIT).await?;
     c.tile("t1", State::Live, Duration::from_secs(20)).await?;
@@ -1420,13 +1502,13 @@ async fn signalling(dir: &Path) -> anyhow::Result<String> {
 
     // Held: signalling dark, sockets open.
     cut.set(1);
-    let held = packets_over(&c, "t1", HOLD).await;
-    let peers_held = metric(&hub, "tianwang_webrtc_peers").await;
-    let sessions_held = metric(&hub, "tianwang_console_sessions").await;
+    let held = packets_over(&c, "t1", SIGNAL_HOLD).await;
+    let peers_held = metric(hub, "tianwang_webrtc_peers").await;
+    let sessions_held = metric(hub, "tianwang_console_sessions").await;
     cut.set(0);
     let t = Instant::now();
     let resumed = ping(&mut c, 7, Duration::from_secs(10)).await;
-    let resumed_in = t.elapsed();
+    let resumed_in = resumed.then(|| t.elapsed());
     let after_heal = packets_over(&c, "t1", Duration::from_secs(2)).await;
 
     // Reset: the signalling connection closes; media has only its own path left.
@@ -1443,13 +1525,12 @@ async fn signalling(dir: &Path) -> anyhow::Result<String> {
         }
     }
     let media_after_reset = last_packet.saturating_duration_since(t);
-    let peers_reset = metric(&hub, "tianwang_webrtc_peers").await;
+    let peers_reset = metric(hub, "tianwang_webrtc_peers").await;
     c.abandon().await;
     // A new session: sign in, media, the same tile.
     cut.set(0);
     let t = Instant::now();
-    let mut c = Console::connect(cut.addr).await?;
-    c.auth(&token).await?;
+    let mut c = console_via(cut.addr, token, grpc).await?;
     c.with_media().await?;
     c.add_tile("t1", UNIT).await?;
     while c.media_of("t1").packets == 0 && t.elapsed() < Duration::from_secs(20) {
@@ -1457,44 +1538,21 @@ async fn signalling(dir: &Path) -> anyhow::Result<String> {
     }
     let again = (c.media_of("t1").packets > 0).then(|| t.elapsed());
     c.close().await;
-    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
-    let mut s = String::new();
-    writeln!(s, "### Signalling cut while media continues\n")?;
-    writeln!(
-        s,
-        "A console (Rust: WebSocket session + webrtc-rs PeerConnection) watches a unit; its \
-         WebSocket goes through a TCP proxy, its WebRTC media straight to the hub over UDP. \
-         First the proxy holds the signalling for {:.0} s (bytes stop, sockets stay open: a \
-         path gone dark), then lets it through again; then it closes the connection \
-         (a reset), and a new session is opened.\n",
-        HOLD.as_secs_f64()
-    )?;
-    writeln!(
-        s,
-        "- Before: {:.0} RTP packets/s on the tile. Signalling held {:.0} s: media went on at \
-         {:.0} packets/s; the hub kept {peers_held:.0} WebRTC peer(s) and {sessions_held:.0} \
-         console session(s) open. Healed: the same session answered a ping {}; {:.0} \
-         packets/s after.",
-        rate(before, Duration::from_secs(3)),
-        HOLD.as_secs_f64(),
-        rate(held, HOLD),
-        if resumed {
-            format!("in {:.2} s", resumed_in.as_secs_f64())
-        } else {
-            "**not within 10 s**".into()
-        },
-        rate(after_heal, Duration::from_secs(2)),
-    )?;
-    writeln!(
-        s,
-        "- Reset: the hub ends the session and closes its PeerConnection with it, so media \
-         stopped {:.2} s after the reset ({peers_reset:.0} peers left). A new session (sign-in, \
-         offer/answer, tile) had media again in {}.\n",
-        media_after_reset.as_secs_f64(),
-        again.map_or("**not within 20 s**".into(), |d| format!(
-            "{:.2} s",
-            d.as_secs_f64()
-        ))
-    )?;
-    Ok(s)
+    // The hub has let the session and its peer go before the next path is tried.
+    let t = Instant::now();
+    while metric(hub, "tianwang_webrtc_peers").await > 0.0 && t.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Cut {
+        before,
+        held,
+        peers_held,
+        sessions_held,
+        resumed_in,
+        after_heal,
+        media_after_reset,
+        peers_reset,
+        again,
+    })
 }
