@@ -236,6 +236,31 @@ fn live_rows(rows: &[Row]) -> Vec<&Row> {
 /// See [`live_rows`].
 const LIVE_LAG_US: i64 = 1_000_000;
 
+/// Reads the unit's media rows every 250 ms until `done` says so or `limit` has passed: the
+/// last rows read, and how long it took (none: not within the limit). A failed read (the
+/// database coming back) is tried again.
+async fn poll_rows(
+    index: &str,
+    unit: &str,
+    limit: Duration,
+    mut done: impl FnMut(&[Row]) -> bool,
+) -> (Vec<Row>, Option<Duration>) {
+    let t = Instant::now();
+    let mut rows = Vec::new();
+    loop {
+        if let Ok(r) = recorded::media_rows(index, unit).await {
+            rows = r;
+            if done(&rows) {
+                return (rows, Some(t.elapsed()));
+            }
+        }
+        if t.elapsed() > limit {
+            return (rows, None);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// What an outage cost, over a window of capture time.
 #[derive(Debug, Default, Clone, Copy)]
 struct Loss {
@@ -790,10 +815,8 @@ async fn slow_disk(dir: &Path) -> anyhow::Result<String> {
     disk.fast()?;
     let slow_to = now_us();
     // Caught up: a row written within 2 s of its capture again.
-    let t = Instant::now();
     let mut max_lag = 0i64;
-    let caught_up = loop {
-        let rows = recorded::media_rows(&index, UNIT).await?;
+    let (_, caught_up) = poll_rows(&index, UNIT, Duration::from_secs(90), |rows| {
         max_lag = rows
             .iter()
             .filter(|r| r.recorded_us >= slow_from)
@@ -801,17 +824,10 @@ async fn slow_disk(dir: &Path) -> anyhow::Result<String> {
             .max()
             .unwrap_or(0)
             .max(max_lag);
-        if rows
-            .last()
+        rows.last()
             .is_some_and(|r| r.recorded_us > slow_to && r.lag_us() < 2_000_000)
-        {
-            break Some(t.elapsed());
-        }
-        if t.elapsed() > Duration::from_secs(90) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    })
+    .await;
     let loss = settle(
         &index,
         &spool,
@@ -898,17 +914,10 @@ async fn database(dir: &Path) -> anyhow::Result<String> {
     pg.start_again().await?;
     let up = now_us();
     // Recovered: a row written after the database returned.
-    let t = Instant::now();
-    let recovered = loop {
-        let rows = recorded::media_rows(&url, UNIT).await.unwrap_or_default();
-        if rows.iter().any(|r| r.recorded_us > up) {
-            break Some(t.elapsed());
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let (_, recovered) = poll_rows(&url, UNIT, Duration::from_secs(60), |rows| {
+        rows.iter().any(|r| r.recorded_us > up)
+    })
+    .await;
     let loss = settle(
         &url,
         &spool,
@@ -1177,14 +1186,11 @@ async fn clock(dir: &Path) -> anyhow::Result<String> {
     let rows_live = recorded::media_rows(&index, UNIT).await?;
     // Then backfill (bounded): the spool holds what the recording lacks.
     let t = Instant::now();
-    let rows = loop {
-        let rows = recorded::media_rows(&index, UNIT).await?;
-        let (n, held) = recorded::covered(&frames, &rows, i64::MIN, i64::MAX);
-        if held == n || t.elapsed() > Duration::from_secs(30) {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (rows, _) = poll_rows(&index, UNIT, Duration::from_secs(30), |rows| {
+        let (n, held) = recorded::covered(&frames, rows, i64::MIN, i64::MAX);
+        held == n
+    })
+    .await;
     let backfilled_in = t.elapsed();
     let rejected = metric(&hub, "tianwang_telemetry_rejected_total").await - rejected0;
     let alive = hub.is_running_ref();
