@@ -38,7 +38,8 @@ fn holes(rows: &[(i64, i64, String)], from: i64, to: i64) -> Vec<(i64, i64)> {
         if *e <= at {
             continue;
         }
-        if *s > at + 100_000 {
+        // Clipped to the span asked about: a row far after it leaves only the rest.
+        if (*s).min(to) > at + 100_000 {
             holes.push((at, (*s).min(to)));
         }
         at = at.max(*e);
