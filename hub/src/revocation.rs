@@ -1,6 +1,7 @@
 //! Revoked tokens: the index's `revocations` table (written by `hub token revoke`, another
 //! process) re-read once a second into the `Authority`, which every token check consults;
-//! live QUIC sessions and WHIP publishers whose token is revoked are closed at once.
+//! live QUIC sessions, console sessions (gRPC, WebSocket) and WHIP publishers whose token
+//! is revoked are closed at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +26,22 @@ pub async fn load(index: &Index) -> Result<Revoked, crate::evidence::index::Inde
 pub async fn run(hub: Arc<HubContext>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The table's size and newest moment: when neither moved, nothing was revoked (rows
+    // are only added, or moved forward), and the second's check is one small query.
+    let mut seen = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = hub.shutdown.cancelled() => return,
         }
+        let version = match hub.evidence.index.revocations_version().await {
+            Ok(v) if seen == Some(v) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "reading revoked tokens; keeping the current list");
+                continue;
+            }
+        };
         let revoked = match load(&hub.evidence.index).await {
             Ok(r) => r,
             Err(e) => {
@@ -37,6 +49,7 @@ pub async fn run(hub: Arc<HubContext>) {
                 continue;
             }
         };
+        seen = Some(version);
         hub.authority.set_revoked(revoked.clone());
         hub.whip.retain(|_, s| {
             if !revoked.covers_parts(&s.unit, &s.jti, s.iat) {

@@ -164,8 +164,27 @@ async fn matrix() -> anyhow::Result<()> {
         Duration::from_secs(5),
     )
     .await?;
+    // And the revoked user's console sessions, one over each signalling path.
+    let mut ws_console = Console::connect(hub.http).await?;
+    ws_console.auth(&revoked_console).await?;
+    let mut grpc_console = Console::connect_grpc(hub.http, &revoked_console).await?;
     revoke(&hub, REVOKED_USER)?;
     revoke(&hub, REVOKED_UNIT)?;
+    for (via, console) in [("websocket", &mut ws_console), ("grpc", &mut grpc_console)] {
+        let said = console
+            .error(Duration::from_secs(5))
+            .await
+            .with_context(|| format!("the {via} console session of a revoked user"))?;
+        assert_eq!(said, "token revoked", "{via}");
+        audit
+            .wait_for(Duration::from_secs(5), |r| {
+                r.action == "session.revoked"
+                    && r.actor == REVOKED_USER
+                    && r.detail.contains(&format!("\"{via}\""))
+            })
+            .await
+            .with_context(|| format!("the ended {via} console session is audited"))?;
+    }
     let (code, reason) = closed_with(&live).await;
     assert_eq!(
         (code, reason.as_str()),
@@ -372,7 +391,9 @@ async fn matrix() -> anyhow::Result<()> {
          refusal entry found in the hub's audit trail for that interface. Forged tokens are \
          signed with the hub's own Ed25519 key unless the case is about the signature. The \
          revoked unit was live when `hub token revoke` ran: the hub closed its QUIC session \
-         (UNAUTHORIZED, \"token revoked\", audited `session.revoked`) before the row was tried. \
+         (UNAUTHORIZED, \"token revoked\", audited `session.revoked`), as it ended the revoked \
+         user's console sessions (WebSocket and gRPC: an error, \"token revoked\", audited), \
+         before the row was tried. \
          Recordings HTTP is `/api/recordings` (listing); playback (`/recordings/…`) and the \
          cases API go through the same check; export is the offline `hub export`. A WHIP \
          session's resource (DELETE, PATCH) refuses another unit's token (403), audited.\n\n{table}"

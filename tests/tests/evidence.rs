@@ -890,6 +890,42 @@ async fn index_round_trip(tmp: &Path, url: &str) -> anyhow::Result<()> {
     ok(case_cli(&hub, &commander, &["close", "--number", CASE]));
     let shown = case_cli(&hub, &commander, &["show", "--number", CASE]);
     assert!(text(&shown).contains("(closed)"), "{}", text(&shown));
+    // Revoked through this index (SQLite or PostgreSQL): the running hub refuses the user's
+    // token within seconds (it re-reads the table when it changed); a token issued after
+    // the revocation's second works.
+    let data = hub.dir.join("data").to_string_lossy().into_owned();
+    let toml = hub.dir.join("hub.toml").to_string_lossy().into_owned();
+    ok(hub_cmd(&[
+        "token",
+        "revoke",
+        "--subject",
+        "cmdr-1",
+        "--reason",
+        "round trip",
+        "--data",
+        &data,
+        "--config",
+        &toml,
+    ]));
+    let t = std::time::Instant::now();
+    loop {
+        let o = case_cli(&hub, &commander, &["show", "--number", CASE]);
+        if !o.status.success() {
+            assert!(text(&o).contains("revoked"), "{}", text(&o));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still accepted 10 s after its revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    ok(case_cli(
+        &hub,
+        &hub.token("commander", "cmdr-1"),
+        &["show", "--number", CASE],
+    ));
     drop(sim);
     hub.stop();
 

@@ -39,6 +39,8 @@ struct Driver {
     user: Option<String>,
     /// Their role, and the court they see (with the courts below it).
     role: Option<crate::auth::Role>,
+    /// The token signed in with: the session ends when it is revoked.
+    claims: Option<crate::auth::Claims>,
     scope: Option<String>,
     /// The push-to-talk under way, and whether the console was told its m-line.
     talk: Option<(Arc<crate::talkback::Talk>, bool)>,
@@ -75,6 +77,7 @@ pub async fn run(
         transport,
         user: None,
         role: None,
+        claims: None,
         scope: None,
         directed: None,
         talk: None,
@@ -115,6 +118,7 @@ impl Driver {
         let mut directives = self.hub.directives.changes();
         let mut alarms = self.hub.field.alarm_changes();
         let mut points = self.hub.field.telemetry_points();
+        let mut revocations = self.hub.authority.revocations();
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<SessionEvent>(16);
         self.directed = Some(done_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -186,6 +190,27 @@ impl Driver {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return "hub stopping",
                 },
+                Ok(()) = revocations.changed() => {
+                    let revoked = self
+                        .claims
+                        .as_ref()
+                        .is_some_and(|c| revocations.borrow_and_update().covers(c));
+                    if revoked {
+                        let user = self.user.clone().unwrap_or_default();
+                        info!(%user, "console session closed: its token was revoked");
+                        self.hub.evidence.audit.record(
+                            &user,
+                            "session.revoked",
+                            "console",
+                            serde_json::json!({ "via": self.transport, "console": self.id }),
+                        );
+                        let _ = self
+                            .io
+                            .outgoing
+                            .try_send(error_event(ErrorCode::Unauthorized, "token revoked"));
+                        return "token revoked";
+                    }
+                }
                 Some(event) = done_rx.recv() => {
                     if let Err(Stop::Closed) = self.execute(Action::Send(event)).await {
                         return "closed";
@@ -737,6 +762,7 @@ impl Driver {
         };
         self.user = Some(claims.sub.clone());
         self.role = Some(claims.role);
+        self.claims = Some(claims.clone());
         let principal = Principal {
             user: claims.sub.clone(),
             role: format!("{:?}", claims.role).to_lowercase(),

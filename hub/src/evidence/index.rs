@@ -636,6 +636,16 @@ impl Index {
         )
     }
 
+    /// How many revocations there are and the newest one's moment: a change of either is a
+    /// change of the list.
+    pub async fn revocations_version(&self) -> Result<(i64, Option<i64>), IndexError> {
+        Ok(
+            sqlx::query_as("SELECT COUNT(*), MAX(at_us) FROM revocations")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// Raw access for tests that tamper with the index on purpose.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
