@@ -41,6 +41,8 @@ pub const VIDEO_TRACK_ID: u32 = 0x7a1d;
 pub const MAX_VIDEO_FRAME: usize = 4 << 20;
 /// Keyframe requests to the console's camera, at most this often.
 const PLI_INTERVAL: Duration = Duration::from_millis(300);
+/// A keyframe asked for and not come by then is asked for again.
+const PLI_AGAIN: Duration = Duration::from_secs(1);
 /// Opus from browsers: 20 ms packets, 48 kHz; one group a second.
 const FRAME_US: u32 = 20_000;
 const GROUP_FRAMES: u32 = 50;
@@ -294,12 +296,20 @@ fn send_to_device(
 }
 
 /// A link's camera: a broken group asks the console for a keyframe (sent as PLI by
-/// [`link_video`], which owns the RTP track).
-struct LinkKeyframes(Arc<AtomicBool>);
+/// [`link_video`], which owns the RTP track); until one begins a group, the link waits.
+struct LinkKeyframes {
+    wanted: Arc<AtomicBool>,
+    awaiting: Arc<AtomicBool>,
+}
 
 impl Keyframes for LinkKeyframes {
     fn request(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.wanted.store(true, Ordering::Relaxed);
+        self.awaiting.store(true, Ordering::Relaxed);
+    }
+
+    fn arrived(&self) {
+        self.awaiting.store(false, Ordering::Relaxed);
     }
 }
 
@@ -310,6 +320,7 @@ pub async fn link_video(track: Arc<dyn TrackRemote>, sink: TalkSink, dropped: In
     let mut reorder = Reorder::new(REORDER_PACKETS, REORDER_WAIT);
     let mut released = Vec::new();
     let wanted = Arc::new(AtomicBool::new(false));
+    let awaiting = Arc::new(AtomicBool::new(false));
     let mut current: Option<(Arc<Talk>, Assembler)> = None;
     let mut codec: Option<VideoCodec> = None;
     let mut ssrc: Option<u32> = None;
@@ -354,7 +365,10 @@ pub async fn link_video(track: Arc<dyn TrackRemote>, sink: TalkSink, dropped: In
                 match (codec, t.video.clone()) {
                     (Some(c), Some(out)) => {
                         t.video_codec_known(c);
-                        let keyframes = Box::new(LinkKeyframes(Arc::clone(&wanted)));
+                        let keyframes = Box::new(LinkKeyframes {
+                            wanted: Arc::clone(&wanted),
+                            awaiting: Arc::clone(&awaiting),
+                        });
                         let a = Assembler::new(
                             c,
                             out,
@@ -366,6 +380,7 @@ pub async fn link_video(track: Arc<dyn TrackRemote>, sink: TalkSink, dropped: In
                         current = Some((t, a));
                         // The link starts at a fresh picture.
                         wanted.store(true, Ordering::Relaxed);
+                        awaiting.store(true, Ordering::Relaxed);
                     }
                     _ => {
                         if ssrc.is_some() {
@@ -389,10 +404,14 @@ pub async fn link_video(track: Arc<dyn TrackRemote>, sink: TalkSink, dropped: In
                 Released::Lost(n) => assembler.lost(n),
             }
         }
+        // Asked again while no keyframe came: a PLI or the keyframe it brought can be lost,
+        // and nothing of the link plays until one arrives.
+        let again =
+            awaiting.load(Ordering::Relaxed) && last_pli.is_some_and(|t| t.elapsed() >= PLI_AGAIN);
         if current.is_some()
             && last_pli.is_none_or(|t| t.elapsed() >= PLI_INTERVAL)
             && let Some(s) = ssrc
-            && wanted.swap(false, Ordering::Relaxed)
+            && (wanted.swap(false, Ordering::Relaxed) || again)
         {
             last_pli = Some(Instant::now());
             let pli = PictureLossIndication {
